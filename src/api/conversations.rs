@@ -1,0 +1,199 @@
+//! `/conversations*`: the caller's conversations, newest activity first, with their messages.
+//! Another user's conversation answers exactly like a missing one (`404`).
+
+use super::error::FieldError;
+use super::{handler, ApiError, App, Doc, Req, Routes};
+use crate::clock::rfc3339;
+use crate::http::{empty, json, Body};
+use crate::store::{Conversation, Cursor, Message, Role, Usage};
+use http::{Method, Response, StatusCode};
+use serde::Serialize;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+type Answer = Result<Response<Body>, ApiError>;
+
+const NOT_FOUND: &str = "Conversation not found";
+const MAX_LIMIT: usize = 100;
+
+pub fn routes(r: &mut Routes) {
+    let doc = |summary| Doc::new("conversations", summary).secured();
+    r.add(
+        Method::GET,
+        "/conversations",
+        handler(list),
+        doc("Your conversations, newest activity first")
+            .query("limit", "integer", "page size, 1–100 (default 20)")
+            .query("cursor", "string", "next_cursor of the previous page")
+            .json::<ConversationPageOut>(200)
+            .errors(&[422]),
+    );
+    r.add(
+        Method::GET,
+        "/conversations/{id}",
+        handler(get),
+        doc("One conversation with its messages in order").json::<ConversationDetail>(200).errors(&[404]),
+    );
+    r.add(
+        Method::DELETE,
+        "/conversations/{id}",
+        handler(delete),
+        doc("Delete a conversation and its messages").empty(204).errors(&[404]),
+    );
+}
+
+/// A conversation in a listing.
+#[derive(Serialize, ToSchema)]
+pub struct ConversationOut {
+    id: String,
+    title: String,
+    model: String,
+    created_at: String,
+    updated_at: String,
+    message_count: u32,
+}
+
+/// One page of conversations.
+#[derive(Serialize, ToSchema)]
+pub struct ConversationPageOut {
+    items: Vec<ConversationOut>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// A conversation with its messages.
+#[derive(Serialize, ToSchema)]
+pub struct ConversationDetail {
+    id: String,
+    title: String,
+    model: String,
+    created_at: String,
+    updated_at: String,
+    message_count: u32,
+    messages: Vec<MessageOut>,
+}
+
+/// A message as stored.
+#[derive(Serialize, ToSchema)]
+pub struct MessageOut {
+    id: String,
+    role: RoleOut,
+    content: String,
+    model: Option<String>,
+    provider: Option<String>,
+    created_at: String,
+    usage: Option<UsageOut>,
+}
+
+/// Who spoke.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleOut {
+    System,
+    User,
+    Assistant,
+}
+
+/// Token counts of an answer.
+#[derive(Serialize, ToSchema)]
+pub struct UsageOut {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl From<&Conversation> for ConversationOut {
+    fn from(c: &Conversation) -> Self {
+        ConversationOut {
+            id: c.id.to_string(),
+            title: c.title.clone(),
+            model: c.model.clone(),
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+            message_count: c.message_count,
+        }
+    }
+}
+
+impl From<&Message> for MessageOut {
+    fn from(m: &Message) -> Self {
+        let role = match m.role {
+            Role::System => RoleOut::System,
+            Role::User => RoleOut::User,
+            Role::Assistant => RoleOut::Assistant,
+        };
+        let usage = m.usage.map(|u: Usage| UsageOut {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        });
+        MessageOut {
+            id: m.id.to_string(),
+            role,
+            content: m.content.clone(),
+            model: m.model.clone(),
+            provider: m.provider.clone(),
+            created_at: rfc3339(m.created_at),
+            usage,
+        }
+    }
+}
+
+/// `limit` and `cursor`, with every problem reported at once.
+fn page_params(req: &Req) -> Result<(usize, Option<Cursor>), ApiError> {
+    let (mut limit, mut cursor, mut errors) = (20, None, Vec::new());
+    for (k, v) in req.query() {
+        match k.as_str() {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
+                _ => errors.push(FieldError::query("limit", "value_error", "limit must be an integer from 1 to 100")),
+            },
+            "cursor" => match Cursor::decode(&v) {
+                Some(c) => cursor = Some(c),
+                None => errors.push(FieldError::query("cursor", "value_error", "cursor is not a next_cursor from this API")),
+            },
+            _ => {}
+        }
+    }
+    match errors.is_empty() {
+        true => Ok((limit, cursor)),
+        false => Err(ApiError::Validation(errors)),
+    }
+}
+
+async fn list(app: Arc<App>, req: Req) -> Answer {
+    let user = req.principal(&app).await?.user;
+    let (limit, cursor) = page_params(&req)?;
+    let page = app.store.conversations(user.id, limit, cursor)?;
+    let out = ConversationPageOut {
+        items: page.items.iter().map(ConversationOut::from).collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+    };
+    Ok(json(StatusCode::OK, &out))
+}
+
+async fn get(app: Arc<App>, req: Req) -> Answer {
+    let user = req.principal(&app).await?.user;
+    let id = req.id("id", NOT_FOUND)?;
+    let (c, messages) = app.store.conversation(user.id, id)?.ok_or(ApiError::NotFound(NOT_FOUND))?;
+    let out = ConversationDetail {
+        id: c.id.to_string(),
+        title: c.title,
+        model: c.model,
+        created_at: rfc3339(c.created_at),
+        updated_at: rfc3339(c.updated_at),
+        message_count: c.message_count,
+        messages: messages.iter().map(MessageOut::from).collect(),
+    };
+    Ok(json(StatusCode::OK, &out))
+}
+
+async fn delete(app: Arc<App>, req: Req) -> Answer {
+    let user = req.principal(&app).await?.user;
+    let id = req.id("id", NOT_FOUND)?;
+    app.store.delete_conversation(user.id, id).await.map_err(|e| match e {
+        crate::store::StoreError::NotFound => ApiError::NotFound(NOT_FOUND),
+        other => other.into(),
+    })?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}

@@ -1,0 +1,226 @@
+//! The one place where errors become HTTP responses, in the shape of the face that was called:
+//! FastAPI's `{"detail": …}` on the seed face, OpenAI's `{"error": {…}}` on `/v1`.
+//!
+//! Server-side failures are logged here with their cause and answered with a generic message:
+//! no storage path, hash error or upstream body ever reaches a client.
+
+use crate::auth::AuthError;
+use crate::http::{json, Body, BodyError};
+use crate::ratelimit::{header_secs, Decision};
+use crate::store::StoreError;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use serde::Serialize;
+use serde_json::json;
+
+/// Which error shape a client expects, decided by the path it called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    Seed,
+    OpenAi,
+}
+
+impl Face {
+    /// `/v1/*` is the OpenAI face; everything else speaks the seed's FastAPI dialect.
+    pub fn of(path: &str) -> Face {
+        if path == "/v1" || path.starts_with("/v1/") {
+            Face::OpenAi
+        } else {
+            Face::Seed
+        }
+    }
+}
+
+/// One element of a path to the offending input, as FastAPI writes it (`["body", "email"]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Loc {
+    Key(String),
+    Index(usize),
+}
+
+/// One validation failure, serialized exactly as FastAPI's `detail` items.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    pub loc: Vec<Loc>,
+    pub msg: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl FieldError {
+    /// A failure at `body.<field>`.
+    pub fn body(field: &str, kind: &'static str, msg: impl Into<String>) -> Self {
+        FieldError { loc: vec![Loc::Key("body".into()), Loc::Key(field.into())], msg: msg.into(), kind }
+    }
+
+    /// A failure at `query.<name>`.
+    pub fn query(name: &str, kind: &'static str, msg: impl Into<String>) -> Self {
+        FieldError { loc: vec![Loc::Key("query".into()), Loc::Key(name.into())], msg: msg.into(), kind }
+    }
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("unsupported content type")]
+    UnsupportedMediaType(&'static str),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: String },
+    #[error("rate limited")]
+    RateLimited(Decision),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("handler panicked")]
+    Panic,
+}
+
+struct Shape {
+    status: StatusCode,
+    message: String,
+    /// OpenAI's `type` and `code`.
+    kind: &'static str,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn shape(&self) -> Shape {
+        use ApiError as E;
+        let s = |status, message: &str, kind, code| Shape { status, message: message.into(), kind, code };
+        match self {
+            E::Validation(_) => s(StatusCode::UNPROCESSABLE_ENTITY, "Validation error", "invalid_request_error", None),
+            E::UnsupportedMediaType(expected) => s(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &format!("Content-Type must be {expected}"),
+                "invalid_request_error",
+                None,
+            ),
+            E::Body(BodyError::TooLarge { limit }) => s(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("Request body is larger than {limit} bytes"),
+                "invalid_request_error",
+                None,
+            ),
+            E::Body(BodyError::Timeout(_)) => {
+                s(StatusCode::REQUEST_TIMEOUT, "Request body not received in time", "invalid_request_error", None)
+            }
+            E::Body(BodyError::Read(_)) => {
+                s(StatusCode::BAD_REQUEST, "Request body could not be read", "invalid_request_error", None)
+            }
+            E::Auth(e) => auth_shape(e),
+            E::NotFound(what) => s(StatusCode::NOT_FOUND, what, "invalid_request_error", Some("not_found")),
+            E::RouteNotFound => s(StatusCode::NOT_FOUND, "Not Found", "invalid_request_error", Some("unknown_url")),
+            E::MethodNotAllowed { .. } => {
+                s(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed", "invalid_request_error", None)
+            }
+            E::RateLimited(d) => s(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("Too many requests; retry in {} s", header_secs(d.retry_after)),
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            E::Store(_) | E::Panic => {
+                s(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None)
+            }
+        }
+    }
+
+    /// The response for `face`; server-side failures are logged with their cause first.
+    pub fn into_response(self, face: Face) -> Response<Body> {
+        let shape = self.shape();
+        if shape.status.is_server_error() {
+            tracing::error!(error = %self, cause = ?self, "request failed");
+        }
+        let body = match (&self, face) {
+            (ApiError::Validation(errors), Face::Seed) => json!({ "detail": errors }),
+            (ApiError::Validation(errors), Face::OpenAi) => openai_validation(errors),
+            (_, Face::Seed) => json!({ "detail": shape.message }),
+            (_, Face::OpenAi) => json!({ "error": {
+                "message": shape.message, "type": shape.kind, "param": null, "code": shape.code,
+            }}),
+        };
+        let status = match (&self, face) {
+            (ApiError::Validation(_), Face::OpenAi) => StatusCode::BAD_REQUEST,
+            _ => shape.status,
+        };
+        let mut response = json(status, &body);
+        self.add_headers(response.headers_mut(), face);
+        response
+    }
+
+    fn add_headers(&self, headers: &mut HeaderMap, face: Face) {
+        match self {
+            ApiError::Auth(AuthError::TooManyFailures(d)) | ApiError::RateLimited(d) => {
+                headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
+                rate_limit_headers(headers, d, face);
+            }
+            ApiError::Auth(e) if auth_shape(e).status == StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                if let Ok(v) = HeaderValue::from_str(allow) {
+                    headers.insert(header::ALLOW, v);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn auth_shape(e: &AuthError) -> Shape {
+    use AuthError as A;
+    let (status, message, kind, code) = match e {
+        A::BadCredentials => (StatusCode::UNAUTHORIZED, "Incorrect username or password", "authentication_error", None),
+        A::Disabled => (StatusCode::UNAUTHORIZED, "Account disabled", "authentication_error", None),
+        A::Unauthenticated(_) => {
+            (StatusCode::UNAUTHORIZED, "Could not validate credentials", "authentication_error", Some("invalid_api_key"))
+        }
+        A::BadRefreshToken(_) => (StatusCode::UNAUTHORIZED, "Invalid refresh token", "authentication_error", None),
+        A::TooManyFailures(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed logins; try again later",
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+        ),
+        A::UsernameTaken => (StatusCode::CONFLICT, "Username already registered", "invalid_request_error", None),
+        A::EmailTaken => (StatusCode::CONFLICT, "Email already registered", "invalid_request_error", None),
+        A::KeyNotFound => (StatusCode::NOT_FOUND, "API key not found", "invalid_request_error", Some("not_found")),
+        A::Hash(_) | A::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None),
+    };
+    Shape { status, message: message.into(), kind, code }
+}
+
+/// OpenAI reports one problem at a time, naming the parameter.
+fn openai_validation(errors: &[FieldError]) -> serde_json::Value {
+    let first = errors.first();
+    let param = first.and_then(|e| match e.loc.last() {
+        Some(Loc::Key(k)) if e.loc.len() > 1 => Some(k.clone()),
+        _ => None,
+    });
+    let message = first.map(|e| e.msg.clone()).unwrap_or_else(|| "Invalid request".into());
+    json!({ "error": { "message": message, "type": "invalid_request_error", "param": param, "code": null } })
+}
+
+/// `RateLimit-*` (IETF draft) on every limited response, plus OpenAI's names on `/v1`.
+pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
+    let reset = header_secs(d.reset);
+    headers.insert("ratelimit-limit", d.limit.into());
+    headers.insert("ratelimit-remaining", d.remaining.into());
+    headers.insert("ratelimit-reset", reset.into());
+    if face == Face::OpenAi {
+        headers.insert("x-ratelimit-limit-requests", d.limit.into());
+        headers.insert("x-ratelimit-remaining-requests", d.remaining.into());
+        if let Ok(v) = HeaderValue::from_str(&format!("{reset}s")) {
+            headers.insert("x-ratelimit-reset-requests", v);
+        }
+    }
+}

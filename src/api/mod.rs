@@ -1,0 +1,235 @@
+//! The HTTP faces of edgechat: the route table, the per-request frame (request id, CORS,
+//! rate limits, panic containment, the access log), and one module per resource.
+//!
+//! Handlers are thin: parse → authorize → call one service → render. The route table is the
+//! single source of `/openapi.json`, so the document cannot drift from what is served.
+
+mod auth;
+mod conversations;
+pub mod error;
+mod extract;
+pub mod openapi;
+mod ops;
+
+pub use error::{ApiError, Face};
+pub use extract::Req;
+pub use openapi::Doc;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::http::{Body, Lookup, Router, Service};
+use crate::ratelimit::{Limiter, Quota};
+use crate::store::Store;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a route runs.
+pub type Handler =
+    Arc<dyn Fn(Arc<App>, Req) -> BoxFuture<'static, Result<Response<Body>, ApiError>> + Send + Sync>;
+
+/// Wraps an async fn as a `Handler`.
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Arc<App>, Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, ApiError>> + Send + 'static,
+{
+    Arc::new(move |app, req| Box::pin(f(app, req)))
+}
+
+/// One route: its handler, its documentation, and whether the per-address auth limit applies.
+pub struct Route {
+    handler: Handler,
+    doc: Doc,
+}
+
+/// The route table under construction.
+#[derive(Default)]
+pub struct Routes(Router<Route>);
+
+impl Routes {
+    /// Adds `method path`, documented by `doc`.
+    pub fn add(&mut self, method: Method, path: &'static str, handler: Handler, doc: Doc) {
+        self.0.add(method, path, Route { handler, doc });
+    }
+
+    /// Every (method, path template) served, in table order.
+    pub fn list(&self) -> Vec<(Method, &'static str)> {
+        self.0.routes().map(|(m, p, _)| (m.clone(), p)).collect()
+    }
+}
+
+/// Every route edgechat serves.
+pub fn routes() -> Routes {
+    let mut r = Routes::default();
+    ops::routes(&mut r);
+    auth::routes(&mut r);
+    conversations::routes(&mut r);
+    r
+}
+
+/// Shared state of the running server.
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub auth: Auth,
+    auth_per_address: Limiter,
+    started: Instant,
+    router: Router<Route>,
+    openapi: Bytes,
+}
+
+impl App {
+    /// The application over its services, serving `routes`.
+    pub fn new(config: Config, store: Store, auth: Auth, routes: Routes) -> Arc<App> {
+        let q = config.rate_limit.auth_per_address;
+        let quota = Quota { requests: q.requests, period: Duration::from_secs(q.per_secs), burst: q.burst };
+        let openapi = openapi::document(routes.0.routes().map(|(m, p, r)| (m, p, &r.doc)));
+        Arc::new(App {
+            auth_per_address: Limiter::new(quota),
+            started: Instant::now(),
+            router: routes.0,
+            openapi: Bytes::from(serde_json::to_vec_pretty(&openapi).expect("json values serialize")),
+            config,
+            store,
+            auth,
+        })
+    }
+
+    /// The transport's entry point into this app.
+    pub fn service(self: &Arc<Self>) -> Service {
+        let app = self.clone();
+        Arc::new(move |req, peer| app.clone().dispatch(req, peer).boxed())
+    }
+
+    /// Seconds since the app was built (for `/health`).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    async fn dispatch(self: Arc<Self>, req: hyper::Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = request_id(req.headers());
+        let method = req.method().clone();
+        let face = Face::of(req.uri().path());
+        let origin = self.allowed_origin(req.headers());
+        let (route, mut response) = self.clone().route(req, peer, face, origin.clone()).await;
+        let headers = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            headers.insert("x-request-id", v);
+        }
+        headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+        if let Some(origin) = origin {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(header::VARY, HeaderValue::from_static("origin"));
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset"),
+            );
+        }
+        tracing::info!(
+            target: "edgechat::access",
+            %method,
+            route,
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            request_id = %request_id,
+            peer = %peer.ip(),
+        );
+        response
+    }
+
+    async fn route(
+        self: Arc<Self>,
+        req: hyper::Request<Incoming>,
+        peer: SocketAddr,
+        face: Face,
+        origin: Option<HeaderValue>,
+    ) -> (&'static str, Response<Body>) {
+        let (parts, body) = req.into_parts();
+        let (route, template, params) = match self.router.lookup(&parts.method, parts.uri.path()) {
+            Lookup::NotFound => return ("-", ApiError::RouteNotFound.into_response(face)),
+            Lookup::MethodNotAllowed { template, allow } => {
+                let preflight = parts.method == Method::OPTIONS
+                    && parts.headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+                let response = match preflight {
+                    true => self.preflight(&allow, origin.is_some()),
+                    false => ApiError::MethodNotAllowed { allow }.into_response(face),
+                };
+                return (template, response);
+            }
+            Lookup::Found { route, template, params } => (route, template, params),
+        };
+        let limit = match template.starts_with("/auth/") {
+            true => Some(self.auth_per_address.check(&peer.ip().to_string())),
+            false => None,
+        };
+        if let Some(d) = limit.filter(|d| !d.allowed) {
+            return (template, ApiError::RateLimited(d).into_response(face));
+        }
+        let run = (route.handler)(self.clone(), Req::new(parts, body, params, peer));
+        let mut response = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => e.into_response(face),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(route = template, panic = %what, "handler panicked");
+                ApiError::Panic.into_response(face)
+            }
+        };
+        if let Some(d) = limit {
+            error::rate_limit_headers(response.headers_mut(), &d, face);
+        }
+        (template, response)
+    }
+
+    /// The `Access-Control-Allow-Origin` value for this request's `Origin`, if it is allowed.
+    fn allowed_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let origin = headers.get(header::ORIGIN)?;
+        let allowed = &self.config.cors.allowed_origins;
+        if allowed.iter().any(|o| o == "*") {
+            return Some(HeaderValue::from_static("*"));
+        }
+        let text = origin.to_str().ok()?;
+        allowed.iter().any(|o| o.eq_ignore_ascii_case(text)).then(|| origin.clone())
+    }
+
+    fn preflight(&self, allow: &str, origin_allowed: bool) -> Response<Body> {
+        let mut r = crate::http::empty(StatusCode::NO_CONTENT);
+        if origin_allowed {
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(allow) {
+                h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+            }
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type, x-request-id"),
+            );
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, self.config.cors.max_age_secs.into());
+        }
+        r
+    }
+}
+
+/// The client's `X-Request-Id` when it is short and plain, a fresh one otherwise.
+fn request_id(headers: &HeaderMap) -> String {
+    let sane = |s: &&str| {
+        (1..=128).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    };
+    match headers.get("x-request-id").and_then(|v| v.to_str().ok()).filter(sane) {
+        Some(id) => id.to_string(),
+        None => uuid::Uuid::now_v7().simple().to_string(),
+    }
+}

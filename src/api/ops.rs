@@ -1,0 +1,101 @@
+//! Operations: liveness, readiness, the OpenAPI document and the offline API explorer.
+
+use super::{handler, ApiError, App, Doc, Req, Routes};
+use crate::http::{bytes, json, Body};
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use serde::Serialize;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+type Answer = Result<Response<Body>, ApiError>;
+
+/// Only our own assets: the explorer works offline and cannot be made to load anything else.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+    img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; \
+    form-action 'self'; frame-ancestors 'none'";
+
+const DOCS_HTML: &str = include_str!("../../assets/docs.html");
+const DOCS_INIT: &str = include_str!("../../assets/docs-init.js");
+const SWAGGER_JS: &[u8] = include_bytes!("../../assets/swagger/swagger-ui-bundle.js");
+const SWAGGER_CSS: &[u8] = include_bytes!("../../assets/swagger/swagger-ui.css");
+
+pub fn routes(r: &mut Routes) {
+    let doc = |summary| Doc::new("operations", summary);
+    r.add(Method::GET, "/health", handler(health), doc("Liveness: the process serves").json::<Health>(200));
+    r.add(
+        Method::GET,
+        "/ready",
+        handler(ready),
+        doc("Readiness: storage open and something can answer").json::<Readiness>(200).errors(&[503]),
+    );
+    r.add(Method::GET, "/openapi.json", handler(openapi), doc("This document").media("application/json"));
+    r.add(Method::GET, "/docs", handler(docs), doc("Interactive API explorer").media("text/html"));
+    r.add(
+        Method::GET,
+        "/docs/{asset}",
+        handler(docs_asset),
+        doc("The explorer's scripts and styles").media("application/octet-stream").errors(&[404]),
+    );
+}
+
+/// `GET /health`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `healthy`.
+    status: &'static str,
+    version: &'static str,
+    uptime_s: u64,
+}
+
+/// `GET /ready`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    /// `ok`, or what is wrong with the database file.
+    storage: String,
+    /// Why the server is not ready; empty when it is.
+    reasons: Vec<String>,
+}
+
+async fn health(app: Arc<App>, _req: Req) -> Answer {
+    let out = Health { status: "healthy", version: env!("CARGO_PKG_VERSION"), uptime_s: app.uptime().as_secs() };
+    Ok(json(StatusCode::OK, &out))
+}
+
+async fn ready(app: Arc<App>, _req: Req) -> Answer {
+    let (storage, reasons) = match app.store.check() {
+        Ok(()) => ("ok".to_string(), Vec::new()),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: storage check failed");
+            ("unavailable".to_string(), vec!["storage is not readable".to_string()])
+        }
+    };
+    let (status, code) = match reasons.is_empty() {
+        true => ("ready", StatusCode::OK),
+        false => ("not_ready", StatusCode::SERVICE_UNAVAILABLE),
+    };
+    Ok(json(code, &Readiness { status, storage, reasons }))
+}
+
+async fn openapi(app: Arc<App>, _req: Req) -> Answer {
+    Ok(bytes(StatusCode::OK, "application/json", app.openapi.clone()))
+}
+
+async fn docs(_app: Arc<App>, _req: Req) -> Answer {
+    let mut r = bytes(StatusCode::OK, "text/html; charset=utf-8", DOCS_HTML);
+    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    Ok(r)
+}
+
+async fn docs_asset(_app: Arc<App>, req: Req) -> Answer {
+    let (content_type, body): (&'static str, &'static [u8]) = match req.params.get("asset") {
+        Some("swagger-ui-bundle.js") => ("text/javascript; charset=utf-8", SWAGGER_JS),
+        Some("swagger-ui.css") => ("text/css; charset=utf-8", SWAGGER_CSS),
+        Some("init.js") => ("text/javascript; charset=utf-8", DOCS_INIT.as_bytes()),
+        _ => return Err(ApiError::NotFound("Not Found")),
+    };
+    let mut r = bytes(StatusCode::OK, content_type, body);
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    Ok(r)
+}

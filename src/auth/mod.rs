@@ -1,0 +1,308 @@
+//! Accounts and credentials: registration, login, refresh-token rotation, API keys, and
+//! turning an `Authorization` bearer value into a `Principal`.
+//!
+//! Invariants: passwords, tokens and keys are only ever stored hashed; an unknown user and a
+//! wrong password take the same work and give the same error; every authentication loads the
+//! user, so disabling one takes effect on the next request.
+
+mod password;
+mod tokens;
+
+pub use password::{HashError, PasswordHasher};
+pub use tokens::{generate_jwt_secret, Jwt, API_KEY_PREFIX};
+
+use crate::clock::{now_ms, Millis};
+use crate::ratelimit::{Decision, Limiter};
+use crate::secret::Secret;
+use crate::store::{ApiKeyRecord, NewUser, RotateOutcome, Store, StoreError, UniqueField, User};
+use tokens::{opaque_token, sha256, REFRESH_PREFIX};
+use uuid::Uuid;
+
+/// `last_used_at` is written at most this often per key, so a busy key does not cost a
+/// write transaction per request.
+const TOUCH_EVERY_MS: Millis = 60_000;
+
+/// Why an authentication step failed. `api::error` maps each to a status and a body.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown user or wrong password: deliberately indistinguishable.
+    #[error("incorrect username or password")]
+    BadCredentials,
+    /// The right password for a disabled account.
+    #[error("account disabled")]
+    Disabled,
+    /// Too many failed logins for this username.
+    #[error("too many failed logins")]
+    TooManyFailures(Decision),
+    /// A bearer token or key that is missing, malformed, expired, forged, revoked, or whose
+    /// user is gone or disabled; the reason is for logs only.
+    #[error("invalid credentials: {0}")]
+    Unauthenticated(&'static str),
+    /// A refresh token that is unknown, expired, revoked, or reused.
+    #[error("invalid refresh token: {0}")]
+    BadRefreshToken(&'static str),
+    #[error("username already registered")]
+    UsernameTaken,
+    #[error("email already registered")]
+    EmailTaken,
+    /// The API key does not exist or is not the caller's.
+    #[error("api key not found")]
+    KeyNotFound,
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(UniqueField::Username) => AuthError::UsernameTaken,
+            StoreError::Conflict(UniqueField::Email) => AuthError::EmailTaken,
+            other => AuthError::Store(other),
+        }
+    }
+}
+
+/// A new account's fields, already validated by `check_username` and friends.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub username: String,
+    pub email: String,
+    pub password: Secret,
+}
+
+/// What login and refresh hand out.
+#[derive(Debug, Clone)]
+pub struct TokenPair {
+    pub access_token: Secret,
+    pub expires_in: u64,
+    pub refresh_token: Secret,
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: User,
+    /// Set when the caller used an API key rather than a JWT.
+    pub api_key: Option<Uuid>,
+}
+
+/// A new API key: the record as stored, and the key itself, shown to its owner once.
+#[derive(Debug, Clone)]
+pub struct IssuedKey {
+    pub record: ApiKeyRecord,
+    pub key: Secret,
+}
+
+/// Settings for `Auth::new`.
+pub struct AuthSettings {
+    pub jwt: Jwt,
+    pub refresh_ttl_secs: u64,
+    pub max_concurrent_hashes: usize,
+    pub failed_logins: Limiter,
+}
+
+/// The accounts service.
+pub struct Auth {
+    store: Store,
+    hasher: PasswordHasher,
+    jwt: Jwt,
+    refresh_ttl_ms: Millis,
+    failed_logins: Limiter,
+}
+
+impl Auth {
+    /// The service over `store`.
+    pub fn new(store: Store, settings: AuthSettings) -> Auth {
+        Auth {
+            store,
+            hasher: PasswordHasher::new(settings.max_concurrent_hashes),
+            jwt: settings.jwt,
+            refresh_ttl_ms: settings.refresh_ttl_secs.saturating_mul(1000) as Millis,
+            failed_logins: settings.failed_logins,
+        }
+    }
+
+    /// Creates an account (admins only through the CLI).
+    pub async fn register(&self, reg: Registration, is_admin: bool) -> Result<User, AuthError> {
+        let password_hash = self.hasher.hash(&reg.password).await?;
+        let new = NewUser { username: reg.username, email: reg.email, password_hash, is_admin };
+        Ok(self.store.create_user(new, now_ms()).await?)
+    }
+
+    /// Checks a password and starts a new refresh-token family.
+    pub async fn login(&self, username: &str, password: &Secret) -> Result<TokenPair, AuthError> {
+        let key = username.to_lowercase();
+        let gate = self.failed_logins.peek(&key);
+        if !gate.allowed {
+            return Err(AuthError::TooManyFailures(gate));
+        }
+        let user = self.store.user_by_username(username)?;
+        let ok = match &user {
+            Some(u) => self.hasher.verify(password, &u.password_hash).await?,
+            None => self.hasher.verify_nobody(password).await?,
+        };
+        let user = match user {
+            Some(u) if ok => u,
+            _ => {
+                self.failed_logins.check(&key);
+                return Err(AuthError::BadCredentials);
+            }
+        };
+        if user.disabled {
+            return Err(AuthError::Disabled);
+        }
+        let (refresh, hash) = opaque_token(REFRESH_PREFIX);
+        self.store.insert_refresh_token(hash, user.id, now_ms() + self.refresh_ttl_ms).await?;
+        Ok(self.pair(user.id, refresh))
+    }
+
+    /// Rotates a refresh token: the old one dies, reuse of a dead one kills its family.
+    pub async fn refresh(&self, token: &Secret) -> Result<TokenPair, AuthError> {
+        let (next, next_hash) = opaque_token(REFRESH_PREFIX);
+        let now = now_ms();
+        let outcome = self
+            .store
+            .rotate_refresh_token(sha256(token.expose()), next_hash, now, now + self.refresh_ttl_ms)
+            .await?;
+        let user_id = match outcome {
+            RotateOutcome::Rotated { user_id } => user_id,
+            RotateOutcome::Reused => return Err(AuthError::BadRefreshToken("reused; family revoked")),
+            RotateOutcome::Invalid => return Err(AuthError::BadRefreshToken("unknown or expired")),
+        };
+        self.live_user(user_id)?;
+        Ok(self.pair(user_id, next))
+    }
+
+    /// Ends the session this refresh token belongs to.
+    pub async fn logout(&self, token: &Secret) -> Result<(), AuthError> {
+        Ok(self.store.revoke_refresh_token(sha256(token.expose()), now_ms()).await?)
+    }
+
+    /// The caller behind a bearer value: an API key (`ec_…`) or an access JWT.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
+        if bearer.starts_with(API_KEY_PREFIX) {
+            let key = self
+                .store
+                .api_key_by_hash(&sha256(bearer))?
+                .ok_or(AuthError::Unauthenticated("unknown api key"))?;
+            let user = self.live_user(key.user_id)?;
+            let now = now_ms();
+            if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
+                self.store.touch_api_key(key.id, now).await?;
+            }
+            return Ok(Principal { user, api_key: Some(key.id) });
+        }
+        let user_id = self.jwt.verify(bearer).map_err(AuthError::Unauthenticated)?;
+        Ok(Principal { user: self.live_user(user_id)?, api_key: None })
+    }
+
+    /// Makes a key for `user`; the returned `key` is the only copy that will ever exist.
+    pub async fn create_api_key(&self, user: Uuid, name: String) -> Result<IssuedKey, AuthError> {
+        let (key, hash) = opaque_token(API_KEY_PREFIX);
+        let record = ApiKeyRecord {
+            id: Uuid::now_v7(),
+            user_id: user,
+            name,
+            hash,
+            created_at: now_ms(),
+            last_used_at: None,
+        };
+        self.store.create_api_key(record.clone()).await?;
+        Ok(IssuedKey { record, key })
+    }
+
+    /// The user's keys, oldest first.
+    pub fn api_keys(&self, user: Uuid) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        Ok(self.store.api_keys(user)?)
+    }
+
+    /// Revokes one of the user's keys at once.
+    pub async fn revoke_api_key(&self, user: Uuid, key: Uuid) -> Result<(), AuthError> {
+        self.store.revoke_api_key(user, key).await.map_err(|e| match e {
+            StoreError::NotFound => AuthError::KeyNotFound,
+            other => other.into(),
+        })
+    }
+
+    fn live_user(&self, id: Uuid) -> Result<User, AuthError> {
+        match self.store.user(id)? {
+            Some(u) if !u.disabled => Ok(u),
+            Some(_) => Err(AuthError::Unauthenticated("user disabled")),
+            None => Err(AuthError::Unauthenticated("user gone")),
+        }
+    }
+
+    fn pair(&self, user: Uuid, refresh_token: Secret) -> TokenPair {
+        let now_secs = (now_ms() / 1000) as u64;
+        TokenPair {
+            access_token: self.jwt.issue(user, now_secs),
+            expires_in: self.jwt.ttl_secs(),
+            refresh_token,
+        }
+    }
+}
+
+/// 3–32 characters of `[A-Za-z0-9_.-]`.
+pub fn check_username(name: &str) -> Result<(), &'static str> {
+    if !(3..=32).contains(&name.chars().count()) {
+        return Err("username must be 3 to 32 characters long");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err("username may contain only letters, digits, '_', '.' and '-'");
+    }
+    Ok(())
+}
+
+/// A plausible address: one `@`, something before it, a dotted domain after it, no spaces.
+pub fn check_email(email: &str) -> Result<(), &'static str> {
+    const BAD: &str = "value is not a valid email address";
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(BAD);
+    }
+    let Some((local, domain)) = email.split_once('@') else { return Err(BAD) };
+    let domain_ok = domain.contains('.')
+        && !domain.contains('@')
+        && !domain.starts_with(['.', '-'])
+        && !domain.ends_with(['.', '-'])
+        && !domain.contains("..");
+    if local.is_empty() || local.len() > 64 || !domain_ok {
+        return Err(BAD);
+    }
+    Ok(())
+}
+
+/// 8–1024 bytes: long enough to resist guessing, short enough to bound hashing work.
+pub fn check_password(password: &str) -> Result<(), &'static str> {
+    match password.len() {
+        0..8 => Err("password must be at least 8 bytes long"),
+        8..=1024 => Ok(()),
+        _ => Err("password must be at most 1024 bytes long"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_rules() {
+        for ok in ["abc", "a_b.c-D9", &"x".repeat(32)] {
+            assert!(check_username(ok).is_ok(), "{ok}");
+        }
+        for bad in ["ab", &"x".repeat(33), "has space", "émile", "semi;colon"] {
+            assert!(check_username(bad).is_err(), "{bad}");
+        }
+        for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
+            assert!(check_email(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "plain", "@b.co", "a@b", "a@@b.co", "a b@c.de", "a@.b.co", "a@b..co"] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
+        assert!(check_password("1234567").is_err());
+        assert!(check_password("12345678").is_ok());
+        assert!(check_password(&"p".repeat(1024)).is_ok());
+        assert!(check_password(&"p".repeat(1025)).is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! The `edgechat` command line: `serve`, `user …`, `config check`.
+
+use crate::auth::{check_email, check_password, check_username, Registration};
+use crate::config::{Config, LogFormat};
+use crate::secret::Secret;
+use crate::server::{self, Environment};
+use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, IsTerminal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// edgechat: a complete AI chat service in one binary.
+///
+/// Configuration comes from `config.toml` (see --config), then `EDGECHAT_SECTION__KEY`
+/// environment variables (for example `EDGECHAT_SERVER__LISTEN=0.0.0.0:8443`), then the flags.
+#[derive(Debug, Parser)]
+#[command(name = "edgechat", version, about, long_about)]
+pub struct Cli {
+    /// Config file [default: ./config.toml when it exists, otherwise built-in defaults]
+    #[arg(long, global = true, env = "EDGECHAT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Where the database and generated secrets live
+    /// [default: storage.data_dir, else $STATE_DIRECTORY, else ./data]
+    #[arg(long, global = true, env = "EDGECHAT_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP(S) server until SIGTERM or SIGINT
+    Serve(ServeArgs),
+    /// Manage accounts (stop the server first: the database allows one process at a time)
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Inspect the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on [default: server.listen, 127.0.0.1:8000]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Serve HTTPS with a certificate generated once and kept in the data directory
+    #[arg(long)]
+    tls_self_signed: bool,
+    /// Write logs as JSON lines
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create an account; the password is read from stdin (prompted on a terminal)
+    Create {
+        username: String,
+        #[arg(long)]
+        email: String,
+        /// Make the account an administrator
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List every account
+    List,
+    /// Disable an account: its tokens and API keys stop working at once
+    Disable { username: String },
+    /// Re-enable a disabled account
+    Enable { username: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the effective values, secrets redacted
+    Check,
+}
+
+/// Runs the command line; the binary's `main` is just this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(message),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let (mut config, source) = load_config(&cli)?;
+    if let Some(dir) = &cli.data_dir {
+        config.storage.data_dir = Some(dir.clone());
+    }
+    let env = Environment::from_process();
+    match cli.command {
+        Command::Serve(args) => serve(config, args, &env).await,
+        Command::User(cmd) => user(config, cmd, &env).await,
+        Command::Config(ConfigCommand::Check) => {
+            let data_dir = config.data_dir(env.state_directory.as_deref());
+            println!("# config: {source}; data directory: {}", data_dir.display());
+            print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<(Config, String), String> {
+    let path = cli.config.clone().or_else(|| {
+        let local = PathBuf::from("config.toml");
+        local.exists().then_some(local)
+    });
+    let config = Config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let source = path.map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
+    Ok((config, source))
+}
+
+async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result<(), String> {
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if args.tls_self_signed {
+        config.tls.self_signed = true;
+    }
+    if args.log_json {
+        config.log.format = LogFormat::Json;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    init_logging(&config);
+    let running = server::start_default(config, env).await.map_err(|e| e.to_string())?;
+    println!("edgechat {} listening on {}://{}", env!("CARGO_PKG_VERSION"), running.scheme, running.addr);
+    println!("data directory: {}", running.data_dir.display());
+    if let Some((path, fingerprint)) = &running.certificate {
+        println!("tls certificate: {} (sha256 {fingerprint})", path.display());
+    }
+    server::termination().await;
+    let cut = running.shutdown().await;
+    tracing::info!(cut_off_connections = cut, "stopped");
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(), String> {
+    let services = server::services(&config, env).await.map_err(|e| e.to_string())?;
+    match cmd {
+        UserCommand::Create { username, email, admin } => {
+            check_username(&username)?;
+            check_email(&email)?;
+            let password = read_password()?;
+            check_password(password.expose())?;
+            let reg = Registration { username, email, password };
+            let user = services.auth.register(reg, admin).await.map_err(|e| e.to_string())?;
+            let role = if user.is_admin { "admin" } else { "user" };
+            println!("created {role} {} ({})", user.username, user.id);
+        }
+        UserCommand::List => {
+            let users = services.store.users().map_err(|e| e.to_string())?;
+            println!("{:<36}  {:<32}  {:<5}  {:<8}  email", "id", "username", "admin", "disabled");
+            for u in users {
+                println!("{:<36}  {:<32}  {:<5}  {:<8}  {}", u.id, u.username, u.is_admin, u.disabled, u.email);
+            }
+        }
+        UserCommand::Disable { username } => set_disabled(&services, &username, true).await?,
+        UserCommand::Enable { username } => set_disabled(&services, &username, false).await?,
+    }
+    Ok(())
+}
+
+async fn set_disabled(services: &server::Services, username: &str, disabled: bool) -> Result<(), String> {
+    let user = services.store.set_user_disabled(username, disabled).await.map_err(|e| match e {
+        crate::store::StoreError::NotFound => format!("no user named {username}"),
+        other => other.to_string(),
+    })?;
+    println!("{} {}", if disabled { "disabled" } else { "enabled" }, user.username);
+    Ok(())
+}
+
+/// Prompts twice on a terminal; reads one line from a pipe (for scripts).
+fn read_password() -> Result<Secret, String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        return Ok(Secret::new(first));
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+    Ok(Secret::new(line.trim_end_matches(['\n', '\r'])))
+}

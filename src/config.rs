@@ -1,0 +1,380 @@
+//! Configuration: `config.toml`, then `EDGECHAT_SECTION__KEY` environment overrides, then a
+//! validation pass. Every key has a default, so an empty file (or none) is a valid config.
+//!
+//! Sources are passed in explicitly (a file's text and an iterator of variables) so that tests
+//! feed a map instead of mutating the process environment.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The prefix of environment variables that override config keys (`EDGECHAT_SERVER__LISTEN`).
+pub const ENV_PREFIX: &str = "EDGECHAT_";
+
+/// Everything `edgechat serve` can be told; see the repository's `config.toml` for each key.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
+    pub log: LogConfig,
+}
+
+/// The listener and the limits every connection and request keeps.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_secs: u64,
+    pub handshake_timeout_secs: u64,
+    pub body_read_timeout_secs: u64,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_secs: u64,
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_connections: 1024,
+            header_read_timeout_secs: 10,
+            handshake_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_secs: 20,
+            http2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+/// HTTPS: PEM files, or a self-signed certificate kept in the data directory.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub self_signed: bool,
+}
+
+/// Where the redb file and generated secrets live.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Token lifetimes, JWT claims and password hashing concurrency.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub jwt_secret: Option<Secret>,
+    pub jwt_secret_file: Option<PathBuf>,
+    pub issuer: String,
+    pub audience: String,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+    pub max_concurrent_hashes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            issuer: "edgechat".into(),
+            audience: "edgechat".into(),
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            max_concurrent_hashes: 2,
+        }
+    }
+}
+
+/// One GCRA quota: `requests` per `per_secs` on average, at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub requests: u32,
+    pub per_secs: u64,
+    pub burst: u32,
+}
+
+/// Limits on `/auth/*` per client address and on failed logins per username.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub auth_per_address: QuotaConfig,
+    pub failed_logins_per_username: QuotaConfig,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            auth_per_address: QuotaConfig { requests: 60, per_secs: 60, burst: 20 },
+            failed_logins_per_username: QuotaConfig { requests: 10, per_secs: 900, burst: 5 },
+        }
+    }
+}
+
+/// Cross-origin access for browser clients; none allowed by default.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig { allowed_origins: Vec::new(), max_age_secs: 600 }
+    }
+}
+
+/// Log verbosity (a `tracing` filter) and line format.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// How log lines are written: for people (`text`) or for collectors (`json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why a configuration was refused; every message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+impl Config {
+    /// Reads `path` (when given) and applies `EDGECHAT_*__*` overrides from `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let shown = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+            None => String::new(),
+        };
+        let mut root: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string() })?;
+        let mut overrides: Vec<_> = env.into_iter().filter_map(env_override).collect();
+        overrides.sort();
+        for (keys, raw) in overrides {
+            set_path(&mut root, &keys, parse_env_value(&raw))?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| ConfigError::invalid(&e.path().to_string(), e.inner().message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The second pass: values that parse but make no sense. Run again after flags change it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let positive = [
+            ("server.max_connections", s.max_connections as u64),
+            ("server.header_read_timeout_secs", s.header_read_timeout_secs),
+            ("server.handshake_timeout_secs", s.handshake_timeout_secs),
+            ("server.body_read_timeout_secs", s.body_read_timeout_secs),
+            ("server.max_body_bytes", s.max_body_bytes as u64),
+            ("server.http2_max_concurrent_streams", s.http2_max_concurrent_streams as u64),
+            ("auth.access_token_ttl_secs", self.auth.access_token_ttl_secs),
+            ("auth.refresh_token_ttl_secs", self.auth.refresh_token_ttl_secs),
+            ("auth.max_concurrent_hashes", self.auth.max_concurrent_hashes as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file must be given together",
+            ));
+        }
+        if self.tls.self_signed && self.tls.cert_file.is_some() {
+            return Err(ConfigError::invalid(
+                "tls.self_signed",
+                "cannot be combined with tls.cert_file; choose one",
+            ));
+        }
+        for (key, value) in [("auth.issuer", &self.auth.issuer), ("auth.audience", &self.auth.audience)] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            check_jwt_secret("auth.jwt_secret", secret.expose())?;
+        }
+        let limits = &self.rate_limit;
+        for (key, q) in [
+            ("rate_limit.auth_per_address", limits.auth_per_address),
+            ("rate_limit.failed_logins_per_username", limits.failed_logins_per_username),
+        ] {
+            if q.requests == 0 || q.per_secs == 0 || q.burst == 0 {
+                return Err(ConfigError::invalid(key, "requests, per_secs and burst must be > 0"));
+            }
+        }
+        for origin in &self.cors.allowed_origins {
+            let ok = origin == "*" || origin.starts_with("http://") || origin.starts_with("https://");
+            if !ok || origin.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    "cors.allowed_origins",
+                    format!("`{origin}` is not an origin like https://example.com (or \"*\")"),
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The data directory: config (or `--data-dir`), then systemd's `$STATE_DIRECTORY`, then `./data`.
+    pub fn data_dir(&self, state_directory: Option<&str>) -> PathBuf {
+        if let Some(dir) = &self.storage.data_dir {
+            return dir.clone();
+        }
+        match state_directory.and_then(|s| s.split(':').next()).filter(|s| !s.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from("data"),
+        }
+    }
+}
+
+/// A JWT secret shorter than 32 bytes is guessable offline from any token it signed.
+pub fn check_jwt_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
+    if secret.len() < 32 {
+        return Err(ConfigError::invalid(key, "must be at least 32 bytes long"));
+    }
+    Ok(())
+}
+
+/// `EDGECHAT_SERVER__MAX_BODY_BYTES` → (["server", "max_body_bytes"], value). Variables without
+/// `__` (such as `EDGECHAT_CONFIG`) belong to the command line, not to config keys.
+fn env_override((name, value): (String, String)) -> Option<(Vec<String>, String)> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some((rest.split("__").map(str::to_ascii_lowercase).collect(), value))
+}
+
+/// Environment values are TOML scalars or arrays when they parse as such, strings otherwise.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(root: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), ConfigError> {
+    let (last, parents) = keys.split_last().expect("split on `__` yields at least one key");
+    let mut table = root;
+    for (i, key) in parents.iter().enumerate() {
+        let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::invalid(&keys[..=i].join("."), "is a value, not a section")
+        })?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load_text(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), env(vars))
+    }
+
+    #[test]
+    fn the_documented_file_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        assert_eq!(Config::load(Some(&path), []).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_and_parses_types() {
+        let c = load_text(
+            "[server]\nmax_body_bytes = 10\n",
+            &[
+                ("EDGECHAT_SERVER__MAX_BODY_BYTES", "2048"),
+                ("EDGECHAT_CORS__ALLOWED_ORIGINS", r#"["https://a.example"]"#),
+                ("EDGECHAT_LOG__FORMAT", "json"),
+                ("EDGECHAT_CONFIG", "ignored.toml"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_body_bytes, 2048);
+        assert_eq!(c.cors.allowed_origins, vec!["https://a.example".to_string()]);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = load_text("[server]\nlisen = \"x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server") && e.contains("lisen"), "{e}");
+        let e = load_text("", &[("EDGECHAT_SERVER__LISTEN", "nowhere")]).unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = load_text("", &[("EDGECHAT_AUTH__JWT_SECRET", "short")]).unwrap_err().to_string();
+        assert!(e.contains("auth.jwt_secret") && !e.contains("short"), "{e}");
+        let e = load_text("[server]\nmax_body_bytes = 0\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server.max_body_bytes"), "{e}");
+        let e = load_text("", &[("EDGECHAT_NOPE__X", "1")]).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+        let e = load_text("[log]\nlevel = \"=[\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("log.level"), "{e}");
+    }
+
+    #[test]
+    fn data_dir_prefers_config_then_systemd_then_default() {
+        let mut c = Config::default();
+        assert_eq!(c.data_dir(None), PathBuf::from("data"));
+        assert_eq!(c.data_dir(Some("/var/lib/edgechat")), PathBuf::from("/var/lib/edgechat"));
+        c.storage.data_dir = Some("/srv/x".into());
+        assert_eq!(c.data_dir(Some("/var/lib/edgechat")), PathBuf::from("/srv/x"));
+    }
+}

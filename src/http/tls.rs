@@ -1,0 +1,83 @@
+//! rustls server configuration: from PEM files, or a self-signed certificate made once and
+//! kept in the data directory so that clients can pin it across restarts.
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use crate::secret::write_private_file;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// Why TLS could not be set up; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("certificate and key do not make a valid TLS config: {0}")]
+    Config(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot generate a certificate: {0}")]
+    Generate(String),
+}
+
+/// A ready acceptor and facts about its certificate for the start-up message.
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    pub cert_path: PathBuf,
+    /// SHA-256 of the leaf certificate's DER, as `AB:CD:…`.
+    pub fingerprint: String,
+}
+
+/// Loads a certificate chain and private key from PEM files.
+pub fn from_pem(cert_path: &Path, key_path: &Path) -> Result<Tls, TlsError> {
+    let pem_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustls_pki_types::pem::Error| TlsError::Pem { path, message: e.to_string() }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .map_err(pem_err(cert_path))?
+        .collect::<Result<_, _>>()
+        .map_err(pem_err(cert_path))?;
+    let leaf = certs.first().ok_or_else(|| TlsError::NoCertificate { path: cert_path.into() })?;
+    let fingerprint = fingerprint(leaf);
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_err(key_path))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), cert_path: cert_path.into(), fingerprint })
+}
+
+/// Uses `dir/tls/{cert,key}.pem`, generating them on first use for localhost and loopback.
+pub fn self_signed(dir: &Path) -> Result<Tls, TlsError> {
+    let tls_dir = dir.join("tls");
+    let (cert_path, key_path) = (tls_dir.join("cert.pem"), tls_dir.join("key.pem"));
+    if !cert_path.exists() || !key_path.exists() {
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let made = rcgen::generate_simple_self_signed(names)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        std::fs::create_dir_all(&tls_dir)
+            .map_err(|source| TlsError::Write { path: tls_dir.clone(), source })?;
+        let write = |path: &Path, pem: String| {
+            write_private_file(path, pem.as_bytes())
+                .map_err(|source| TlsError::Write { path: path.into(), source })
+        };
+        write(&key_path, made.key_pair.serialize_pem())?;
+        write(&cert_path, made.cert.pem())?;
+    }
+    from_pem(&cert_path, &key_path)
+}
+
+fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = Sha256::digest(cert.as_ref());
+    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,15 @@
+//! edgechat: one binary that turns a VM or an edge box into a complete AI chat service.
+//!
+//! The modules follow ARCHITECTURE.md's table; dependencies point one way:
+//! `cli` → `server` → `api` → (`auth`, `store`, `ratelimit`) and `http` (transport only).
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod ratelimit;
+pub mod secret;
+pub mod server;
+pub mod store;

@@ -1,0 +1,190 @@
+//! Putting the parts together: open the store, resolve secrets, build the services and the
+//! app, bind the listener (with TLS when asked) and serve until told to stop.
+
+use crate::api::{self, App, Routes};
+use crate::auth::{generate_jwt_secret, Auth, AuthSettings, Jwt};
+use crate::config::{check_jwt_secret, Config, ConfigError};
+use crate::http::{self, tls, Limits};
+use crate::ratelimit::{Limiter, Quota};
+use crate::secret::{write_private_file, Secret};
+use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// What the process environment adds to the config (passed in, so tests need not set it).
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// systemd's `$STATE_DIRECTORY`.
+    pub state_directory: Option<String>,
+    /// systemd's `$CREDENTIALS_DIRECTORY` (secrets from `LoadCredential=`).
+    pub credentials_directory: Option<PathBuf>,
+}
+
+impl Environment {
+    /// Reads the two variables from this process.
+    pub fn from_process() -> Environment {
+        Environment {
+            state_directory: std::env::var("STATE_DIRECTORY").ok(),
+            credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot read secret file {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound address (the real port when the config asked for port 0).
+    pub addr: SocketAddr,
+    /// `https` when TLS is on.
+    pub scheme: &'static str,
+    /// The certificate in use and its SHA-256 fingerprint, when TLS is on.
+    pub certificate: Option<(PathBuf, String)>,
+    /// Where the data lives.
+    pub data_dir: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<usize>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests within the grace period, and closes the
+    /// store. Returns how many connections had to be cut off.
+    pub async fn shutdown(self) -> usize {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(0)
+    }
+}
+
+/// The services the CLI's `user` commands need, without a listener.
+pub struct Services {
+    pub store: Store,
+    pub auth: Auth,
+    pub data_dir: PathBuf,
+}
+
+/// Opens the store in the data directory and builds the accounts service.
+pub async fn services(config: &Config, env: &Environment) -> Result<Services, StartError> {
+    let data_dir = config.data_dir(env.state_directory.as_deref());
+    let dir = data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))??;
+    let secret = jwt_secret(config, &data_dir, env)?;
+    let a = &config.auth;
+    let q = config.rate_limit.failed_logins_per_username;
+    let settings = AuthSettings {
+        jwt: Jwt::new(&secret, &a.issuer, &a.audience, a.access_token_ttl_secs),
+        refresh_ttl_secs: a.refresh_token_ttl_secs,
+        max_concurrent_hashes: a.max_concurrent_hashes,
+        failed_logins: Limiter::new(Quota {
+            requests: q.requests,
+            period: Duration::from_secs(q.per_secs),
+            burst: q.burst,
+        }),
+    };
+    Ok(Services { auth: Auth::new(store.clone(), settings), store, data_dir })
+}
+
+/// Starts serving `routes` (normally `api::routes()`) as `config` says.
+pub async fn start(config: Config, env: &Environment, routes: Routes) -> Result<Running, StartError> {
+    let Services { store, auth, data_dir } = services(&config, env).await?;
+    let tls = match (&config.tls.cert_file, &config.tls.key_file, config.tls.self_signed) {
+        (Some(cert), Some(key), _) => Some(tls::from_pem(cert, key)?),
+        (_, _, true) => Some(tls::self_signed(&data_dir)?),
+        _ => None,
+    };
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let s = &config.server;
+    let limits = Limits {
+        max_connections: s.max_connections,
+        handshake_timeout: Duration::from_secs(s.handshake_timeout_secs),
+        header_read_timeout: Duration::from_secs(s.header_read_timeout_secs),
+        http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+        shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+    };
+    let certificate = tls.as_ref().map(|t| (t.cert_path.clone(), t.fingerprint.clone()));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let app = App::new(config, store, auth, routes);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = app.service();
+    let task = tokio::spawn(async move {
+        let cut = http::serve(listener, tls.map(|t| t.acceptor), limits, service, async {
+            let _ = stopped.await;
+        })
+        .await;
+        drop(app);
+        cut
+    });
+    Ok(Running { addr, scheme, certificate, data_dir, stop, task })
+}
+
+/// Starts the default routes.
+pub async fn start_default(config: Config, env: &Environment) -> Result<Running, StartError> {
+    start(config, env, api::routes()).await
+}
+
+/// The JWT signing secret: config, then a configured file, then systemd's credential
+/// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start.
+fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Secret, StartError> {
+    if let Some(s) = &config.auth.jwt_secret {
+        return Ok(s.clone());
+    }
+    let read = |path: &Path, key: &str| -> Result<Secret, StartError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| StartError::Secret { path: path.into(), source })?;
+        let secret = text.trim_end_matches(['\n', '\r']).to_string();
+        check_jwt_secret(key, &secret)?;
+        Ok(Secret::new(secret))
+    };
+    if let Some(path) = &config.auth.jwt_secret_file {
+        return read(path, "auth.jwt_secret_file");
+    }
+    if let Some(dir) = &env.credentials_directory {
+        let path = dir.join("jwt_secret");
+        if path.exists() {
+            return read(&path, "credential jwt_secret");
+        }
+    }
+    let path = data_dir.join("jwt_secret");
+    if path.exists() {
+        return read(&path, "data dir jwt_secret");
+    }
+    let secret = generate_jwt_secret();
+    write_private_file(&path, secret.expose().as_bytes())
+        .map_err(|source| StartError::Secret { path: path.clone(), source })?;
+    tracing::info!(path = %path.display(), "generated a JWT signing secret");
+    Ok(secret)
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers the server can still be stopped by SIGKILL; never exit early.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,311 @@
+//! Users, API keys and refresh tokens.
+
+use super::tables::{self, decode, encode, get};
+use super::{Store, StoreError, UniqueField};
+use crate::clock::Millis;
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An account. `password_hash` is an argon2id PHC string, never the password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub password_hash: String,
+    pub is_admin: bool,
+    #[serde(default)]
+    pub disabled: bool,
+    pub created_at: Millis,
+}
+
+/// What `create_user` needs; the store assigns the id and the creation time.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub username: String,
+    pub email: String,
+    pub password_hash: String,
+    pub is_admin: bool,
+}
+
+/// An API key as stored: its SHA-256, never the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    pub hash: [u8; 32],
+    pub created_at: Millis,
+    pub last_used_at: Option<Millis>,
+}
+
+/// A refresh token as stored, under its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RefreshRecord {
+    user_id: Uuid,
+    family: Uuid,
+    expires_at: Millis,
+    /// Set when the token was exchanged for a new one; presenting it again is reuse.
+    rotated: bool,
+}
+
+/// The result of presenting a refresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The token was live; it is now rotated and the new one stored in the same family.
+    Rotated { user_id: Uuid },
+    /// The token had already been rotated: its whole family is now revoked.
+    Reused,
+    /// Unknown, expired, or of a revoked family.
+    Invalid,
+}
+
+impl Store {
+    /// Creates a user; usernames and emails are unique ignoring case.
+    pub async fn create_user(&self, new: NewUser, now: Millis) -> Result<User, StoreError> {
+        self.write(move |tx| {
+            let mut by_name = tx.open_table(tables::USER_BY_NAME)?;
+            let mut by_email = tx.open_table(tables::USER_BY_EMAIL)?;
+            let (name_key, email_key) = (new.username.to_lowercase(), new.email.to_lowercase());
+            if by_name.get(name_key.as_str())?.is_some() {
+                return Err(StoreError::Conflict(UniqueField::Username));
+            }
+            if by_email.get(email_key.as_str())?.is_some() {
+                return Err(StoreError::Conflict(UniqueField::Email));
+            }
+            let user = User {
+                id: Uuid::now_v7(),
+                username: new.username,
+                email: new.email,
+                password_hash: new.password_hash,
+                is_admin: new.is_admin,
+                disabled: false,
+                created_at: now,
+            };
+            by_name.insert(name_key.as_str(), user.id.as_u128())?;
+            by_email.insert(email_key.as_str(), user.id.as_u128())?;
+            tx.open_table(tables::USERS)?.insert(user.id.as_u128(), encode(&user).as_slice())?;
+            Ok(user)
+        })
+        .await
+    }
+
+    /// The user with this id, disabled or not.
+    pub fn user(&self, id: Uuid) -> Result<Option<User>, StoreError> {
+        self.read(|tx| get(&tx.open_table(tables::USERS)?, "users", id.as_u128()))
+    }
+
+    /// The user with this username, ignoring case.
+    pub fn user_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
+        self.read(|tx| {
+            let id = tx.open_table(tables::USER_BY_NAME)?.get(username.to_lowercase().as_str())?;
+            match id {
+                Some(id) => get(&tx.open_table(tables::USERS)?, "users", id.value()),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Every user, oldest first (ids are UUIDv7, so id order is creation order).
+    pub fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.read(|tx| {
+            let table = tx.open_table(tables::USERS)?;
+            let mut out = Vec::new();
+            for row in table.iter()? {
+                out.push(decode("users", row?.1.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Disables or re-enables a user; a disabled user's tokens and keys stop working at once
+    /// because every request loads the user.
+    pub async fn set_user_disabled(&self, username: &str, disabled: bool) -> Result<User, StoreError> {
+        let key = username.to_lowercase();
+        self.write(move |tx| {
+            let id = tx.open_table(tables::USER_BY_NAME)?.get(key.as_str())?.map(|v| v.value());
+            let id = id.ok_or(StoreError::NotFound)?;
+            let mut users = tx.open_table(tables::USERS)?;
+            let mut user: User = get(&users, "users", id)?.ok_or(StoreError::NotFound)?;
+            user.disabled = disabled;
+            users.insert(id, encode(&user).as_slice())?;
+            Ok(user)
+        })
+        .await
+    }
+
+    /// Stores a new API key record (the caller made the key and hashed it).
+    pub async fn create_api_key(&self, key: ApiKeyRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.open_table(tables::API_KEY_BY_HASH)?.insert(key.hash.as_slice(), key.id.as_u128())?;
+            tx.open_table(tables::API_KEYS_BY_USER)?
+                .insert((key.user_id.as_u128(), key.id.as_u128()), ())?;
+            tx.open_table(tables::API_KEYS)?.insert(key.id.as_u128(), encode(&key).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The live key with this hash, if any.
+    pub fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.read(|tx| {
+            let id = tx.open_table(tables::API_KEY_BY_HASH)?.get(hash.as_slice())?;
+            match id {
+                Some(id) => get(&tx.open_table(tables::API_KEYS)?, "api_keys", id.value()),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// A user's live keys, oldest first.
+    pub fn api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.read(|tx| {
+            let index = tx.open_table(tables::API_KEYS_BY_USER)?;
+            let keys = tx.open_table(tables::API_KEYS)?;
+            let u = user_id.as_u128();
+            let mut out = Vec::new();
+            for row in index.range((u, 0)..=(u, u128::MAX))? {
+                let (_, id) = row?.0.value();
+                out.extend(get::<u128, ApiKeyRecord>(&keys, "api_keys", id)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes one of the user's keys; `NotFound` when it is not theirs.
+    pub async fn revoke_api_key(&self, user_id: Uuid, key_id: Uuid) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let mut keys = tx.open_table(tables::API_KEYS)?;
+            let key: ApiKeyRecord =
+                get(&keys, "api_keys", key_id.as_u128())?.ok_or(StoreError::NotFound)?;
+            if key.user_id != user_id {
+                return Err(StoreError::NotFound);
+            }
+            keys.remove(key_id.as_u128())?;
+            tx.open_table(tables::API_KEY_BY_HASH)?.remove(key.hash.as_slice())?;
+            tx.open_table(tables::API_KEYS_BY_USER)?
+                .remove((user_id.as_u128(), key_id.as_u128()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that a key was used; a revoked key is left alone.
+    pub async fn touch_api_key(&self, key_id: Uuid, now: Millis) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let mut keys = tx.open_table(tables::API_KEYS)?;
+            let found: Option<ApiKeyRecord> = get(&keys, "api_keys", key_id.as_u128())?;
+            if let Some(mut key) = found {
+                key.last_used_at = Some(now);
+                keys.insert(key_id.as_u128(), encode(&key).as_slice())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores the first refresh token of a new family (a login).
+    pub async fn insert_refresh_token(
+        &self,
+        hash: [u8; 32],
+        user_id: Uuid,
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        let record = RefreshRecord { user_id, family: Uuid::now_v7(), expires_at, rotated: false };
+        self.write(move |tx| {
+            tx.open_table(tables::REFRESH_TOKENS)?.insert(hash.as_slice(), encode(&record).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Exchanges `old` for `new` in one transaction: rotation, and reuse detection that
+    /// revokes the whole family when a rotated token comes back.
+    pub async fn rotate_refresh_token(
+        &self,
+        old: [u8; 32],
+        new: [u8; 32],
+        now: Millis,
+        new_expires_at: Millis,
+    ) -> Result<RotateOutcome, StoreError> {
+        self.write(move |tx| {
+            let mut tokens = tx.open_table(tables::REFRESH_TOKENS)?;
+            let mut revoked = tx.open_table(tables::REVOKED_FAMILIES)?;
+            let Some(mut record) = get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", old.as_slice())?
+            else {
+                return Ok(RotateOutcome::Invalid);
+            };
+            let family = record.family.as_u128();
+            if revoked.get(family)?.is_some() || record.expires_at <= now {
+                return Ok(RotateOutcome::Invalid);
+            }
+            if record.rotated {
+                revoked.insert(family, now)?;
+                return Ok(RotateOutcome::Reused);
+            }
+            record.rotated = true;
+            tokens.insert(old.as_slice(), encode(&record).as_slice())?;
+            let next = RefreshRecord { expires_at: new_expires_at, rotated: false, ..record.clone() };
+            tokens.insert(new.as_slice(), encode(&next).as_slice())?;
+            Ok(RotateOutcome::Rotated { user_id: record.user_id })
+        })
+        .await
+    }
+
+    /// Revokes the family of this refresh token (logout); unknown tokens are ignored.
+    pub async fn revoke_refresh_token(&self, hash: [u8; 32], now: Millis) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let tokens = tx.open_table(tables::REFRESH_TOKENS)?;
+            let found = get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", hash.as_slice())?;
+            if let Some(record) = found {
+                tx.open_table(tables::REVOKED_FAMILIES)?.insert(record.family.as_u128(), now)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_user(name: &str, email: &str) -> NewUser {
+        NewUser {
+            username: name.into(),
+            email: email.into(),
+            password_hash: "$argon2id$x".into(),
+            is_admin: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn usernames_and_emails_are_unique_ignoring_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.create_user(new_user("Alice", "a@x.io"), 1).await.unwrap();
+        let e = store.create_user(new_user("alice", "b@x.io"), 2).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(UniqueField::Username)));
+        let e = store.create_user(new_user("bob", "A@X.IO"), 3).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(UniqueField::Email)));
+        assert_eq!(store.user_by_username("ALICE").unwrap().unwrap().id, a.id);
+        assert_eq!(store.users().unwrap().len(), 1, "a refused write leaves nothing behind");
+    }
+
+    #[tokio::test]
+    async fn refresh_rotation_and_reuse_revokes_the_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let user = Uuid::now_v7();
+        store.insert_refresh_token([1; 32], user, 100).await.unwrap();
+        let r = store.rotate_refresh_token([1; 32], [2; 32], 10, 100).await.unwrap();
+        assert_eq!(r, RotateOutcome::Rotated { user_id: user });
+        assert_eq!(store.rotate_refresh_token([1; 32], [3; 32], 11, 100).await.unwrap(), RotateOutcome::Reused);
+        // The live descendant died with its family.
+        assert_eq!(store.rotate_refresh_token([2; 32], [4; 32], 12, 100).await.unwrap(), RotateOutcome::Invalid);
+        // Expiry.
+        store.insert_refresh_token([5; 32], user, 50).await.unwrap();
+        assert_eq!(store.rotate_refresh_token([5; 32], [6; 32], 50, 100).await.unwrap(), RotateOutcome::Invalid);
+    }
+}

@@ -1,0 +1,283 @@
+//! Conversations and their messages. Every method takes the owner's id and treats another
+//! user's conversation exactly like a missing one.
+
+use super::tables::{self, decode, encode, get};
+use super::{Store, StoreError};
+use crate::clock::Millis;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A conversation's header; its messages are read separately.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub title: String,
+    pub model: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub message_count: u32,
+}
+
+/// Who spoke a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// Token counts of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: Uuid,
+    pub role: Role,
+    pub content: String,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub created_at: Millis,
+    pub usage: Option<Usage>,
+}
+
+/// A message to append; the store assigns its id.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub role: Role,
+    pub content: String,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// Where a turn goes: a conversation created in the same transaction, or an existing one.
+#[derive(Debug, Clone)]
+pub enum TurnTarget {
+    New { title: String, model: String },
+    Existing(Uuid),
+}
+
+/// Where the next page of a listing starts: the last item's (updated_at, id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    updated_at: u64,
+    id: u128,
+}
+
+impl Cursor {
+    /// The opaque form clients pass back.
+    pub fn encode(&self) -> String {
+        let mut bytes = [0u8; 24];
+        bytes[..8].copy_from_slice(&self.updated_at.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.id.to_be_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Parses what `encode` made; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Cursor> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+        let bytes: [u8; 24] = bytes.try_into().ok()?;
+        Some(Cursor {
+            updated_at: u64::from_be_bytes(bytes[..8].try_into().ok()?),
+            id: u128::from_be_bytes(bytes[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// One page of a user's conversations, newest activity first.
+#[derive(Debug, Clone)]
+pub struct ConversationPage {
+    pub items: Vec<Conversation>,
+    pub next: Option<Cursor>,
+}
+
+fn by_user_key(c: &Conversation) -> (u128, u64, u128) {
+    (c.user_id.as_u128(), c.updated_at.max(0) as u64, c.id.as_u128())
+}
+
+impl Store {
+    /// Appends messages to a conversation (creating it first for `TurnTarget::New`) in one
+    /// transaction, so a turn is stored whole or not at all.
+    pub async fn record_turn(
+        &self,
+        user_id: Uuid,
+        target: TurnTarget,
+        messages: Vec<NewMessage>,
+        now: Millis,
+    ) -> Result<(Conversation, Vec<Message>), StoreError> {
+        self.write(move |tx| {
+            let mut convs = tx.open_table(tables::CONVERSATIONS)?;
+            let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
+            let mut conv = match target {
+                TurnTarget::New { title, model } => Conversation {
+                    id: Uuid::now_v7(),
+                    user_id,
+                    title,
+                    model,
+                    created_at: now,
+                    updated_at: now,
+                    message_count: 0,
+                },
+                TurnTarget::Existing(id) => {
+                    let c: Conversation = get(&convs, "conversations", id.as_u128())?
+                        .filter(|c: &Conversation| c.user_id == user_id)
+                        .ok_or(StoreError::NotFound)?;
+                    index.remove(by_user_key(&c))?;
+                    c
+                }
+            };
+            let mut table = tx.open_table(tables::MESSAGES)?;
+            let mut stored = Vec::with_capacity(messages.len());
+            for m in messages {
+                let message = Message {
+                    id: Uuid::now_v7(),
+                    role: m.role,
+                    content: m.content,
+                    model: m.model,
+                    provider: m.provider,
+                    created_at: now,
+                    usage: m.usage,
+                };
+                table.insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
+                conv.message_count += 1;
+                stored.push(message);
+            }
+            conv.updated_at = now.max(conv.updated_at);
+            if let Some(m) = stored.last() {
+                conv.model = m.model.clone().unwrap_or(conv.model);
+            }
+            index.insert(by_user_key(&conv), ())?;
+            convs.insert(conv.id.as_u128(), encode(&conv).as_slice())?;
+            Ok((conv, stored))
+        })
+        .await
+    }
+
+    /// A page of the user's conversations, newest activity first, starting after `after`.
+    pub fn conversations(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        after: Option<Cursor>,
+    ) -> Result<ConversationPage, StoreError> {
+        self.read(|tx| {
+            let index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
+            let convs = tx.open_table(tables::CONVERSATIONS)?;
+            let u = user_id.as_u128();
+            let rows = match after {
+                Some(c) => index.range((u, 0, 0)..(u, c.updated_at, c.id))?,
+                None => index.range((u, 0, 0)..=(u, u64::MAX, u128::MAX))?,
+            };
+            let mut items = Vec::with_capacity(limit);
+            let mut more = false;
+            for row in rows.rev() {
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                let (_, _, id) = row?.0.value();
+                items.extend(get::<u128, Conversation>(&convs, "conversations", id)?);
+            }
+            let next = items
+                .last()
+                .filter(|_| more)
+                .map(|c| Cursor { updated_at: c.updated_at.max(0) as u64, id: c.id.as_u128() });
+            Ok(ConversationPage { items, next })
+        })
+    }
+
+    /// The user's conversation with all its messages in order, or `None`.
+    pub fn conversation(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<(Conversation, Vec<Message>)>, StoreError> {
+        self.read(|tx| {
+            let conv: Option<Conversation> =
+                get(&tx.open_table(tables::CONVERSATIONS)?, "conversations", id.as_u128())?;
+            let Some(conv) = conv.filter(|c| c.user_id == user_id) else { return Ok(None) };
+            let table = tx.open_table(tables::MESSAGES)?;
+            let mut messages = Vec::with_capacity(conv.message_count as usize);
+            for row in table.range((id.as_u128(), 0)..=(id.as_u128(), u32::MAX))? {
+                messages.push(decode("messages", row?.1.value())?);
+            }
+            Ok(Some((conv, messages)))
+        })
+    }
+
+    /// Deletes the user's conversation and its messages; `NotFound` when it is not theirs.
+    pub async fn delete_conversation(&self, user_id: Uuid, id: Uuid) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let mut convs = tx.open_table(tables::CONVERSATIONS)?;
+            let conv: Conversation = get(&convs, "conversations", id.as_u128())?
+                .filter(|c: &Conversation| c.user_id == user_id)
+                .ok_or(StoreError::NotFound)?;
+            convs.remove(id.as_u128())?;
+            tx.open_table(tables::CONVERSATIONS_BY_USER)?.remove(by_user_key(&conv))?;
+            let mut messages = tx.open_table(tables::MESSAGES)?;
+            for seq in 0..conv.message_count {
+                messages.remove((id.as_u128(), seq))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: Role, text: &str) -> NewMessage {
+        NewMessage { role, content: text.into(), model: Some("m".into()), provider: None, usage: None }
+    }
+
+    #[tokio::test]
+    async fn turns_pagination_isolation_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let target = TurnTarget::New { title: format!("t{i}"), model: "m".into() };
+            let (c, _) = store.record_turn(alice, target, vec![msg(Role::User, "hi")], i).await.unwrap();
+            ids.push(c.id);
+        }
+        // Activity on the oldest moves it to the front.
+        let two = vec![msg(Role::User, "again"), msg(Role::Assistant, "hello")];
+        store.record_turn(alice, TurnTarget::Existing(ids[0]), two, 10).await.unwrap();
+
+        let p1 = store.conversations(alice, 2, None).unwrap();
+        assert_eq!(p1.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[0], ids[4]]);
+        let cursor = Cursor::decode(&p1.next.unwrap().encode()).unwrap();
+        let p2 = store.conversations(alice, 2, Some(cursor)).unwrap();
+        assert_eq!(p2.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[3], ids[2]]);
+        let p3 = store.conversations(alice, 2, p2.next).unwrap();
+        assert_eq!(p3.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[1]]);
+        assert!(p3.next.is_none());
+
+        let (c, messages) = store.conversation(alice, ids[0]).unwrap().unwrap();
+        assert_eq!(c.message_count, 3);
+        let texts: Vec<_> = messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["hi", "again", "hello"]);
+
+        assert!(store.conversation(bob, ids[0]).unwrap().is_none());
+        let e = store.record_turn(bob, TurnTarget::Existing(ids[0]), vec![msg(Role::User, "x")], 11);
+        assert!(matches!(e.await, Err(StoreError::NotFound)));
+        assert!(matches!(store.delete_conversation(bob, ids[0]).await, Err(StoreError::NotFound)));
+
+        store.delete_conversation(alice, ids[0]).await.unwrap();
+        assert!(store.conversation(alice, ids[0]).unwrap().is_none());
+        assert_eq!(store.conversations(alice, 10, None).unwrap().items.len(), 4);
+        assert!(Cursor::decode("not a cursor").is_none());
+    }
+}

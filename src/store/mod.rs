@@ -1,0 +1,194 @@
+//! The one redb file that holds every user, key, token and conversation.
+//!
+//! Nothing above this module sees a redb type or a transaction: callers get records and
+//! `StoreError`s, so a second backend (PostgreSQL) can stand behind the same methods later.
+//! Every write runs on tokio's blocking pool and returns only after its commit is durable
+//! (redb's immediate durability), so a caller may acknowledge it to a client at once.
+
+mod accounts;
+mod conversations;
+mod tables;
+
+pub use accounts::{ApiKeyRecord, NewUser, RotateOutcome, User};
+pub use conversations::{
+    Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,
+};
+
+use redb::{Database, ReadableTable};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The schema this build writes; a file with a higher number was written by a newer edgechat.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// The file name inside the data directory.
+pub const FILE_NAME: &str = "edgechat.redb";
+
+/// Which unique field a write collided on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UniqueField {
+    Username,
+    Email,
+}
+
+/// What can go wrong in the store; callers map these to HTTP in `api::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `open`: another process holds the file's lock.
+    #[error("{path} is already in use by another edgechat process; stop it first or use another --data-dir")]
+    AlreadyInUse { path: PathBuf },
+    /// `open`: the file was written by a newer edgechat.
+    #[error("{path} has schema version {found}, newer than this edgechat supports ({supported}); run a newer edgechat")]
+    NewerSchema { path: PathBuf, found: u64, supported: u64 },
+    /// A write would break a uniqueness rule (username or email).
+    #[error("{0:?} already taken")]
+    Conflict(UniqueField),
+    /// The record to change does not exist (or belongs to another user).
+    #[error("not found")]
+    NotFound,
+    /// A stored record could not be decoded.
+    #[error("corrupt record in table {table}: {message}")]
+    Corrupt { table: &'static str, message: String },
+    /// Any failure of redb or of the file system underneath.
+    #[error("storage failure: {0}")]
+    Db(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+macro_rules! db_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::from(redb::Error::from(e)) }
+        }
+    )*};
+}
+db_error_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+/// A cheap, cloneable handle to the open database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `dir/edgechat.redb`, checks its schema and creates missing tables.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::AlreadyInUse { path: path.clone() }
+            }
+            other => StoreError::Db(format!("{}: {other}", path.display())),
+        })?;
+        let store = Store { db: Arc::new(db), path };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// Where the file lives, for messages and backups.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Proves the file is readable; `/ready` calls it.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_read()?;
+        tx.open_table(tables::META)?;
+        Ok(())
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(tables::META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::NewerSchema {
+                        path: self.path.clone(),
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+        }
+        tables::create_all(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool and returns after the commit.
+    /// `f` returning an error aborts the transaction: nothing it wrote is kept.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("write task failed: {e}")))?
+    }
+
+    /// Runs `f` in a read transaction. Reads never wait for writers (redb is MVCC), so they
+    /// run inline.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.db.begin_read()?;
+        f(&tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_is_refused_and_newer_schema_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyInUse { .. }), "{err}");
+        assert!(err.to_string().contains("already in use"));
+        drop(store);
+
+        let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(tables::META).unwrap().insert("schema_version", SCHEMA_VERSION + 1).unwrap();
+        tx.commit().unwrap();
+        drop(db);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1));
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
