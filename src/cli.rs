@@ -1,9 +1,11 @@
 //! The `edgechat` command line: `serve`, `user …`, `config check`.
 
-use crate::auth::{check_email, check_password, check_username, Registration};
+use crate::auth::{check_email, check_password, check_username};
 use crate::config::{Config, LogFormat};
+use crate::control::{self, Command, Reply};
 use crate::secret::Secret;
-use crate::server::{self, Environment};
+use crate::server::{self, Environment, StartError};
+use crate::store::StoreError;
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
@@ -27,11 +29,11 @@ pub struct Cli {
     data_dir: Option<PathBuf>,
 
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Cmd {
     /// Run the HTTP(S) server until SIGTERM or SIGINT
     Serve(ServeArgs),
     /// Manage accounts (stop the server first: the database allows one process at a time)
@@ -105,9 +107,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     let env = Environment::from_process();
     match cli.command {
-        Command::Serve(args) => serve(config, args, &env).await,
-        Command::User(cmd) => user(config, cmd, &env).await,
-        Command::Config(ConfigCommand::Check) => {
+        Cmd::Serve(args) => serve(config, args, &env).await,
+        Cmd::User(cmd) => user(config, cmd, &env).await,
+        Cmd::Config(ConfigCommand::Check) => {
             let data_dir = config.data_dir(env.state_directory.as_deref());
             println!("# config: {source}; data directory: {}", data_dir.display());
             print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
@@ -122,7 +124,8 @@ fn load_config(cli: &Cli) -> Result<(Config, String), String> {
         local.exists().then_some(local)
     });
     let config = Config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
-    let source = path.map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
+    let source =
+        path.map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
     Ok((config, source))
 }
 
@@ -139,11 +142,17 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     config.validate().map_err(|e| e.to_string())?;
     init_logging(&config);
     let running = server::start_default(config, env).await.map_err(|e| e.to_string())?;
-    println!("edgechat {} listening on {}://{}", env!("CARGO_PKG_VERSION"), running.scheme, running.addr);
     println!("data directory: {}", running.data_dir.display());
     if let Some((path, fingerprint)) = &running.certificate {
         println!("tls certificate: {} (sha256 {fingerprint})", path.display());
     }
+    // Last, so that whoever waits for this line has everything above it.
+    println!(
+        "edgechat {} listening on {}://{}",
+        env!("CARGO_PKG_VERSION"),
+        running.scheme,
+        running.addr
+    );
     server::termination().await;
     let cut = running.shutdown().await;
     tracing::info!(cut_off_connections = cut, "stopped");
@@ -161,37 +170,42 @@ fn init_logging(config: &Config) {
 }
 
 async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(), String> {
-    let services = server::services(&config, env).await.map_err(|e| e.to_string())?;
-    match cmd {
+    let command = match cmd {
         UserCommand::Create { username, email, admin } => {
             check_username(&username)?;
             check_email(&email)?;
             let password = read_password()?;
             check_password(password.expose())?;
-            let reg = Registration { username, email, password };
-            let user = services.auth.register(reg, admin).await.map_err(|e| e.to_string())?;
-            let role = if user.is_admin { "admin" } else { "user" };
-            println!("created {role} {} ({})", user.username, user.id);
+            Command::CreateUser { username, email, password, admin }
         }
-        UserCommand::List => {
-            let users = services.store.users().map_err(|e| e.to_string())?;
-            println!("{:<36}  {:<32}  {:<5}  {:<8}  email", "id", "username", "admin", "disabled");
+        UserCommand::List => Command::ListUsers,
+        UserCommand::Disable { username } => Command::SetDisabled { username, disabled: true },
+        UserCommand::Enable { username } => Command::SetDisabled { username, disabled: false },
+    };
+    let reply = match server::services(&config, env).await {
+        Ok(s) => control::execute(command, &s.store, &s.auth).await,
+        Err(StartError::Store(StoreError::AlreadyInUse { .. })) => {
+            control::send(&config.data_dir(env.state_directory.as_deref()), &command).await?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    match reply {
+        Reply::Error(message) => return Err(message),
+        Reply::User(u) => {
+            let state = if u.disabled { "disabled" } else { "active" };
+            let role = if u.is_admin { "admin" } else { "user" };
+            println!("{} {} ({role}, {state})", u.username, u.id);
+        }
+        Reply::Users(users) => {
+            println!("{:<36}  {:<24}  {:<5}  {:<8}  email", "id", "username", "admin", "disabled");
             for u in users {
-                println!("{:<36}  {:<32}  {:<5}  {:<8}  {}", u.id, u.username, u.is_admin, u.disabled, u.email);
+                println!(
+                    "{:<36}  {:<24}  {:<5}  {:<8}  {}",
+                    u.id, u.username, u.is_admin, u.disabled, u.email
+                );
             }
         }
-        UserCommand::Disable { username } => set_disabled(&services, &username, true).await?,
-        UserCommand::Enable { username } => set_disabled(&services, &username, false).await?,
     }
-    Ok(())
-}
-
-async fn set_disabled(services: &server::Services, username: &str, disabled: bool) -> Result<(), String> {
-    let user = services.store.set_user_disabled(username, disabled).await.map_err(|e| match e {
-        crate::store::StoreError::NotFound => format!("no user named {username}"),
-        other => other.to_string(),
-    })?;
-    println!("{} {}", if disabled { "disabled" } else { "enabled" }, user.username);
     Ok(())
 }
 

@@ -232,7 +232,9 @@ impl Config {
                 "cannot be combined with tls.cert_file; choose one",
             ));
         }
-        for (key, value) in [("auth.issuer", &self.auth.issuer), ("auth.audience", &self.auth.audience)] {
+        for (key, value) in
+            [("auth.issuer", &self.auth.issuer), ("auth.audience", &self.auth.audience)]
+        {
             if value.trim().is_empty() {
                 return Err(ConfigError::invalid(key, "must not be empty"));
             }
@@ -250,7 +252,8 @@ impl Config {
             }
         }
         for origin in &self.cors.allowed_origins {
-            let ok = origin == "*" || origin.starts_with("http://") || origin.starts_with("https://");
+            let ok =
+                origin == "*" || origin.starts_with("http://") || origin.starts_with("https://");
             if !ok || origin.ends_with('/') {
                 return Err(ConfigError::invalid(
                     "cors.allowed_origins",
@@ -301,11 +304,16 @@ fn parse_env_value(raw: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
-fn set_path(root: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), ConfigError> {
+fn set_path(
+    root: &mut toml::Table,
+    keys: &[String],
+    value: toml::Value,
+) -> Result<(), ConfigError> {
     let (last, parents) = keys.split_last().expect("split on `__` yields at least one key");
     let mut table = root;
     for (i, key) in parents.iter().enumerate() {
-        let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let entry =
+            table.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
         table = entry.as_table_mut().ok_or_else(|| {
             ConfigError::invalid(&keys[..=i].join("."), "is a value, not a section")
         })?;

@@ -125,7 +125,10 @@ mod tests {
         assert_eq!(remaining.iter().map(|d| d.remaining).collect::<Vec<_>>(), [2, 1, 0]);
         let refused = l.decide("a", true, t0);
         assert!(!refused.allowed);
-        assert!(refused.retry_after > Duration::from_secs(9) && refused.retry_after <= Duration::from_secs(10));
+        assert!(
+            refused.retry_after > Duration::from_secs(9)
+                && refused.retry_after <= Duration::from_secs(10)
+        );
         assert!(l.decide("b", true, t0).allowed, "keys are independent");
         assert!(l.decide("a", true, t0 + Duration::from_secs(10)).allowed);
     }

@@ -4,12 +4,14 @@
 use crate::api::{self, App, Routes};
 use crate::auth::{generate_jwt_secret, Auth, AuthSettings, Jwt};
 use crate::config::{check_jwt_secret, Config, ConfigError};
+use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::ratelimit::{Limiter, Quota};
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -45,6 +47,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot open the control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
     #[error("cannot read secret file {path}: {source}")]
     Secret { path: PathBuf, source: std::io::Error },
 }
@@ -59,6 +63,8 @@ pub struct Running {
     pub certificate: Option<(PathBuf, String)>,
     /// Where the data lives.
     pub data_dir: PathBuf,
+    store: Store,
+    control: JoinHandle<()>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<usize>,
 }
@@ -68,14 +74,22 @@ impl Running {
     /// store. Returns how many connections had to be cut off.
     pub async fn shutdown(self) -> usize {
         let _ = self.stop.send(());
-        self.task.await.unwrap_or(0)
+        let cut = self.task.await.unwrap_or(0);
+        self.control.abort();
+        let _ = std::fs::remove_file(self.data_dir.join(control::SOCKET));
+        cut
+    }
+
+    /// The server's store, for tests and embedders that write what the API only reads.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 }
 
 /// The services the CLI's `user` commands need, without a listener.
 pub struct Services {
     pub store: Store,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub data_dir: PathBuf,
 }
 
@@ -99,11 +113,15 @@ pub async fn services(config: &Config, env: &Environment) -> Result<Services, St
             burst: q.burst,
         }),
     };
-    Ok(Services { auth: Auth::new(store.clone(), settings), store, data_dir })
+    Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
 
 /// Starts serving `routes` (normally `api::routes()`) as `config` says.
-pub async fn start(config: Config, env: &Environment, routes: Routes) -> Result<Running, StartError> {
+pub async fn start(
+    config: Config,
+    env: &Environment,
+    routes: Routes,
+) -> Result<Running, StartError> {
     let Services { store, auth, data_dir } = services(&config, env).await?;
     let tls = match (&config.tls.cert_file, &config.tls.key_file, config.tls.self_signed) {
         (Some(cert), Some(key), _) => Some(tls::from_pem(cert, key)?),
@@ -111,7 +129,8 @@ pub async fn start(config: Config, env: &Environment, routes: Routes) -> Result<
         _ => None,
     };
     let addr = config.server.listen;
-    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let s = &config.server;
     let limits = Limits {
@@ -123,7 +142,9 @@ pub async fn start(config: Config, env: &Environment, routes: Routes) -> Result<
     };
     let certificate = tls.as_ref().map(|t| (t.cert_path.clone(), t.fingerprint.clone()));
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let app = App::new(config, store, auth, routes);
+    let control = control::listen(&data_dir, store.clone(), auth.clone())
+        .map_err(|source| StartError::Control { path: data_dir.join(control::SOCKET), source })?;
+    let app = App::new(config, store.clone(), auth, routes);
     let (stop, stopped) = oneshot::channel::<()>();
     let service = app.service();
     let task = tokio::spawn(async move {
@@ -134,7 +155,7 @@ pub async fn start(config: Config, env: &Environment, routes: Routes) -> Result<
         drop(app);
         cut
     });
-    Ok(Running { addr, scheme, certificate, data_dir, stop, task })
+    Ok(Running { addr, scheme, certificate, data_dir, store, control, stop, task })
 }
 
 /// Starts the default routes.
@@ -178,7 +199,8 @@ fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Sec
 /// Resolves when the process receives SIGTERM or SIGINT.
 pub async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
         // Without signal handlers the server can still be stopped by SIGKILL; never exit early.
         return std::future::pending().await;

@@ -48,7 +48,12 @@ pub fn routes(r: &mut Routes) {
         handler(logout),
         doc("End the session of a refresh token").body::<RefreshRequest>().empty(204),
     );
-    r.add(Method::GET, "/auth/me", handler(me), doc("The signed-in user").secured().json::<MeOut>(200));
+    r.add(
+        Method::GET,
+        "/auth/me",
+        handler(me),
+        doc("The signed-in user").secured().json::<MeOut>(200),
+    );
     r.add(
         Method::POST,
         "/auth/api-keys",
@@ -220,7 +225,11 @@ fn login_form(pairs: Vec<(String, String)>) -> Result<LoginRequest, ApiError> {
     };
     let (username, password) = (required("username"), required("password"));
     if take("grant_type").is_some_and(|g| g != "password") {
-        errors.push(FieldError::body("grant_type", "string_pattern_mismatch", "String should match pattern '^password$'"));
+        errors.push(FieldError::body(
+            "grant_type",
+            "string_pattern_mismatch",
+            "String should match pattern '^password$'",
+        ));
     }
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
@@ -256,7 +265,9 @@ async fn create_key(app: Arc<App>, mut req: Req) -> Answer {
     let body: ApiKeyRequest = req.json(&app).await?;
     let name = body.name.trim().to_string();
     let length_ok = (1..=100).contains(&name.chars().count());
-    Checks::default().field("name", length_ok.then_some(()).ok_or("name must be 1 to 100 characters long")).finish()?;
+    Checks::default()
+        .field("name", length_ok.then_some(()).ok_or("name must be 1 to 100 characters long"))
+        .finish()?;
     let issued = app.auth.create_api_key(user.id, name).await?;
     let out = ApiKeyCreated {
         id: issued.record.id.to_string(),

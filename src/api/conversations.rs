@@ -32,7 +32,9 @@ pub fn routes(r: &mut Routes) {
         Method::GET,
         "/conversations/{id}",
         handler(get),
-        doc("One conversation with its messages in order").json::<ConversationDetail>(200).errors(&[404]),
+        doc("One conversation with its messages in order")
+            .json::<ConversationDetail>(200)
+            .errors(&[404]),
     );
     r.add(
         Method::DELETE,
@@ -146,11 +148,19 @@ fn page_params(req: &Req) -> Result<(usize, Option<Cursor>), ApiError> {
         match k.as_str() {
             "limit" => match v.parse::<usize>() {
                 Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
-                _ => errors.push(FieldError::query("limit", "value_error", "limit must be an integer from 1 to 100")),
+                _ => errors.push(FieldError::query(
+                    "limit",
+                    "value_error",
+                    "limit must be an integer from 1 to 100",
+                )),
             },
             "cursor" => match Cursor::decode(&v) {
                 Some(c) => cursor = Some(c),
-                None => errors.push(FieldError::query("cursor", "value_error", "cursor is not a next_cursor from this API")),
+                None => errors.push(FieldError::query(
+                    "cursor",
+                    "value_error",
+                    "cursor is not a next_cursor from this API",
+                )),
             },
             _ => {}
         }
@@ -175,7 +185,8 @@ async fn list(app: Arc<App>, req: Req) -> Answer {
 async fn get(app: Arc<App>, req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
     let id = req.id("id", NOT_FOUND)?;
-    let (c, messages) = app.store.conversation(user.id, id)?.ok_or(ApiError::NotFound(NOT_FOUND))?;
+    let (c, messages) =
+        app.store.conversation(user.id, id)?.ok_or(ApiError::NotFound(NOT_FOUND))?;
     let out = ConversationDetail {
         id: c.id.to_string(),
         title: c.title,

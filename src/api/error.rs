@@ -50,12 +50,20 @@ pub struct FieldError {
 impl FieldError {
     /// A failure at `body.<field>`.
     pub fn body(field: &str, kind: &'static str, msg: impl Into<String>) -> Self {
-        FieldError { loc: vec![Loc::Key("body".into()), Loc::Key(field.into())], msg: msg.into(), kind }
+        FieldError {
+            loc: vec![Loc::Key("body".into()), Loc::Key(field.into())],
+            msg: msg.into(),
+            kind,
+        }
     }
 
     /// A failure at `query.<name>`.
     pub fn query(name: &str, kind: &'static str, msg: impl Into<String>) -> Self {
-        FieldError { loc: vec![Loc::Key("query".into()), Loc::Key(name.into())], msg: msg.into(), kind }
+        FieldError {
+            loc: vec![Loc::Key("query".into()), Loc::Key(name.into())],
+            msg: msg.into(),
+            kind,
+        }
     }
 }
 
@@ -95,9 +103,19 @@ struct Shape {
 impl ApiError {
     fn shape(&self) -> Shape {
         use ApiError as E;
-        let s = |status, message: &str, kind, code| Shape { status, message: message.into(), kind, code };
+        let s = |status, message: &str, kind, code| Shape {
+            status,
+            message: message.into(),
+            kind,
+            code,
+        };
         match self {
-            E::Validation(_) => s(StatusCode::UNPROCESSABLE_ENTITY, "Validation error", "invalid_request_error", None),
+            E::Validation(_) => s(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Validation error",
+                "invalid_request_error",
+                None,
+            ),
             E::UnsupportedMediaType(expected) => s(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 &format!("Content-Type must be {expected}"),
@@ -110,18 +128,31 @@ impl ApiError {
                 "invalid_request_error",
                 None,
             ),
-            E::Body(BodyError::Timeout(_)) => {
-                s(StatusCode::REQUEST_TIMEOUT, "Request body not received in time", "invalid_request_error", None)
-            }
-            E::Body(BodyError::Read(_)) => {
-                s(StatusCode::BAD_REQUEST, "Request body could not be read", "invalid_request_error", None)
-            }
+            E::Body(BodyError::Timeout(_)) => s(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request body not received in time",
+                "invalid_request_error",
+                None,
+            ),
+            E::Body(BodyError::Read(_)) => s(
+                StatusCode::BAD_REQUEST,
+                "Request body could not be read",
+                "invalid_request_error",
+                None,
+            ),
             E::Auth(e) => auth_shape(e),
-            E::NotFound(what) => s(StatusCode::NOT_FOUND, what, "invalid_request_error", Some("not_found")),
-            E::RouteNotFound => s(StatusCode::NOT_FOUND, "Not Found", "invalid_request_error", Some("unknown_url")),
-            E::MethodNotAllowed { .. } => {
-                s(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed", "invalid_request_error", None)
+            E::NotFound(what) => {
+                s(StatusCode::NOT_FOUND, what, "invalid_request_error", Some("not_found"))
             }
+            E::RouteNotFound => {
+                s(StatusCode::NOT_FOUND, "Not Found", "invalid_request_error", Some("unknown_url"))
+            }
+            E::MethodNotAllowed { .. } => s(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed",
+                "invalid_request_error",
+                None,
+            ),
             E::RateLimited(d) => s(
                 StatusCode::TOO_MANY_REQUESTS,
                 &format!("Too many requests; retry in {} s", header_secs(d.retry_after)),
@@ -179,22 +210,40 @@ impl ApiError {
 fn auth_shape(e: &AuthError) -> Shape {
     use AuthError as A;
     let (status, message, kind, code) = match e {
-        A::BadCredentials => (StatusCode::UNAUTHORIZED, "Incorrect username or password", "authentication_error", None),
+        A::BadCredentials => (
+            StatusCode::UNAUTHORIZED,
+            "Incorrect username or password",
+            "authentication_error",
+            None,
+        ),
         A::Disabled => (StatusCode::UNAUTHORIZED, "Account disabled", "authentication_error", None),
-        A::Unauthenticated(_) => {
-            (StatusCode::UNAUTHORIZED, "Could not validate credentials", "authentication_error", Some("invalid_api_key"))
+        A::Unauthenticated(_) => (
+            StatusCode::UNAUTHORIZED,
+            "Could not validate credentials",
+            "authentication_error",
+            Some("invalid_api_key"),
+        ),
+        A::BadRefreshToken(_) => {
+            (StatusCode::UNAUTHORIZED, "Invalid refresh token", "authentication_error", None)
         }
-        A::BadRefreshToken(_) => (StatusCode::UNAUTHORIZED, "Invalid refresh token", "authentication_error", None),
         A::TooManyFailures(_) => (
             StatusCode::TOO_MANY_REQUESTS,
             "Too many failed logins; try again later",
             "rate_limit_error",
             Some("rate_limit_exceeded"),
         ),
-        A::UsernameTaken => (StatusCode::CONFLICT, "Username already registered", "invalid_request_error", None),
-        A::EmailTaken => (StatusCode::CONFLICT, "Email already registered", "invalid_request_error", None),
-        A::KeyNotFound => (StatusCode::NOT_FOUND, "API key not found", "invalid_request_error", Some("not_found")),
-        A::Hash(_) | A::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None),
+        A::UsernameTaken => {
+            (StatusCode::CONFLICT, "Username already registered", "invalid_request_error", None)
+        }
+        A::EmailTaken => {
+            (StatusCode::CONFLICT, "Email already registered", "invalid_request_error", None)
+        }
+        A::KeyNotFound => {
+            (StatusCode::NOT_FOUND, "API key not found", "invalid_request_error", Some("not_found"))
+        }
+        A::Hash(_) | A::Store(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None)
+        }
     };
     Shape { status, message: message.into(), kind, code }
 }

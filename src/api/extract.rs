@@ -80,7 +80,11 @@ impl Req {
             return Ok(Encoded::Form(form_urlencoded::parse(&bytes).into_owned().collect()));
         }
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            let missing = FieldError { loc: vec![Loc::Key("body".into())], msg: "Field required".into(), kind: "missing" };
+            let missing = FieldError {
+                loc: vec![Loc::Key("body".into())],
+                msg: "Field required".into(),
+                kind: "missing",
+            };
             return Err(ApiError::Validation(vec![missing]));
         }
         serde_json::from_slice(&bytes).map(Encoded::Json).map_err(|e| {
@@ -95,7 +99,10 @@ impl Req {
 
     /// The `{name}` path parameter as a UUID; anything else cannot name a resource, so 404.
     pub fn id(&self, name: &str, missing: &'static str) -> Result<Uuid, ApiError> {
-        self.params.get(name).and_then(|s| Uuid::parse_str(s).ok()).ok_or(ApiError::NotFound(missing))
+        self.params
+            .get(name)
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or(ApiError::NotFound(missing))
     }
 
     /// Query parameters in order.
@@ -175,6 +182,7 @@ fn media_type(headers: &http::HeaderMap) -> Option<String> {
 }
 
 fn byte_offset(bytes: &[u8], line: usize, column: usize) -> usize {
-    let line_start: usize = bytes.split(|&b| b == b'\n').take(line.saturating_sub(1)).map(|l| l.len() + 1).sum();
+    let line_start: usize =
+        bytes.split(|&b| b == b'\n').take(line.saturating_sub(1)).map(|l| l.len() + 1).sum();
     line_start + column.saturating_sub(1)
 }

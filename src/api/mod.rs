@@ -32,8 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a route runs.
-pub type Handler =
-    Arc<dyn Fn(Arc<App>, Req) -> BoxFuture<'static, Result<Response<Body>, ApiError>> + Send + Sync>;
+pub type Handler = Arc<
+    dyn Fn(Arc<App>, Req) -> BoxFuture<'static, Result<Response<Body>, ApiError>> + Send + Sync,
+>;
 
 /// Wraps an async fn as a `Handler`.
 pub fn handler<F, Fut>(f: F) -> Handler
@@ -79,7 +80,7 @@ pub fn routes() -> Routes {
 pub struct App {
     pub config: Config,
     pub store: Store,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     auth_per_address: Limiter,
     started: Instant,
     router: Router<Route>,
@@ -88,15 +89,18 @@ pub struct App {
 
 impl App {
     /// The application over its services, serving `routes`.
-    pub fn new(config: Config, store: Store, auth: Auth, routes: Routes) -> Arc<App> {
+    pub fn new(config: Config, store: Store, auth: Arc<Auth>, routes: Routes) -> Arc<App> {
         let q = config.rate_limit.auth_per_address;
-        let quota = Quota { requests: q.requests, period: Duration::from_secs(q.per_secs), burst: q.burst };
+        let quota =
+            Quota { requests: q.requests, period: Duration::from_secs(q.per_secs), burst: q.burst };
         let openapi = openapi::document(routes.0.routes().map(|(m, p, r)| (m, p, &r.doc)));
         Arc::new(App {
             auth_per_address: Limiter::new(quota),
             started: Instant::now(),
             router: routes.0,
-            openapi: Bytes::from(serde_json::to_vec_pretty(&openapi).expect("json values serialize")),
+            openapi: Bytes::from(
+                serde_json::to_vec_pretty(&openapi).expect("json values serialize"),
+            ),
             config,
             store,
             auth,
@@ -114,7 +118,11 @@ impl App {
         self.started.elapsed()
     }
 
-    async fn dispatch(self: Arc<Self>, req: hyper::Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn dispatch(
+        self: Arc<Self>,
+        req: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let method = req.method().clone();
@@ -188,7 +196,8 @@ impl App {
                 ApiError::Panic.into_response(face)
             }
         };
-        if let Some(d) = limit {
+        // A response refused by a narrower limit (failed logins) already describes that one.
+        if let Some(d) = limit.filter(|_| !response.headers().contains_key("ratelimit-limit")) {
             error::rate_limit_headers(response.headers_mut(), &d, face);
         }
         (template, response)
@@ -226,7 +235,8 @@ impl App {
 fn request_id(headers: &HeaderMap) -> String {
     let sane = |s: &&str| {
         (1..=128).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
     };
     match headers.get("x-request-id").and_then(|v| v.to_str().ok()).filter(sane) {
         Some(id) => id.to_string(),

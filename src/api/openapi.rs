@@ -226,10 +226,13 @@ fn reference(name: &str) -> Value {
 
 fn error_schemas() -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("HTTPError".into(), json!({
-        "type": "object", "required": ["detail"],
-        "properties": { "detail": { "type": "string" } }
-    }));
+    m.insert(
+        "HTTPError".into(),
+        json!({
+            "type": "object", "required": ["detail"],
+            "properties": { "detail": { "type": "string" } }
+        }),
+    );
     m.insert("ValidationError".into(), json!({
         "type": "object", "required": ["loc", "msg", "type"],
         "properties": {
@@ -238,9 +241,12 @@ fn error_schemas() -> Map<String, Value> {
             "type": { "type": "string" }
         }
     }));
-    m.insert("HTTPValidationError".into(), json!({
-        "type": "object", "required": ["detail"],
-        "properties": { "detail": { "type": "array", "items": reference("ValidationError") } }
-    }));
+    m.insert(
+        "HTTPValidationError".into(),
+        json!({
+            "type": "object", "required": ["detail"],
+            "properties": { "detail": { "type": "array", "items": reference("ValidationError") } }
+        }),
+    );
     m
 }

@@ -21,14 +21,26 @@ const SWAGGER_CSS: &[u8] = include_bytes!("../../assets/swagger/swagger-ui.css")
 
 pub fn routes(r: &mut Routes) {
     let doc = |summary| Doc::new("operations", summary);
-    r.add(Method::GET, "/health", handler(health), doc("Liveness: the process serves").json::<Health>(200));
+    r.add(
+        Method::GET,
+        "/health",
+        handler(health),
+        doc("Liveness: the process serves").json::<Health>(200),
+    );
     r.add(
         Method::GET,
         "/ready",
         handler(ready),
-        doc("Readiness: storage open and something can answer").json::<Readiness>(200).errors(&[503]),
+        doc("Readiness: storage open and something can answer")
+            .json::<Readiness>(200)
+            .errors(&[503]),
     );
-    r.add(Method::GET, "/openapi.json", handler(openapi), doc("This document").media("application/json"));
+    r.add(
+        Method::GET,
+        "/openapi.json",
+        handler(openapi),
+        doc("This document").media("application/json"),
+    );
     r.add(Method::GET, "/docs", handler(docs), doc("Interactive API explorer").media("text/html"));
     r.add(
         Method::GET,
@@ -59,7 +71,11 @@ pub struct Readiness {
 }
 
 async fn health(app: Arc<App>, _req: Req) -> Answer {
-    let out = Health { status: "healthy", version: env!("CARGO_PKG_VERSION"), uptime_s: app.uptime().as_secs() };
+    let out = Health {
+        status: "healthy",
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: app.uptime().as_secs(),
+    };
     Ok(json(StatusCode::OK, &out))
 }
 

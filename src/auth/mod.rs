@@ -168,7 +168,9 @@ impl Auth {
             .await?;
         let user_id = match outcome {
             RotateOutcome::Rotated { user_id } => user_id,
-            RotateOutcome::Reused => return Err(AuthError::BadRefreshToken("reused; family revoked")),
+            RotateOutcome::Reused => {
+                return Err(AuthError::BadRefreshToken("reused; family revoked"))
+            }
             RotateOutcome::Invalid => return Err(AuthError::BadRefreshToken("unknown or expired")),
         };
         self.live_user(user_id)?;

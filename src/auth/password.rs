@@ -4,7 +4,9 @@
 //! login storm from exhausting memory or starving the blocking pool's other users (redb writes).
 
 use crate::secret::Secret;
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString,
+};
 use argon2::{Algorithm, Argon2, Params, Version};
 use std::sync::Arc;
 use tokio::sync::{OnceCell, Semaphore};
@@ -27,14 +29,18 @@ pub struct PasswordHasher {
 pub struct HashError(String);
 
 fn argon2() -> Argon2<'static> {
-    let params = Params::new(MEMORY_KIB, ITERATIONS, LANES, None).expect("constant params are valid");
+    let params =
+        Params::new(MEMORY_KIB, ITERATIONS, LANES, None).expect("constant params are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
 impl PasswordHasher {
     /// A hasher that runs at most `concurrency` hashes at once.
     pub fn new(concurrency: usize) -> PasswordHasher {
-        PasswordHasher { permits: Arc::new(Semaphore::new(concurrency.max(1))), dummy: OnceCell::new() }
+        PasswordHasher {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            dummy: OnceCell::new(),
+        }
     }
 
     /// A PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`) for `password`.

@@ -89,7 +89,8 @@ impl Jwt {
 pub fn opaque_token(prefix: &str) -> (Secret, [u8; 32]) {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let token = format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let token =
+        format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
     let hash = sha256(&token);
     (Secret::new(token), hash)
 }

@@ -19,8 +19,13 @@ pub fn empty(status: StatusCode) -> Response<Body> {
 }
 
 /// A response with a whole body of the given content type.
-pub fn bytes(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
+pub fn bytes(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r =
+        Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r

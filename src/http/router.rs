@@ -16,9 +16,16 @@ impl Params {
 
 /// The outcome of routing one request.
 pub enum Lookup<'a, H> {
-    Found { route: &'a H, template: &'static str, params: Params },
+    Found {
+        route: &'a H,
+        template: &'static str,
+        params: Params,
+    },
     /// The path exists with other methods; `allow` is the `Allow` header's value.
-    MethodNotAllowed { template: &'static str, allow: String },
+    MethodNotAllowed {
+        template: &'static str,
+        allow: String,
+    },
     NotFound,
 }
 
@@ -43,7 +50,10 @@ impl<H> Router<H> {
     /// Adds a route. A duplicate or conflicting template is a programming error, found at start.
     pub fn add(&mut self, method: Method, template: &'static str, route: H) {
         if let Some(p) = self.paths.iter_mut().find(|p| p.template == template) {
-            assert!(!p.methods.iter().any(|(m, _)| *m == method), "duplicate route {method} {template}");
+            assert!(
+                !p.methods.iter().any(|(m, _)| *m == method),
+                "duplicate route {method} {template}"
+            );
             p.methods.push((method, route));
             return;
         }

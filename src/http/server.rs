@@ -27,8 +27,11 @@ use tokio_rustls::TlsAcceptor;
 
 /// What the transport calls for every request: the request and the peer's address in, a
 /// response out. It must not panic (the api layer catches handler panics).
-pub type Service =
-    Arc<dyn Fn(hyper::Request<Incoming>, SocketAddr) -> BoxFuture<'static, hyper::Response<Body>> + Send + Sync>;
+pub type Service = Arc<
+    dyn Fn(hyper::Request<Incoming>, SocketAddr) -> BoxFuture<'static, hyper::Response<Body>>
+        + Send
+        + Sync,
+>;
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -116,8 +119,9 @@ async fn connection(
         }
         None => {
             let mut stream = stream;
-            let (h2, prefix) =
-                tokio::time::timeout(deadline, sniff(&mut stream)).await.map_err(|_| timed_out())??;
+            let (h2, prefix) = tokio::time::timeout(deadline, sniff(&mut stream))
+                .await
+                .map_err(|_| timed_out())??;
             serve_io(Prefixed::new(prefix, stream), h2, peer, limits, service, watcher).await
         }
     }
@@ -138,7 +142,7 @@ async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(bool, Vec<u8>)> 
             break;
         }
     }
-    Ok((len == 24, buf[..len].to_vec()))
+    Ok((buf[..len] == H2_PREFACE[..], buf[..len].to_vec()))
 }
 
 async fn serve_io<S>(
@@ -191,7 +195,11 @@ impl<S> Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
             buf.put_slice(&self.prefix[self.pos..self.pos + n]);
@@ -203,7 +211,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -235,10 +247,11 @@ mod tests {
     #[tokio::test]
     async fn sniff_decides_on_the_first_differing_byte() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET / HTTP/1.1\r\n").await.unwrap();
+        let request = b"GET /a/long/enough/path HTTP/1.1\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut a, request).await.unwrap();
         let (h2, prefix) = sniff(&mut b).await.unwrap();
         assert!(!h2);
-        assert!(b"GET / HTTP/1.1\r\n".starts_with(&prefix));
+        assert_eq!(prefix, request[..24]);
 
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut a, H2_PREFACE).await.unwrap();

@@ -1,11 +1,11 @@
 //! rustls server configuration: from PEM files, or a self-signed certificate made once and
 //! kept in the data directory so that clients can pin it across restarts.
 
+use crate::secret::write_private_file;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
-use crate::secret::write_private_file;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
@@ -54,7 +54,11 @@ pub fn from_pem(cert_path: &Path, key_path: &Path) -> Result<Tls, TlsError> {
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), cert_path: cert_path.into(), fingerprint })
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        cert_path: cert_path.into(),
+        fingerprint,
+    })
 }
 
 /// Uses `dir/tls/{cert,key}.pem`, generating them on first use for localhost and loopback.

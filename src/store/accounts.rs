@@ -121,7 +121,11 @@ impl Store {
 
     /// Disables or re-enables a user; a disabled user's tokens and keys stop working at once
     /// because every request loads the user.
-    pub async fn set_user_disabled(&self, username: &str, disabled: bool) -> Result<User, StoreError> {
+    pub async fn set_user_disabled(
+        &self,
+        username: &str,
+        disabled: bool,
+    ) -> Result<User, StoreError> {
         let key = username.to_lowercase();
         self.write(move |tx| {
             let id = tx.open_table(tables::USER_BY_NAME)?.get(key.as_str())?.map(|v| v.value());
@@ -138,7 +142,8 @@ impl Store {
     /// Stores a new API key record (the caller made the key and hashed it).
     pub async fn create_api_key(&self, key: ApiKeyRecord) -> Result<(), StoreError> {
         self.write(move |tx| {
-            tx.open_table(tables::API_KEY_BY_HASH)?.insert(key.hash.as_slice(), key.id.as_u128())?;
+            tx.open_table(tables::API_KEY_BY_HASH)?
+                .insert(key.hash.as_slice(), key.id.as_u128())?;
             tx.open_table(tables::API_KEYS_BY_USER)?
                 .insert((key.user_id.as_u128(), key.id.as_u128()), ())?;
             tx.open_table(tables::API_KEYS)?.insert(key.id.as_u128(), encode(&key).as_slice())?;
@@ -214,7 +219,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let record = RefreshRecord { user_id, family: Uuid::now_v7(), expires_at, rotated: false };
         self.write(move |tx| {
-            tx.open_table(tables::REFRESH_TOKENS)?.insert(hash.as_slice(), encode(&record).as_slice())?;
+            tx.open_table(tables::REFRESH_TOKENS)?
+                .insert(hash.as_slice(), encode(&record).as_slice())?;
             Ok(())
         })
         .await
@@ -232,7 +238,8 @@ impl Store {
         self.write(move |tx| {
             let mut tokens = tx.open_table(tables::REFRESH_TOKENS)?;
             let mut revoked = tx.open_table(tables::REVOKED_FAMILIES)?;
-            let Some(mut record) = get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", old.as_slice())?
+            let Some(mut record) =
+                get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", old.as_slice())?
             else {
                 return Ok(RotateOutcome::Invalid);
             };
@@ -246,7 +253,8 @@ impl Store {
             }
             record.rotated = true;
             tokens.insert(old.as_slice(), encode(&record).as_slice())?;
-            let next = RefreshRecord { expires_at: new_expires_at, rotated: false, ..record.clone() };
+            let next =
+                RefreshRecord { expires_at: new_expires_at, rotated: false, ..record.clone() };
             tokens.insert(new.as_slice(), encode(&next).as_slice())?;
             Ok(RotateOutcome::Rotated { user_id: record.user_id })
         })
@@ -254,7 +262,11 @@ impl Store {
     }
 
     /// Revokes the family of this refresh token (logout); unknown tokens are ignored.
-    pub async fn revoke_refresh_token(&self, hash: [u8; 32], now: Millis) -> Result<(), StoreError> {
+    pub async fn revoke_refresh_token(
+        &self,
+        hash: [u8; 32],
+        now: Millis,
+    ) -> Result<(), StoreError> {
         self.write(move |tx| {
             let tokens = tx.open_table(tables::REFRESH_TOKENS)?;
             let found = get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", hash.as_slice())?;
@@ -301,11 +313,20 @@ mod tests {
         store.insert_refresh_token([1; 32], user, 100).await.unwrap();
         let r = store.rotate_refresh_token([1; 32], [2; 32], 10, 100).await.unwrap();
         assert_eq!(r, RotateOutcome::Rotated { user_id: user });
-        assert_eq!(store.rotate_refresh_token([1; 32], [3; 32], 11, 100).await.unwrap(), RotateOutcome::Reused);
+        assert_eq!(
+            store.rotate_refresh_token([1; 32], [3; 32], 11, 100).await.unwrap(),
+            RotateOutcome::Reused
+        );
         // The live descendant died with its family.
-        assert_eq!(store.rotate_refresh_token([2; 32], [4; 32], 12, 100).await.unwrap(), RotateOutcome::Invalid);
+        assert_eq!(
+            store.rotate_refresh_token([2; 32], [4; 32], 12, 100).await.unwrap(),
+            RotateOutcome::Invalid
+        );
         // Expiry.
         store.insert_refresh_token([5; 32], user, 50).await.unwrap();
-        assert_eq!(store.rotate_refresh_token([5; 32], [6; 32], 50, 100).await.unwrap(), RotateOutcome::Invalid);
+        assert_eq!(
+            store.rotate_refresh_token([5; 32], [6; 32], 50, 100).await.unwrap(),
+            RotateOutcome::Invalid
+        );
     }
 }

@@ -147,7 +147,8 @@ impl Store {
                     created_at: now,
                     usage: m.usage,
                 };
-                table.insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
+                table
+                    .insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
                 conv.message_count += 1;
                 stored.push(message);
             }
@@ -238,7 +239,13 @@ mod tests {
     use super::*;
 
     fn msg(role: Role, text: &str) -> NewMessage {
-        NewMessage { role, content: text.into(), model: Some("m".into()), provider: None, usage: None }
+        NewMessage {
+            role,
+            content: text.into(),
+            model: Some("m".into()),
+            provider: None,
+            usage: None,
+        }
     }
 
     #[tokio::test]
@@ -249,7 +256,8 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..5 {
             let target = TurnTarget::New { title: format!("t{i}"), model: "m".into() };
-            let (c, _) = store.record_turn(alice, target, vec![msg(Role::User, "hi")], i).await.unwrap();
+            let (c, _) =
+                store.record_turn(alice, target, vec![msg(Role::User, "hi")], i).await.unwrap();
             ids.push(c.id);
         }
         // Activity on the oldest moves it to the front.
@@ -271,7 +279,8 @@ mod tests {
         assert_eq!(texts, ["hi", "again", "hello"]);
 
         assert!(store.conversation(bob, ids[0]).unwrap().is_none());
-        let e = store.record_turn(bob, TurnTarget::Existing(ids[0]), vec![msg(Role::User, "x")], 11);
+        let e =
+            store.record_turn(bob, TurnTarget::Existing(ids[0]), vec![msg(Role::User, "x")], 11);
         assert!(matches!(e.await, Err(StoreError::NotFound)));
         assert!(matches!(store.delete_conversation(bob, ids[0]).await, Err(StoreError::NotFound)));
 

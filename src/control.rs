@@ -1,0 +1,160 @@
+//! Account administration for operators, whether or not the server is running.
+//!
+//! redb lets one process open the file, so while `edgechat serve` runs, `edgechat user …`
+//! cannot open it. The server therefore listens on a Unix socket in the data directory
+//! (mode 0600: only its own user and root can connect) and runs the same commands there —
+//! which is also what makes `user disable` take effect at once on a live server.
+//! The protocol is one JSON line each way.
+
+use crate::auth::{check_email, check_password, check_username, Auth, Registration};
+use crate::clock::rfc3339;
+use crate::secret::Secret;
+use crate::store::{Store, StoreError, User};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The socket's file name inside the data directory.
+pub const SOCKET: &str = "control.sock";
+
+/// An administrative command.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    CreateUser {
+        username: String,
+        email: String,
+        /// Crosses the socket in clear: it is only readable by the server's user and root.
+        #[serde(serialize_with = "expose")]
+        password: Secret,
+        admin: bool,
+    },
+    ListUsers,
+    SetDisabled {
+        username: String,
+        disabled: bool,
+    },
+}
+
+/// A user as the CLI prints it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserRow {
+    pub id: String,
+    pub username: String,
+    pub email: String,
+    pub is_admin: bool,
+    pub disabled: bool,
+    pub created_at: String,
+}
+
+/// What a command answers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    User(UserRow),
+    Users(Vec<UserRow>),
+    Error(String),
+}
+
+impl From<&User> for UserRow {
+    fn from(u: &User) -> Self {
+        UserRow {
+            id: u.id.to_string(),
+            username: u.username.clone(),
+            email: u.email.clone(),
+            is_admin: u.is_admin,
+            disabled: u.disabled,
+            created_at: rfc3339(u.created_at),
+        }
+    }
+}
+
+/// Runs a command against open services (in the CLI, or in the server for a socket client).
+pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
+    let result = match command {
+        Command::CreateUser { username, email, password, admin } => {
+            create_user(auth, Registration { username, email, password }, admin).await
+        }
+        Command::ListUsers => store
+            .users()
+            .map(|users| Reply::Users(users.iter().map(UserRow::from).collect()))
+            .map_err(|e| e.to_string()),
+        Command::SetDisabled { username, disabled } => {
+            match store.set_user_disabled(&username, disabled).await {
+                Ok(user) => Ok(Reply::User(UserRow::from(&user))),
+                Err(StoreError::NotFound) => Err(format!("no user named {username}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    result.unwrap_or_else(Reply::Error)
+}
+
+async fn create_user(auth: &Auth, reg: Registration, admin: bool) -> Result<Reply, String> {
+    check_username(&reg.username)?;
+    check_email(&reg.email)?;
+    check_password(reg.password.expose())?;
+    let user = auth.register(reg, admin).await.map_err(|e| e.to_string())?;
+    Ok(Reply::User(UserRow::from(&user)))
+}
+
+/// Serves commands on `<data_dir>/control.sock` until the returned task is aborted.
+pub fn listen(
+    data_dir: &Path,
+    store: Store,
+    auth: Arc<Auth>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let path = data_dir.join(SOCKET);
+    // We hold the database lock, so a socket file left here belongs to a dead process.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (store, auth) = (store.clone(), auth.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, &store, &auth).await {
+                    tracing::warn!(error = %e, "control socket client failed");
+                }
+            });
+        }
+    }))
+}
+
+async fn serve_one(stream: UnixStream, store: &Store, auth: &Auth) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(64 * 1024)).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Command>(&line) {
+        Ok(command) => {
+            tracing::info!(command = ?command, "control command");
+            execute(command, store, auth).await
+        }
+        Err(e) => Reply::Error(format!("bad control command: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply).expect("replies serialize");
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+/// Sends one command to the server running on `data_dir`.
+pub async fn send(data_dir: &Path, command: &Command) -> Result<Reply, String> {
+    let path: PathBuf = data_dir.join(SOCKET);
+    let stream = UnixStream::connect(&path).await.map_err(|e| {
+        format!("the database is in use by a running server, and its control socket {} does not answer: {e}", path.display())
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(command).map_err(|e| e.to_string())?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(read).read_line(&mut answer).await.map_err(|e| e.to_string())?;
+    serde_json::from_str(&answer).map_err(|e| format!("bad reply from the server: {e}"))
+}
+
+fn expose<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret.expose())
+}

@@ -1,0 +1,253 @@
+//! The real `edgechat` binary: persistence across SIGTERM and SIGKILL, one process per data
+//! directory, HTTPS with a self-signed certificate over HTTP/1.1 and HTTP/2, the `user` and
+//! `config` commands, and refusal of bad configuration.
+
+mod common;
+
+use common::{command, data_dir, Binary};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::Stdio;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn register_and_login(base: &str, name: &str) -> Value {
+    let c = client();
+    let body = json!({"username": name, "email": format!("{name}@example.com"), "password": "password-123"});
+    let r = c.post(format!("{base}/auth/register")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    login(base, name).await.expect("fresh user can log in")
+}
+
+async fn login(base: &str, name: &str) -> Option<Value> {
+    let body = json!({"username": name, "password": "password-123"});
+    let r = client().post(format!("{base}/auth/login")).json(&body).send().await.unwrap();
+    if r.status() != StatusCode::OK {
+        return None;
+    }
+    Some(r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accounts_survive_sigterm_and_sigkill() {
+    let (_keep, dir) = data_dir();
+    let server = Binary::spawn(&dir, &[], &[]);
+    register_and_login(&server.base, "persist").await;
+    let status = server.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "SIGTERM is a clean exit");
+
+    let server = Binary::spawn(&dir, &[], &[]);
+    assert!(login(&server.base, "persist").await.is_some(), "after SIGTERM");
+    register_and_login(&server.base, "crashy").await;
+    server.signal(libc::SIGKILL);
+
+    let server = Binary::spawn(&dir, &[], &[]);
+    assert!(login(&server.base, "persist").await.is_some(), "after SIGKILL");
+    assert!(login(&server.base, "crashy").await.is_some(), "acknowledged before SIGKILL");
+    assert_eq!(server.signal(libc::SIGINT).code(), Some(0), "SIGINT is a clean exit too");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
+    let (_keep, dir) = data_dir();
+    let _server = Binary::spawn(&dir, &[], &[]);
+    let out = command(&dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn self_signed_tls_speaks_http1_and_http2() {
+    let (_keep, dir) = data_dir();
+    let server = Binary::spawn(&dir, &["--tls-self-signed"], &[]);
+    assert!(server.base.starts_with("https://127.0.0.1:"), "{}", server.base);
+    let cert_path = dir.join("tls/cert.pem");
+    let pem = std::fs::read(&cert_path).unwrap();
+    // The start-up message names the certificate and its SHA-256 fingerprint.
+    let line =
+        server.lines.iter().find(|l| l.starts_with("tls certificate:")).expect("certificate line");
+    let der =
+        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::from_pem_slice(
+            &pem,
+        )
+        .unwrap();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(der.as_ref());
+    let fingerprint: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+    assert!(line.contains(&fingerprint.join(":")) && line.contains("cert.pem"), "{line}");
+    let ca = reqwest::Certificate::from_pem(&pem).unwrap();
+    let base = server.base.replace("127.0.0.1", "localhost");
+    for (http2, version) in [(false, reqwest::Version::HTTP_11), (true, reqwest::Version::HTTP_2)] {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .add_root_certificate(ca.clone())
+            .tls_built_in_root_certs(false);
+        b = if http2 { b.http2_prior_knowledge() } else { b.http1_only() };
+        let r = b.build().unwrap().get(format!("{base}/health")).send().await.unwrap();
+        assert_eq!((r.status(), r.version()), (StatusCode::OK, version));
+    }
+    // A client that does not trust the certificate is refused.
+    let untrusting =
+        reqwest::Client::builder().no_proxy().tls_built_in_root_certs(false).build().unwrap();
+    assert!(untrusting.get(format!("{base}/health")).send().await.is_err());
+    let key_mode = std::fs::metadata(dir.join("tls/key.pem")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777, 0o600);
+    drop(server);
+
+    // The certificate is made once and kept.
+    let server = Binary::spawn(&dir, &["--tls-self-signed"], &[]);
+    assert_eq!(std::fs::read(&cert_path).unwrap(), pem);
+    drop(server);
+}
+
+fn user_cmd(dir: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = command(dir)
+        .arg("user")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_commands_work_offline_and_against_a_running_server() {
+    let (_keep, dir) = data_dir();
+    // Server stopped: the CLI opens the file itself.
+    let (ok, out, err) = user_cmd(
+        &dir,
+        &["create", "root", "--email", "root@example.com", "--admin"],
+        "password-123\n",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("root") && out.contains("admin"), "{out}");
+    let (ok, _, err) =
+        user_cmd(&dir, &["create", "x", "--email", "x@example.com"], "password-123\n");
+    assert!(!ok && err.contains("username"), "{err}");
+    let (ok, _, err) = user_cmd(&dir, &["create", "shorty", "--email", "s@example.com"], "short\n");
+    assert!(!ok && err.contains("password"), "{err}");
+
+    // Server running: the CLI goes through the control socket, and disabling bites at once.
+    let server = Binary::spawn(&dir, &[], &[]);
+    let tokens = register_and_login(&server.base, "mallory").await;
+    let access = tokens["access_token"].as_str().unwrap();
+    let c = client();
+    let key: Value = c
+        .post(format!("{}/auth/api-keys", server.base))
+        .bearer_auth(access)
+        .json(&json!({"name": "k"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap();
+    let me = |token: &str| {
+        c.get(format!("{}/auth/me", server.base)).bearer_auth(token.to_string()).send()
+    };
+    assert_eq!(me(access).await.unwrap().status(), StatusCode::OK);
+    let admin: Value = c
+        .post(format!("{}/auth/login", server.base))
+        .json(&json!({"username": "root", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let admin_me: Value =
+        me(admin["access_token"].as_str().unwrap()).await.unwrap().json().await.unwrap();
+    assert_eq!(admin_me["is_admin"], true);
+
+    let (ok, out, err) = user_cmd(&dir, &["list"], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("root") && out.contains("mallory"), "{out}");
+    let (ok, out, err) = user_cmd(&dir, &["disable", "mallory"], "");
+    assert!(ok && out.contains("disabled"), "{out} {err}");
+    assert_eq!(me(access).await.unwrap().status(), StatusCode::UNAUTHORIZED, "JWT dies at once");
+    assert_eq!(me(key).await.unwrap().status(), StatusCode::UNAUTHORIZED, "API key dies at once");
+    let r = c
+        .post(format!("{}/auth/refresh", server.base))
+        .json(&json!({"refresh_token": tokens["refresh_token"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "refresh dies too");
+    let r = c
+        .post(format!("{}/auth/login", server.base))
+        .json(&json!({"username": "mallory", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let (ok, _, err) = user_cmd(&dir, &["enable", "mallory"], "");
+    assert!(ok, "{err}");
+    assert_eq!(me(key).await.unwrap().status(), StatusCode::OK);
+    let (ok, _, err) = user_cmd(&dir, &["disable", "nobody"], "");
+    assert!(!ok && err.contains("no user named nobody"), "{err}");
+    drop(server);
+}
+
+#[test]
+fn config_check_redacts_secrets_and_bad_config_names_the_key() {
+    let (_keep, dir) = data_dir();
+    let out = command(&dir)
+        .args(["config", "check"])
+        .env("EDGECHAT_AUTH__JWT_SECRET", "a-very-secret-value-that-is-long-enough")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[redacted]") && !text.contains("a-very-secret-value"), "{text}");
+    assert!(text.contains("listen = \"127.0.0.1:8000\""), "{text}");
+
+    std::fs::write(dir.join("bad.toml"), "[server]\nmax_body_byte = 5\n").unwrap();
+    let out = command(&dir).args(["--config", "bad.toml", "config", "check"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_body_byte"), "{err}");
+
+    let out = command(&dir)
+        .args(["serve"])
+        .env("EDGECHAT_SERVER__LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.listen"), "{err}");
+}
+
+#[test]
+fn jwt_secret_is_generated_once_with_mode_0600() {
+    let (_keep, dir) = data_dir();
+    let run = || {
+        let mut c = command(&dir);
+        c.args(["user", "list", "--data-dir"]).arg(&dir);
+        assert!(c.output().unwrap().status.success());
+        std::fs::read(dir.join("jwt_secret")).unwrap()
+    };
+    let first = run();
+    assert!(first.len() >= 32);
+    assert_eq!(run(), first, "kept across runs");
+    let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+}

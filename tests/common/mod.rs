@@ -1,0 +1,194 @@
+//! The one harness every integration test uses: a real server on 127.0.0.1:0 with a real redb
+//! file in a temp dir — in process (`TestServer`) or as the real binary (`Binary`).
+#![allow(dead_code)]
+
+use edgechat::api::{self, Routes};
+use edgechat::config::{Config, QuotaConfig};
+use edgechat::server::{self, Environment, Running};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A JWT secret tests can sign with, to forge tokens the server must refuse.
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A config for tests: ephemeral port, a temp data dir, limits loose enough not to interfere.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.storage.data_dir = Some(data_dir.to_path_buf());
+    c.auth.jwt_secret = Some(edgechat::secret::Secret::new(JWT_SECRET));
+    c.auth.max_concurrent_hashes = 4;
+    c.rate_limit.auth_per_address = QuotaConfig { requests: 10_000, per_secs: 1, burst: 10_000 };
+    c.rate_limit.failed_logins_per_username =
+        QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
+    c
+}
+
+/// An in-process server and a client for it.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub running: Option<Running>,
+}
+
+impl TestServer {
+    /// Starts with `test_config`, changed by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_routes(tweak, api::routes()).await
+    }
+
+    /// Starts serving `routes` instead of the default table.
+    pub async fn start_routes(tweak: impl FnOnce(&mut Config), routes: Routes) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let running = server::start(config, &Environment::default(), routes).await.unwrap();
+        TestServer {
+            base: format!("http://{}", running.addr),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            dir,
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut r = self.client.get(self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
+        let mut r = self.client.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).bearer_auth(token).send().await.unwrap()
+    }
+
+    /// Registers `name` (email `<name>@example.com`, password `password-<name>`).
+    pub async fn register(&self, name: &str) -> Value {
+        let body = json!({"username": name, "email": format!("{name}@example.com"), "password": format!("password-{name}")});
+        let r = self.post("/auth/register", &body, None).await;
+        assert_eq!(r.status(), StatusCode::OK, "register {name}");
+        r.json().await.unwrap()
+    }
+
+    /// Logs `name` in and returns the whole token answer.
+    pub async fn login(&self, name: &str) -> Value {
+        let body = json!({"username": name, "password": format!("password-{name}")});
+        let r = self.post("/auth/login", &body, None).await;
+        assert_eq!(r.status(), StatusCode::OK, "login {name}");
+        r.json().await.unwrap()
+    }
+
+    /// Registers and logs in; returns the access token.
+    pub async fn user(&self, name: &str) -> String {
+        self.register(name).await;
+        self.login(name).await["access_token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn stop(mut self) {
+        self.running.take().unwrap().shutdown().await;
+    }
+}
+
+/// The real `edgechat` binary, serving on an ephemeral port.
+pub struct Binary {
+    pub child: Child,
+    pub base: String,
+    pub lines: Vec<String>,
+}
+
+/// The binary's path (cargo builds it for integration tests).
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_edgechat")
+}
+
+/// A command for the binary with a clean environment and the data dir as working directory.
+pub fn command(data_dir: &Path) -> Command {
+    let mut c = Command::new(exe());
+    c.current_dir(data_dir)
+        .env_remove("EDGECHAT_CONFIG")
+        .env_remove("STATE_DIRECTORY")
+        .env("NO_COLOR", "1");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("EDGECHAT_")) {
+        c.env_remove(k);
+    }
+    c
+}
+
+impl Binary {
+    /// Starts `edgechat serve` on `data_dir` and waits for its "listening on" line.
+    pub fn spawn(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut cmd = command(data_dir);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).args(args);
+        cmd.env("EDGECHAT_AUTH__JWT_SECRET", JWT_SECRET);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        // Owned by `Binary` from here on, so a failed wait below still kills it.
+        let mut binary = Binary { child, base: String::new(), lines: Vec::new() };
+        let stdout = binary.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        while binary.base.is_empty() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("edgechat printed no listening line");
+            if let Some(url) = line.split("listening on ").nth(1) {
+                binary.base = url.trim().to_string();
+            }
+            binary.lines.push(line);
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        binary
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal(mut self, signal: i32) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temp dir whose path is short enough for a Unix socket inside it.
+pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("ec").tempdir_in("/tmp").unwrap();
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}
