@@ -76,6 +76,8 @@ impl Running {
         let _ = self.stop.send(());
         let cut = self.task.await.unwrap_or(0);
         self.control.abort();
+        // Awaiting the aborted task drops its handles on the store before we return.
+        let _ = self.control.await;
         let _ = std::fs::remove_file(self.data_dir.join(control::SOCKET));
         cut
     }

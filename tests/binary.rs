@@ -251,3 +251,59 @@ fn jwt_secret_is_generated_once_with_mode_0600() {
     let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_have_one_json_line_per_request_and_no_secrets() {
+    let (_keep, dir) = data_dir();
+    let log = dir.join("stderr.log");
+    let server = Binary::spawn_logged(&dir, &["--log-json"], &[], &log);
+    let tokens = register_and_login(&server.base, "quiet").await;
+    let access = tokens["access_token"].as_str().unwrap();
+    let c = client();
+    let key: Value = c
+        .post(format!("{}/auth/api-keys", server.base))
+        .bearer_auth(access)
+        .json(&json!({"name": "k"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap();
+    c.get(format!("{}/auth/me", server.base)).bearer_auth(key).header("x-request-id", "trace-me-1").send().await.unwrap();
+    c.get(format!("{}/auth/me", server.base)).bearer_auth("forged.jwt.value").send().await.unwrap();
+    assert_eq!(server.signal(libc::SIGTERM).code(), Some(0));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let secret = std::fs::read_to_string(dir.join("jwt_secret")).unwrap();
+    for needle in ["password-123", access, tokens["refresh_token"].as_str().unwrap(), key, secret.trim(), "forged.jwt"] {
+        assert!(!text.contains(needle), "the log leaks {needle}");
+    }
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+    let access_lines: Vec<&Value> = lines.iter().filter(|l| l["target"] == "edgechat::access").collect();
+    assert_eq!(access_lines.len(), 5, "{text}");
+    let traced = access_lines.iter().find(|l| l["request_id"] == "trace-me-1").expect("request id logged");
+    assert_eq!((traced["method"].as_str(), traced["route"].as_str()), (Some("GET"), Some("/auth/me")));
+    assert_eq!(traced["status"], 200);
+    assert!(traced["duration_ms"].is_number());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_secret_from_systemd_credentials() {
+    let (_keep, dir) = data_dir();
+    let creds = dir.join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let secret = "from-systemd-credentials-0123456789abcdef";
+    std::fs::write(creds.join("jwt_secret"), format!("{secret}\n")).unwrap();
+    let log = dir.join("stderr.log");
+    let server = Binary::spawn_logged(&dir, &[], &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())], &log);
+    let tokens = register_and_login(&server.base, "cred").await;
+    assert!(!dir.join("jwt_secret").exists(), "no secret generated when a credential is given");
+    // The token verifies with the credential's secret.
+    let token = tokens["access_token"].as_str().unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_audience(&["edgechat"]);
+    let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+    assert!(jsonwebtoken::decode::<Value>(token, &key, &v).is_ok());
+}

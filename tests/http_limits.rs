@@ -278,3 +278,84 @@ async fn ready_reports_storage() {
     assert_eq!((b["status"].as_str(), b["storage"].as_str()), (Some("ready"), Some("ok")));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_body_that_stalls_is_408() {
+    let s = TestServer::start(|c| c.server.body_read_timeout_secs = 1).await;
+    let mut stream = TcpStream::connect(s.running().addr).await.unwrap();
+    let head = "POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let reply = String::from_utf8_lossy(&read_all(&mut stream, Duration::from_secs(15)).await).to_string();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    healthy(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_then_closes_the_store() {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::{oneshot, Notify};
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let started = Arc::new(Mutex::new(Some(started_tx)));
+    let release = Arc::new(Notify::new());
+    let mut routes = api::routes();
+    let (st, rel) = (started.clone(), release.clone());
+    routes.add(
+        Method::GET,
+        "/test/slow",
+        handler(move |_, _| {
+            let (st, rel) = (st.clone(), rel.clone());
+            async move {
+                let _ = st.lock().unwrap().take().map(|tx| tx.send(()));
+                rel.notified().await;
+                Ok(edgechat::http::json(http::StatusCode::OK, &json!({"done": true})))
+            }
+        }),
+        Doc::new("test", "Waits for the test to release it"),
+    );
+    let mut s = TestServer::start_routes(|_| {}, routes).await;
+    let (addr, dir) = (s.running().addr, s.dir.path().to_path_buf());
+    let in_flight = tokio::spawn(s.client.get(s.url("/test/slow")).send());
+    started_rx.await.unwrap();
+
+    let shutdown = tokio::spawn(s.running.take().unwrap().shutdown());
+    // Wait (bounded) until the listener is gone: new connections are refused from then on.
+    let mut refused = false;
+    for _ in 0..500 {
+        if TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "still accepting after shutdown began");
+    assert!(!shutdown.is_finished(), "shutdown must wait for the in-flight request");
+
+    release.notify_one();
+    let r = in_flight.await.unwrap().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"done": true}));
+    assert_eq!(shutdown.await.unwrap(), 0, "nothing was cut off");
+    // The store was closed: another process could open it now.
+    edgechat::store::Store::open(&dir).expect("store released after shutdown");
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_new_clients_until_a_slot_frees() {
+    let s = TestServer::start(|c| c.server.max_connections = 1).await;
+    let addr = s.running().addr;
+    // One kept-alive connection takes the only slot.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let mut waiting = tokio::spawn(s.client.get(s.url("/health")).send());
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(early.is_err(), "a second connection was served while the cap was taken");
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once the slot freed");
+    assert_eq!(r.unwrap().unwrap().status(), StatusCode::OK);
+    s.stop().await;
+}

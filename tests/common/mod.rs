@@ -138,15 +138,24 @@ pub fn command(data_dir: &Path) -> Command {
 }
 
 impl Binary {
-    /// Starts `edgechat serve` on `data_dir` and waits for its "listening on" line.
+    /// Starts `edgechat serve` on `data_dir` (JWT secret `JWT_SECRET`) and waits for its
+    /// "listening on" line.
     pub fn spawn(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
         let mut cmd = command(data_dir);
+        cmd.env("EDGECHAT_AUTH__JWT_SECRET", JWT_SECRET).envs(env.iter().copied());
+        Self::start(cmd, data_dir, args, Stdio::null())
+    }
+
+    /// Like `spawn`, but with no JWT secret configured and stderr (the logs) written to `log`.
+    pub fn spawn_logged(data_dir: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Binary {
+        let mut cmd = command(data_dir);
+        cmd.envs(env.iter().copied());
+        Self::start(cmd, data_dir, args, std::fs::File::create(log).unwrap().into())
+    }
+
+    fn start(mut cmd: Command, data_dir: &Path, args: &[&str], stderr: Stdio) -> Binary {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).args(args);
-        cmd.env("EDGECHAT_AUTH__JWT_SECRET", JWT_SECRET);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
         // Owned by `Binary` from here on, so a failed wait below still kills it.
         let mut binary = Binary { child, base: String::new(), lines: Vec::new() };
         let stdout = binary.child.stdout.take().unwrap();
