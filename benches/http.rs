@@ -1,6 +1,8 @@
 //! Latency of the real server over loopback: `GET /health`, and an authenticated
 //! `GET /conversations` with a JWT and with an API key (a page of 20 from 50 conversations).
 //!
+//! The peer measured in the same run is a bare hyper server answering a fixed JSON body: the
+//! floor for this client, loopback and runtime, so the difference is what edgechat adds.
 //! Criterion reports the mean round trip; after it, a plain pass of sequential requests on one
 //! keep-alive connection prints p50/p99/p99.9, and the real binary's idle RSS is read from
 //! /proc. Run with `cargo bench --bench http`.
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 struct Fixture {
     base: String,
+    peer: String,
     jwt: String,
     key: String,
     _running: Running,
@@ -27,13 +30,23 @@ async fn fixture() -> Fixture {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.storage.data_dir = Some(dir.path().to_path_buf());
-    config.rate_limit.auth_per_address = QuotaConfig { requests: 1_000_000, per_secs: 1, burst: 1_000_000 };
+    config.rate_limit.auth_per_address =
+        QuotaConfig { requests: 1_000_000, per_secs: 1, burst: 1_000_000 };
     let running = server::start_default(config, &Environment::default()).await.unwrap();
     let base = format!("http://{}", running.addr);
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let creds = json!({"username": "bench", "email": "bench@example.com", "password": "password-bench"});
+    let creds =
+        json!({"username": "bench", "email": "bench@example.com", "password": "password-bench"});
     c.post(format!("{base}/auth/register")).json(&creds).send().await.unwrap();
-    let tokens: Value = c.post(format!("{base}/auth/login")).json(&creds).send().await.unwrap().json().await.unwrap();
+    let tokens: Value = c
+        .post(format!("{base}/auth/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let jwt = tokens["access_token"].as_str().unwrap().to_string();
     let key: Value = c
         .post(format!("{base}/auth/api-keys"))
@@ -45,26 +58,75 @@ async fn fixture() -> Fixture {
         .json()
         .await
         .unwrap();
-    let me: Value = c.get(format!("{base}/auth/me")).bearer_auth(&jwt).send().await.unwrap().json().await.unwrap();
+    let me: Value = c
+        .get(format!("{base}/auth/me"))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let user = me["id"].as_str().unwrap().parse().unwrap();
     for i in 0..50 {
-        let msg = |role, text: &str| NewMessage { role, content: text.into(), model: None, provider: None, usage: None };
+        let msg = |role, text: &str| NewMessage {
+            role,
+            content: text.into(),
+            model: None,
+            provider: None,
+            usage: None,
+        };
         let turn = vec![msg(Role::User, "hello there"), msg(Role::Assistant, "general kenobi")];
-        let target = TurnTarget::New { title: format!("conversation {i}"), model: "smollm2".into() };
+        let target =
+            TurnTarget::New { title: format!("conversation {i}"), model: "smollm2".into() };
         running.store().record_turn(user, target, turn, 1_000 + i).await.unwrap();
     }
-    Fixture { base, jwt, key: key["key"].as_str().unwrap().to_string(), _running: running, _dir: dir }
+    Fixture {
+        base,
+        peer: bare_hyper().await,
+        jwt,
+        key: key["key"].as_str().unwrap().to_string(),
+        _running: running,
+        _dir: dir,
+    }
+}
+
+/// A bare hyper HTTP/1.1 server with one fixed answer, on 127.0.0.1:0.
+async fn bare_hyper() -> String {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async {
+                    let body = r#"{"status":"healthy","version":"0.1.0","uptime_s":1}"#;
+                    Ok::<_, std::convert::Infallible>(edgechat::http::bytes(
+                        http::StatusCode::OK,
+                        "application/json",
+                        body,
+                    ))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    format!("http://{addr}/health")
 }
 
 fn percentiles(rt: &tokio::runtime::Runtime, f: &Fixture) {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let cases = [("GET /health", "/health", None), ("GET /conversations (JWT)", "/conversations", Some(&f.jwt)), (
-        "GET /conversations (API key)",
-        "/conversations",
-        Some(&f.key),
-    )];
+    let cases = [
+        ("peer: bare hyper", "", None),
+        ("GET /health", "/health", None),
+        ("GET /conversations (JWT)", "/conversations", Some(&f.jwt)),
+        ("GET /conversations (API key)", "/conversations", Some(&f.key)),
+    ];
     for (name, path, token) in cases {
-        let url = format!("{}{path}", f.base);
+        let url = if path.is_empty() { f.peer.clone() } else { format!("{}{path}", f.base) };
         let mut samples: Vec<Duration> = rt.block_on(async {
             let mut out = Vec::with_capacity(5000);
             for i in 0..5500 {
@@ -83,8 +145,17 @@ fn percentiles(rt: &tokio::runtime::Runtime, f: &Fixture) {
             out
         });
         samples.sort();
-        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
-        println!("{name:<30} n={} p50={:.0}µs p99={:.0}µs p99.9={:.0}µs", samples.len(), at(0.5), at(0.99), at(0.999));
+        let at = |q: f64| {
+            samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64()
+                * 1e6
+        };
+        println!(
+            "{name:<30} n={} p50={:.0}µs p99={:.0}µs p99.9={:.0}µs",
+            samples.len(),
+            at(0.5),
+            at(0.99),
+            at(0.999)
+        );
     }
 }
 
@@ -126,15 +197,23 @@ fn latency(c: &mut Criterion) {
     let f = rt.block_on(fixture());
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut group = c.benchmark_group("loopback");
+    group.bench_function("peer: bare hyper", |b| {
+        b.to_async(&rt)
+            .iter(|| async { client.get(&f.peer).send().await.unwrap().bytes().await.unwrap() })
+    });
     let health = format!("{}/health", f.base);
     group.bench_function("GET /health", |b| {
-        b.to_async(&rt).iter(|| async { client.get(&health).send().await.unwrap().bytes().await.unwrap() })
+        b.to_async(&rt)
+            .iter(|| async { client.get(&health).send().await.unwrap().bytes().await.unwrap() })
     });
     let list = format!("{}/conversations", f.base);
-    for (name, token) in [("GET /conversations JWT", &f.jwt), ("GET /conversations API key", &f.key)] {
+    for (name, token) in
+        [("GET /conversations JWT", &f.jwt), ("GET /conversations API key", &f.key)]
+    {
         group.bench_function(name, |b| {
-            b.to_async(&rt)
-                .iter(|| async { client.get(&list).bearer_auth(token).send().await.unwrap().bytes().await.unwrap() })
+            b.to_async(&rt).iter(|| async {
+                client.get(&list).bearer_auth(token).send().await.unwrap().bytes().await.unwrap()
+            })
         });
     }
     group.finish();

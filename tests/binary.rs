@@ -271,20 +271,38 @@ async fn logs_have_one_json_line_per_request_and_no_secrets() {
         .await
         .unwrap();
     let key = key["key"].as_str().unwrap();
-    c.get(format!("{}/auth/me", server.base)).bearer_auth(key).header("x-request-id", "trace-me-1").send().await.unwrap();
+    c.get(format!("{}/auth/me", server.base))
+        .bearer_auth(key)
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
     c.get(format!("{}/auth/me", server.base)).bearer_auth("forged.jwt.value").send().await.unwrap();
     assert_eq!(server.signal(libc::SIGTERM).code(), Some(0));
 
     let text = std::fs::read_to_string(&log).unwrap();
     let secret = std::fs::read_to_string(dir.join("jwt_secret")).unwrap();
-    for needle in ["password-123", access, tokens["refresh_token"].as_str().unwrap(), key, secret.trim(), "forged.jwt"] {
+    for needle in [
+        "password-123",
+        access,
+        tokens["refresh_token"].as_str().unwrap(),
+        key,
+        secret.trim(),
+        "forged.jwt",
+    ] {
         assert!(!text.contains(needle), "the log leaks {needle}");
     }
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
-    let access_lines: Vec<&Value> = lines.iter().filter(|l| l["target"] == "edgechat::access").collect();
+    let lines: Vec<Value> =
+        text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+    let access_lines: Vec<&Value> =
+        lines.iter().filter(|l| l["target"] == "edgechat::access").collect();
     assert_eq!(access_lines.len(), 5, "{text}");
-    let traced = access_lines.iter().find(|l| l["request_id"] == "trace-me-1").expect("request id logged");
-    assert_eq!((traced["method"].as_str(), traced["route"].as_str()), (Some("GET"), Some("/auth/me")));
+    let traced =
+        access_lines.iter().find(|l| l["request_id"] == "trace-me-1").expect("request id logged");
+    assert_eq!(
+        (traced["method"].as_str(), traced["route"].as_str()),
+        (Some("GET"), Some("/auth/me"))
+    );
     assert_eq!(traced["status"], 200);
     assert!(traced["duration_ms"].is_number());
 }
@@ -297,7 +315,12 @@ async fn jwt_secret_from_systemd_credentials() {
     let secret = "from-systemd-credentials-0123456789abcdef";
     std::fs::write(creds.join("jwt_secret"), format!("{secret}\n")).unwrap();
     let log = dir.join("stderr.log");
-    let server = Binary::spawn_logged(&dir, &[], &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())], &log);
+    let server = Binary::spawn_logged(
+        &dir,
+        &[],
+        &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())],
+        &log,
+    );
     let tokens = register_and_login(&server.base, "cred").await;
     assert!(!dir.join("jwt_secret").exists(), "no secret generated when a credential is given");
     // The token verifies with the credential's secret.

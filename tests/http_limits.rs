@@ -285,7 +285,8 @@ async fn a_body_that_stalls_is_408() {
     let mut stream = TcpStream::connect(s.running().addr).await.unwrap();
     let head = "POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user";
     stream.write_all(head.as_bytes()).await.unwrap();
-    let reply = String::from_utf8_lossy(&read_all(&mut stream, Duration::from_secs(15)).await).to_string();
+    let reply =
+        String::from_utf8_lossy(&read_all(&mut stream, Duration::from_secs(15)).await).to_string();
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     healthy(&s).await;
     s.stop().await;
@@ -355,7 +356,9 @@ async fn the_connection_cap_holds_new_clients_until_a_slot_frees() {
     let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
     assert!(early.is_err(), "a second connection was served while the cap was taken");
     drop(first);
-    let r = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once the slot freed");
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once the slot freed");
     assert_eq!(r.unwrap().unwrap().status(), StatusCode::OK);
     s.stop().await;
 }

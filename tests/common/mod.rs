@@ -147,7 +147,12 @@ impl Binary {
     }
 
     /// Like `spawn`, but with no JWT secret configured and stderr (the logs) written to `log`.
-    pub fn spawn_logged(data_dir: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Binary {
+    pub fn spawn_logged(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Binary {
         let mut cmd = command(data_dir);
         cmd.envs(env.iter().copied());
         Self::start(cmd, data_dir, args, std::fs::File::create(log).unwrap().into())
