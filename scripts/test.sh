@@ -21,6 +21,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 
+# The OpenAPI fuzz test runs schemathesis.
+if ! command -v st >/dev/null 2>&1; then
+    echo "installing schemathesis for the OpenAPI fuzz test" >&2
+    python3 -m pip install -q --disable-pip-version-check schemathesis==4.32.5
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test "$@"

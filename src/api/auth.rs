@@ -81,11 +81,13 @@ pub fn routes(r: &mut Routes) {
 #[derive(Deserialize, ToSchema)]
 pub struct RegisterRequest {
     /// 3–32 characters of letters, digits, `_`, `.`, `-`; unique ignoring case.
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]{3,32}$")]
     username: String,
-    /// Unique ignoring case.
+    /// A plausible address, unique ignoring case.
+    #[schema(format = Email, max_length = 254)]
     email: String,
-    /// 8–1024 bytes.
-    #[schema(value_type = String, format = Password)]
+    /// At least 8 characters and at most 1024 bytes (UTF-8).
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 1024)]
     password: Secret,
 }
 
@@ -107,7 +109,8 @@ pub struct RefreshRequest {
 /// `POST /auth/api-keys`.
 #[derive(Deserialize, ToSchema)]
 pub struct ApiKeyRequest {
-    /// 1–100 characters, to tell your keys apart.
+    /// 1–100 characters (not all blank), to tell your keys apart.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
 }
 

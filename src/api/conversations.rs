@@ -23,8 +23,16 @@ pub fn routes(r: &mut Routes) {
         "/conversations",
         handler(list),
         doc("Your conversations, newest activity first")
-            .query("limit", "integer", "page size, 1–100 (default 20)")
-            .query("cursor", "string", "next_cursor of the previous page")
+            .query(
+                "limit",
+                serde_json::json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 20}),
+                "page size",
+            )
+            .query(
+                "cursor",
+                serde_json::json!({"type": "string", "pattern": "^([A-Za-z0-9_-]{32})?$"}),
+                "next_cursor of the previous page",
+            )
             .json::<ConversationPageOut>(200)
             .errors(&[422]),
     );
@@ -154,6 +162,7 @@ fn page_params(req: &Req) -> Result<(usize, Option<Cursor>), ApiError> {
                     "limit must be an integer from 1 to 100",
                 )),
             },
+            "cursor" if v.is_empty() => {}
             "cursor" => match Cursor::decode(&v) {
                 Some(c) => cursor = Some(c),
                 None => errors.push(FieldError::query(

@@ -36,7 +36,7 @@ pub struct Doc {
     secured: bool,
     body: Option<SchemaFn>,
     form: bool,
-    query: Vec<(&'static str, &'static str, &'static str)>,
+    query: Vec<(&'static str, Value, &'static str)>,
     ok: (u16, Content),
     errors: Vec<u16>,
 }
@@ -76,9 +76,9 @@ impl Doc {
         self
     }
 
-    /// Documents a query parameter: name, JSON type, description.
-    pub fn query(mut self, name: &'static str, kind: &'static str, about: &'static str) -> Doc {
-        self.query.push((name, kind, about));
+    /// Documents an optional query parameter: name, JSON schema, description.
+    pub fn query(mut self, name: &'static str, schema: Value, about: &'static str) -> Doc {
+        self.query.push((name, schema, about));
         self
     }
 
@@ -163,8 +163,8 @@ fn operation(method: &Method, path: &str, doc: &Doc, schemas: &mut Schemas) -> V
         .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
         .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
         .collect();
-    params.extend(doc.query.iter().map(|(name, kind, about)| {
-        json!({ "name": name, "in": "query", "required": false, "description": about, "schema": { "type": kind } })
+    params.extend(doc.query.iter().map(|(name, schema, about)| {
+        json!({ "name": name, "in": "query", "required": false, "description": about, "schema": schema })
     }));
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);

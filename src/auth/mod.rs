@@ -275,13 +275,15 @@ pub fn check_email(email: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// 8–1024 bytes: long enough to resist guessing, short enough to bound hashing work.
+/// At least 8 characters to resist guessing, at most 1024 bytes to bound hashing work.
 pub fn check_password(password: &str) -> Result<(), &'static str> {
-    match password.len() {
-        0..8 => Err("password must be at least 8 bytes long"),
-        8..=1024 => Ok(()),
-        _ => Err("password must be at most 1024 bytes long"),
+    if password.chars().count() < 8 {
+        return Err("password must be at least 8 characters long");
     }
+    if password.len() > 1024 {
+        return Err("password must be at most 1024 bytes long");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -303,6 +305,7 @@ mod tests {
             assert!(check_email(bad).is_err(), "{bad}");
         }
         assert!(check_password("1234567").is_err());
+        assert!(check_password("ééé").is_err(), "6 bytes but 3 characters");
         assert!(check_password("12345678").is_ok());
         assert!(check_password(&"p".repeat(1024)).is_ok());
         assert!(check_password(&"p".repeat(1025)).is_err());
