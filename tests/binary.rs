@@ -22,6 +22,16 @@ async fn register_and_login(base: &str, name: &str) -> Value {
     login(base, name).await.expect("fresh user can log in")
 }
 
+/// Creates an API key with `access` and returns the key.
+async fn api_key(base: &str, access: &str) -> String {
+    let r = client()
+        .post(format!("{base}/auth/api-keys"))
+        .bearer_auth(access)
+        .json(&json!({"name": "k"}));
+    let created: Value = r.send().await.unwrap().json().await.unwrap();
+    created["key"].as_str().unwrap().to_string()
+}
+
 async fn login(base: &str, name: &str) -> Option<Value> {
     let body = json!({"username": name, "password": "password-123"});
     let r = client().post(format!("{base}/auth/login")).json(&body).send().await.unwrap();
@@ -149,17 +159,7 @@ async fn user_commands_work_offline_and_against_a_running_server() {
     let tokens = register_and_login(&server.base, "mallory").await;
     let access = tokens["access_token"].as_str().unwrap();
     let c = client();
-    let key: Value = c
-        .post(format!("{}/auth/api-keys", server.base))
-        .bearer_auth(access)
-        .json(&json!({"name": "k"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = key["key"].as_str().unwrap();
+    let key = &api_key(&server.base, access).await;
     let me = |token: &str| {
         c.get(format!("{}/auth/me", server.base)).bearer_auth(token.to_string()).send()
     };
@@ -260,17 +260,7 @@ async fn logs_have_one_json_line_per_request_and_no_secrets() {
     let tokens = register_and_login(&server.base, "quiet").await;
     let access = tokens["access_token"].as_str().unwrap();
     let c = client();
-    let key: Value = c
-        .post(format!("{}/auth/api-keys", server.base))
-        .bearer_auth(access)
-        .json(&json!({"name": "k"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = key["key"].as_str().unwrap();
+    let key = &api_key(&server.base, access).await;
     c.get(format!("{}/auth/me", server.base))
         .bearer_auth(key)
         .header("x-request-id", "trace-me-1")

@@ -199,33 +199,15 @@ async fn cors_preflight_and_headers_for_allowed_origins_only() {
     let r = preflight("https://evil.example.com").await.unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 
-    let r = s
-        .client
-        .get(s.url("/health"))
-        .header("origin", "https://chat.example.com")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_with("/health", "origin", "https://chat.example.com").await;
     assert_eq!(r.headers()["access-control-allow-origin"], "https://chat.example.com");
     assert_eq!(r.headers()["vary"], "origin");
-    let r = s
-        .client
-        .get(s.url("/health"))
-        .header("origin", "https://evil.example.com")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_with("/health", "origin", "https://evil.example.com").await;
     assert!(!r.headers().contains_key("access-control-allow-origin"));
     s.stop().await;
 
     let s = TestServer::start(|_| {}).await;
-    let r = s
-        .client
-        .get(s.url("/health"))
-        .header("origin", "https://chat.example.com")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_with("/health", "origin", "https://chat.example.com").await;
     assert!(
         !r.headers().contains_key("access-control-allow-origin"),
         "no origin is allowed by default"
@@ -236,17 +218,10 @@ async fn cors_preflight_and_headers_for_allowed_origins_only() {
 #[tokio::test]
 async fn request_ids_are_echoed_when_sane_and_made_otherwise() {
     let s = TestServer::start(|_| {}).await;
-    let r =
-        s.client.get(s.url("/health")).header("x-request-id", "abc-123.x").send().await.unwrap();
+    let r = s.get_with("/health", "x-request-id", "abc-123.x").await;
     assert_eq!(r.headers()["x-request-id"], "abc-123.x");
     assert_eq!(r.headers()["x-content-type-options"], "nosniff");
-    let r = s
-        .client
-        .get(s.url("/health"))
-        .header("x-request-id", "bad id with spaces")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_with("/health", "x-request-id", "bad id with spaces").await;
     let id = r.headers()["x-request-id"].to_str().unwrap();
     assert!(id != "bad id with spaces" && id.len() == 32, "{id}");
     let r = s.get("/nope", None).await;

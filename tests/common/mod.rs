@@ -73,6 +73,11 @@ impl TestServer {
         r.send().await.unwrap()
     }
 
+    /// `GET path` with one extra request header.
+    pub async fn get_with(&self, path: &str, header: &str, value: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).header(header, value).send().await.unwrap()
+    }
+
     pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
         let mut r = self.client.post(self.url(path)).json(body);
         if let Some(t) = token {
