@@ -1,0 +1,171 @@
+//! Language-model providers behind one abstraction: a `ChatRequest` in, a stream of text
+//! deltas out, ending in exactly one `Finish` with the reason and token usage.
+//!
+//! Remote providers (OpenAI and anything that speaks its Chat Completions wire format, such as
+//! HuggingFace's router, vLLM, OpenRouter or llama-server) retry only before the first event
+//! reaches the caller, keep per-phase deadlines (connect, first byte, idle, total), and sit
+//! behind a circuit breaker so that an offline box stops paying a timeout per request.
+//! Nothing here knows about HTTP serving or storage.
+
+mod breaker;
+mod openai;
+mod sse;
+
+pub use breaker::{Breaker, BreakerState};
+pub use openai::OpenAiCompatible;
+pub use sse::{SseError, SseEvent, SseParser};
+
+use futures_util::stream::BoxStream;
+use std::time::Duration;
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The wire name used by every chat API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// What to generate. `None` leaves a parameter to the provider's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A natural end or a stop string.
+    Stop,
+    /// `max_tokens` (or the context) ran out.
+    Length,
+}
+
+/// Token counts as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// One item of a generation stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta(String),
+    /// Always last, exactly once.
+    Finish {
+        reason: FinishReason,
+        usage: Option<Usage>,
+    },
+}
+
+/// The deadline that passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    FirstByte,
+    Idle,
+    Total,
+}
+
+/// Why a provider could not answer. `is_retryable` and `reason` drive retries and fallback.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("no API key configured")]
+    NotConfigured,
+    #[error("circuit open after repeated failures")]
+    CircuitOpen,
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("timed out waiting ({0:?})")]
+    Timeout(Phase),
+    /// The upstream answered with an error status; its body is logged, never returned.
+    #[error("upstream answered {status}")]
+    Status { status: u16, retry_after: Option<Duration> },
+    /// The upstream broke its own wire format, or the connection dropped mid-stream.
+    #[error("bad upstream stream: {0}")]
+    Protocol(String),
+}
+
+impl ProviderError {
+    /// Connect errors, first-byte timeouts, 429 and 5xx are worth another try.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Connect(_)
+            | ProviderError::Timeout(Phase::Connect | Phase::FirstByte) => true,
+            ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// A short, stable word for logs, metrics and the fallback header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProviderError::NotConfigured => "not_configured",
+            ProviderError::CircuitOpen => "circuit_open",
+            ProviderError::Connect(_) => "unreachable",
+            ProviderError::Timeout(_) => "timeout",
+            ProviderError::Status { status: 429, .. } => "rate_limited",
+            ProviderError::Status { status, .. } if *status >= 500 => "upstream_error",
+            ProviderError::Status { .. } => "rejected",
+            ProviderError::Protocol(_) => "protocol_error",
+        }
+    }
+}
+
+/// A stream of generation events; dropping it cancels the generation or upstream request.
+pub type EventStream = BoxStream<'static, Result<Event, ProviderError>>;
+
+/// Deadlines for one request to a remote provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+/// How often and how patiently to retry before the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter, or the upstream's `Retry-After` when it gave one
+    /// (capped at `max_delay`, so a hostile header cannot park a request).
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(d) = retry_after {
+            return d.min(self.max_delay);
+        }
+        let exp = self.base_delay.saturating_mul(1u32 << attempt.min(16)).min(self.max_delay);
+        exp.mul_f64(rand::random::<f64>())
+    }
+}
