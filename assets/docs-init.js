@@ -3,6 +3,5 @@ window.ui = SwaggerUIBundle({
   url: "/openapi.json",
   dom_id: "#swagger-ui",
   deepLinking: true,
-  persistAuthorization: true,
   validatorUrl: null,
 });

@@ -36,7 +36,7 @@ pub struct Cli {
 enum Cmd {
     /// Run the HTTP(S) server until SIGTERM or SIGINT
     Serve(ServeArgs),
-    /// Manage accounts (stop the server first: the database allows one process at a time)
+    /// Manage accounts, with the server stopped or running (through its control socket)
     #[command(subcommand)]
     User(UserCommand),
     /// Inspect the configuration
@@ -154,8 +154,11 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         running.addr
     );
     server::termination().await;
-    let cut = running.shutdown().await;
-    tracing::info!(cut_off_connections = cut, "stopped");
+    tokio::select! {
+        cut = running.shutdown() => tracing::info!(cut_off_connections = cut, "stopped"),
+        // An operator who signals twice wants out now; committed data is safe either way.
+        _ = server::termination() => return Err("second signal: stopped without draining".into()),
+    }
     Ok(())
 }
 

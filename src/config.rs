@@ -190,7 +190,8 @@ impl Config {
         };
         let mut root: toml::Table = toml::from_str(&text)
             .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string() })?;
-        let mut overrides: Vec<_> = env.into_iter().filter_map(env_override).collect();
+        let mut overrides =
+            env.into_iter().filter_map(env_override).collect::<Result<Vec<_>, _>>()?;
         overrides.sort();
         for (keys, raw) in overrides {
             set_path(&mut root, &keys, parse_env_value(&raw))?;
@@ -286,14 +287,23 @@ pub fn check_jwt_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `EDGECHAT_SERVER__MAX_BODY_BYTES` → (["server", "max_body_bytes"], value). Variables without
-/// `__` (such as `EDGECHAT_CONFIG`) belong to the command line, not to config keys.
-fn env_override((name, value): (String, String)) -> Option<(Vec<String>, String)> {
+/// Variables of the command line's own flags, not config keys.
+const CLI_VARIABLES: [&str; 2] = ["EDGECHAT_CONFIG", "EDGECHAT_DATA_DIR"];
+
+/// `EDGECHAT_SERVER__MAX_BODY_BYTES` → (["server", "max_body_bytes"], value). Any other
+/// `EDGECHAT_*` name is a typo that would otherwise be silently ignored.
+fn env_override(
+    (name, value): (String, String),
+) -> Option<Result<(Vec<String>, String), ConfigError>> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
-    if !rest.contains("__") {
+    if CLI_VARIABLES.contains(&name.as_str()) {
         return None;
     }
-    Some((rest.split("__").map(str::to_ascii_lowercase).collect(), value))
+    if !rest.contains("__") {
+        let message = "is not a config key; overrides are named EDGECHAT_<SECTION>__<KEY>";
+        return Some(Err(ConfigError::invalid(&name, message)));
+    }
+    Some(Ok((rest.split("__").map(str::to_ascii_lowercase).collect(), value)))
 }
 
 /// Environment values are TOML scalars or arrays when they parse as such, strings otherwise.
@@ -373,6 +383,8 @@ mod tests {
         assert!(e.contains("server.max_body_bytes"), "{e}");
         let e = load_text("", &[("EDGECHAT_NOPE__X", "1")]).unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
+        let e = load_text("", &[("EDGECHAT_SERVER_LISTEN", "0.0.0.0:1")]).unwrap_err().to_string();
+        assert!(e.contains("EDGECHAT_SERVER_LISTEN"), "a typo is named, not ignored: {e}");
         let e = load_text("[log]\nlevel = \"=[\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("log.level"), "{e}");
     }

@@ -20,6 +20,9 @@ use tokio::net::{UnixListener, UnixStream};
 /// The socket's file name inside the data directory.
 pub const SOCKET: &str = "control.sock";
 
+/// Each side waits this long for the other (a command hashes one password at most).
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An administrative command.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -127,7 +130,10 @@ pub fn listen(
 async fn serve_one(stream: UnixStream, store: &Store, auth: &Auth) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(64 * 1024)).read_line(&mut line).await?;
+    let mut reader = BufReader::new(read.take(64 * 1024));
+    tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no command received"))??;
     let reply = match serde_json::from_str::<Command>(&line) {
         Ok(command) => {
             tracing::info!(command = ?command, "control command");
@@ -151,7 +157,10 @@ pub async fn send(data_dir: &Path, command: &Command) -> Result<Reply, String> {
     line.push('\n');
     write.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    BufReader::new(read).read_line(&mut answer).await.map_err(|e| e.to_string())?;
+    tokio::time::timeout(IO_TIMEOUT, BufReader::new(read).read_line(&mut answer))
+        .await
+        .map_err(|_| format!("the server did not answer within {IO_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
     serde_json::from_str(&answer).map_err(|e| format!("bad reply from the server: {e}"))
 }
 

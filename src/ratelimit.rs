@@ -30,9 +30,18 @@ pub struct Decision {
     pub retry_after: Duration,
 }
 
-/// Beyond this many keys a shard drops those whose bucket is full again (they hold no state).
-const PRUNE_AT: usize = 4096;
+/// Beyond this many keys a shard drops those whose bucket is full again (they hold no state);
+/// a shard still full after that refuses new keys rather than grow without bound.
+const SHARD_KEYS: usize = 4096;
 const SHARDS: usize = 16;
+/// A full shard is swept at most this often, so an attacker cannot make every request O(n).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Shard {
+    tats: HashMap<String, Duration>,
+    pruned_at: Duration,
+}
 
 /// A limiter over string keys (client addresses, usernames, user ids).
 #[derive(Debug)]
@@ -42,7 +51,7 @@ pub struct Limiter {
     tolerance: Duration,
     epoch: Instant,
     hasher: std::hash::RandomState,
-    shards: Vec<Mutex<HashMap<String, Duration>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl Limiter {
@@ -54,10 +63,10 @@ impl Limiter {
         Limiter {
             quota: Quota { requests, burst, ..quota },
             interval,
-            tolerance: interval * (burst - 1),
+            tolerance: interval.saturating_mul(burst - 1),
             epoch: Instant::now(),
             hasher: Default::default(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
@@ -74,19 +83,22 @@ impl Limiter {
     fn decide(&self, key: &str, take: bool, at: Instant) -> Decision {
         let now = at.saturating_duration_since(self.epoch);
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        let tat = shard.get(key).copied().unwrap_or(now).max(now);
-        let allowed = tat - now <= self.tolerance;
-        let new_tat = if allowed && take { tat + self.interval } else { tat };
+        let known = shard.tats.get(key).copied();
+        let tat = known.unwrap_or(now).max(now);
+        let mut allowed = tat - now <= self.tolerance;
+        if allowed && take && known.is_none() && !shard.make_room(now) {
+            allowed = false;
+        }
+        let new_tat = if allowed && take { tat.saturating_add(self.interval) } else { tat };
         if allowed && take {
-            if shard.len() >= PRUNE_AT {
-                shard.retain(|_, t| *t > now);
-            }
-            shard.insert(key.to_string(), new_tat);
+            shard.tats.insert(key.to_string(), new_tat);
         }
         let backlog = new_tat.saturating_sub(now);
         let used = backlog.as_nanos().div_ceil(self.interval.as_nanos()) as u32;
-        let retry_after =
-            if allowed { Duration::ZERO } else { (tat - now).saturating_sub(self.tolerance) };
+        let retry_after = match allowed {
+            true => Duration::ZERO,
+            false => (tat - now).saturating_sub(self.tolerance).max(self.interval.min(PRUNE_EVERY)),
+        };
         Decision {
             allowed,
             limit: self.quota.burst,
@@ -96,9 +108,23 @@ impl Limiter {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Duration>> {
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
         use std::hash::BuildHasher;
         &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+}
+
+impl Shard {
+    /// Whether a new key fits, sweeping expired keys first when the shard is full.
+    fn make_room(&mut self, now: Duration) -> bool {
+        if self.tats.len() < SHARD_KEYS {
+            return true;
+        }
+        if now.saturating_sub(self.pruned_at) >= PRUNE_EVERY || self.pruned_at.is_zero() {
+            self.tats.retain(|_, t| *t > now);
+            self.pruned_at = now;
+        }
+        self.tats.len() < SHARD_KEYS
     }
 }
 
@@ -141,6 +167,29 @@ mod tests {
         assert!(l.decide("k", false, t0).allowed);
         assert!(l.decide("k", true, t0).allowed);
         assert!(!l.decide("k", false, t0).allowed);
+    }
+
+    #[test]
+    fn a_full_shard_prunes_expired_keys_and_refuses_new_ones_while_full() {
+        let l = limiter(1, 1, 1);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let keys: Vec<String> = (0..SHARD_KEYS * SHARDS * 2).map(|i| format!("k{i}")).collect();
+        let allowed = keys.iter().filter(|k| l.decide(k, true, t0).allowed).count();
+        assert!(allowed <= SHARD_KEYS * SHARDS, "bounded: {allowed}");
+        // Once the keys' buckets refill they are swept and new keys fit again.
+        let later = t0 + Duration::from_secs(5);
+        assert!(l.decide("fresh", true, later).allowed);
+    }
+
+    #[test]
+    fn absurd_quotas_do_not_overflow() {
+        let l = Limiter::new(Quota {
+            requests: 1,
+            period: Duration::from_secs(u64::MAX / 4),
+            burst: u32::MAX,
+        });
+        let t0 = Instant::now();
+        assert!(l.decide("a", true, t0).allowed);
     }
 
     #[test]

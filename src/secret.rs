@@ -38,14 +38,25 @@ impl Serialize for Secret {
     }
 }
 
-/// Writes a new file readable by its owner only (mode 0600), for keys and secrets; refuses to
-/// overwrite an existing file.
+/// Writes a file readable by its owner only (mode 0600), for keys and secrets. The file appears
+/// whole or not at all (written beside it, synced, renamed), so a crash never leaves a stub.
 pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(contents)?;
-    f.sync_all()
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ async fn login_accepts_the_oauth2_password_form() {
     let form = [("grant_type", "password"), ("username", "frank"), ("password", "password-frank")];
     let r = s.client.post(s.url("/auth/login")).form(&form).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store", "tokens must not be cached");
     let token: Value = r.json().await.unwrap();
     assert!(s.get("/auth/me", token["access_token"].as_str()).await.status().is_success());
 

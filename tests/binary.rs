@@ -248,8 +248,15 @@ fn jwt_secret_is_generated_once_with_mode_0600() {
     let first = run();
     assert!(first.len() >= 32);
     assert_eq!(run(), first, "kept across runs");
-    let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+    let mode = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&dir.join("jwt_secret")), 0o600);
+    assert_eq!(mode(&dir.join("edgechat.redb")), 0o600, "hashes and emails are private");
+    let fresh = dir.join("fresh/nested");
+    command(&dir).args(["user", "list", "--data-dir"]).arg(&fresh).output().unwrap();
+    assert_eq!(mode(&fresh), 0o700, "a data directory we create is private");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -192,7 +192,14 @@ fn tokens(pair: TokenPair) -> Response<Body> {
         expires_in: pair.expires_in,
         refresh_token: pair.refresh_token.expose().to_string(),
     };
-    json(StatusCode::OK, &out)
+    no_store(json(StatusCode::OK, &out))
+}
+
+/// Credentials in a response must not be kept by any cache (RFC 6749 §5.1).
+fn no_store(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(http::header::PRAGMA, http::HeaderValue::from_static("no-cache"));
+    r
 }
 
 async fn register(app: Arc<App>, mut req: Req) -> Answer {
@@ -278,7 +285,7 @@ async fn create_key(app: Arc<App>, mut req: Req) -> Answer {
         created_at: rfc3339(issued.record.created_at),
         name: issued.record.name,
     };
-    Ok(json(StatusCode::CREATED, &out))
+    Ok(no_store(json(StatusCode::CREATED, &out)))
 }
 
 async fn list_keys(app: Arc<App>, req: Req) -> Answer {

@@ -4,7 +4,7 @@
 //! Server-side failures are logged here with their cause and answered with a generic message:
 //! no storage path, hash error or upstream body ever reaches a client.
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, HashError};
 use crate::http::{json, Body, BodyError};
 use crate::ratelimit::{header_secs, Decision};
 use crate::store::StoreError;
@@ -194,6 +194,9 @@ impl ApiError {
                 headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
                 rate_limit_headers(headers, d, face);
             }
+            ApiError::Auth(AuthError::Hash(HashError::Busy)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             ApiError::Auth(e) if auth_shape(e).status == StatusCode::UNAUTHORIZED => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -216,7 +219,13 @@ fn auth_shape(e: &AuthError) -> Shape {
             "authentication_error",
             None,
         ),
-        A::Disabled => (StatusCode::UNAUTHORIZED, "Account disabled", "authentication_error", None),
+        // Same answer as a wrong password: telling them apart would confirm the password.
+        A::Disabled => (
+            StatusCode::UNAUTHORIZED,
+            "Incorrect username or password",
+            "authentication_error",
+            None,
+        ),
         A::Unauthenticated(_) => (
             StatusCode::UNAUTHORIZED,
             "Could not validate credentials",
@@ -241,6 +250,12 @@ fn auth_shape(e: &AuthError) -> Shape {
         A::KeyNotFound => {
             (StatusCode::NOT_FOUND, "API key not found", "invalid_request_error", Some("not_found"))
         }
+        A::Hash(HashError::Busy) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sign-ins at once; retry shortly",
+            "server_error",
+            Some("overloaded"),
+        ),
         A::Hash(_) | A::Store(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None)
         }

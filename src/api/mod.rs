@@ -134,9 +134,13 @@ impl App {
             headers.insert("x-request-id", v);
         }
         headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+        let allowed = &self.config.cors.allowed_origins;
+        if !allowed.is_empty() && !allowed.iter().any(|o| o == "*") {
+            // The answer depends on Origin: shared caches must not mix them up.
+            headers.insert(header::VARY, HeaderValue::from_static("origin"));
+        }
         if let Some(origin) = origin {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            headers.insert(header::VARY, HeaderValue::from_static("origin"));
             headers.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset"),

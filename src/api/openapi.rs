@@ -39,6 +39,8 @@ pub struct Doc {
     query: Vec<(&'static str, Value, &'static str)>,
     ok: (u16, Content),
     errors: Vec<u16>,
+    /// Error statuses whose body is not the generic `HTTPError`.
+    error_bodies: Vec<(u16, SchemaFn)>,
 }
 
 impl Doc {
@@ -53,6 +55,7 @@ impl Doc {
             query: Vec::new(),
             ok: (200, Content::Empty),
             errors: Vec::new(),
+            error_bodies: Vec::new(),
         }
     }
 
@@ -103,6 +106,12 @@ impl Doc {
     /// Answers `200` with a non-JSON media type.
     pub fn media(mut self, content_type: &'static str) -> Doc {
         self.ok = (200, Content::Other(content_type));
+        self
+    }
+
+    /// An error status whose body is a JSON `T` (such as `/ready`'s `503`).
+    pub fn error_json<T: ToSchema>(mut self, status: u16) -> Doc {
+        self.error_bodies.push((status, schema::<T>));
         self
     }
 
@@ -202,7 +211,11 @@ fn responses(doc: &Doc, limited: bool, schemas: &mut Schemas) -> Value {
     }
     errors.sort_unstable();
     errors.dedup();
-    for code in errors {
+    for (code, body) in &doc.error_bodies {
+        out[code.to_string()] = json!({ "description": "Failure",
+            "content": { "application/json": { "schema": reference(&body(schemas)) } } });
+    }
+    for code in errors.into_iter().filter(|c| !doc.error_bodies.iter().any(|(e, _)| e == c)) {
         let (about, schema) = match code {
             401 => ("Missing, invalid, expired or revoked credentials", "HTTPError"),
             404 => ("Not found, or not yours", "HTTPError"),

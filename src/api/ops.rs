@@ -33,7 +33,7 @@ pub fn routes(r: &mut Routes) {
         handler(ready),
         doc("Readiness: storage open and something can answer")
             .json::<Readiness>(200)
-            .errors(&[503]),
+            .error_json::<Readiness>(503),
     );
     r.add(
         Method::GET,

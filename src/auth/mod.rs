@@ -124,6 +124,13 @@ impl Auth {
         }
     }
 
+    /// Prepares the dummy hash that unknown-user logins verify against, so that even the
+    /// first such login takes the same time as a wrong password.
+    pub async fn warm_up(&self) -> Result<(), AuthError> {
+        self.hasher.verify_nobody(&Secret::new("warm-up")).await?;
+        Ok(())
+    }
+
     /// Creates an account (admins only through the CLI).
     pub async fn register(&self, reg: Registration, is_admin: bool) -> Result<User, AuthError> {
         let password_hash = self.hasher.hash(&reg.password).await?;
@@ -133,6 +140,12 @@ impl Auth {
 
     /// Checks a password and starts a new refresh-token family.
     pub async fn login(&self, username: &str, password: &Secret) -> Result<TokenPair, AuthError> {
+        if check_username(username).is_err() {
+            // No account can have this name; spend the same work, and keep the (possibly huge)
+            // name out of the failed-login table.
+            self.hasher.verify_nobody(password).await?;
+            return Err(AuthError::BadCredentials);
+        }
         let key = username.to_lowercase();
         let gate = self.failed_logins.peek(&key);
         if !gate.allowed {
@@ -192,7 +205,10 @@ impl Auth {
             let user = self.live_user(key.user_id)?;
             let now = now_ms();
             if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
-                self.store.touch_api_key(key.id, now).await?;
+                // Bookkeeping: a failed write must not fail a valid request.
+                if let Err(e) = self.store.touch_api_key(key.id, now).await {
+                    tracing::warn!(error = %e, "could not record API key use");
+                }
             }
             return Ok(Principal { user, api_key: Some(key.id) });
         }

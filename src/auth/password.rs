@@ -9,6 +9,7 @@ use argon2::password_hash::{
 };
 use argon2::{Algorithm, Argon2, Params, Version};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{OnceCell, Semaphore};
 
 /// OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
@@ -23,10 +24,20 @@ pub struct PasswordHasher {
     dummy: OnceCell<String>,
 }
 
-/// Why hashing failed: the blocking task died, or argon2 refused its input.
+/// A sign-in waits at most this long for a hashing slot; past it the server is overloaded and
+/// says so, instead of letting an unbounded queue hold every connection.
+const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// Why hashing failed.
 #[derive(Debug, thiserror::Error)]
-#[error("password hashing failed: {0}")]
-pub struct HashError(String);
+pub enum HashError {
+    /// Every hashing slot stayed taken for `QUEUE_WAIT`.
+    #[error("password hashing is saturated")]
+    Busy,
+    /// The blocking task died, or argon2 refused its input.
+    #[error("password hashing failed: {0}")]
+    Failed(String),
+}
 
 fn argon2() -> Argon2<'static> {
     let params =
@@ -51,7 +62,7 @@ impl PasswordHasher {
             argon2()
                 .hash_password(password.expose().as_bytes(), &salt)
                 .map(|h| h.to_string())
-                .map_err(|e| HashError(e.to_string()))
+                .map_err(|e| HashError::Failed(e.to_string()))
         })
         .await
     }
@@ -80,8 +91,11 @@ impl PasswordHasher {
         &self,
         f: impl FnOnce() -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self.permits.acquire().await.map_err(|e| HashError(e.to_string()))?;
-        tokio::task::spawn_blocking(f).await.map_err(|e| HashError(e.to_string()))?
+        let _permit = tokio::time::timeout(QUEUE_WAIT, self.permits.acquire())
+            .await
+            .map_err(|_| HashError::Busy)?
+            .map_err(|e| HashError::Failed(e.to_string()))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| HashError::Failed(e.to_string()))?
     }
 }
 

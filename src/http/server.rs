@@ -46,7 +46,8 @@ pub struct Limits {
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and gives in-flight
-/// requests up to `limits.shutdown_grace` to finish. Returns how many connections were cut off.
+/// requests up to `limits.shutdown_grace` to finish. Returns 0 when everything drained, else
+/// the number of connections that were open when draining began (an upper bound of those cut).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

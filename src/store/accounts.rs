@@ -235,6 +235,10 @@ impl Store {
         now: Millis,
         new_expires_at: Millis,
     ) -> Result<RotateOutcome, StoreError> {
+        // A made-up token costs a read, not a durable commit.
+        if !self.has_refresh_token(&old)? {
+            return Ok(RotateOutcome::Invalid);
+        }
         self.write(move |tx| {
             let mut tokens = tx.open_table(tables::REFRESH_TOKENS)?;
             let mut revoked = tx.open_table(tables::REVOKED_FAMILIES)?;
@@ -261,12 +265,19 @@ impl Store {
         .await
     }
 
+    fn has_refresh_token(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.read(|tx| Ok(tx.open_table(tables::REFRESH_TOKENS)?.get(hash.as_slice())?.is_some()))
+    }
+
     /// Revokes the family of this refresh token (logout); unknown tokens are ignored.
     pub async fn revoke_refresh_token(
         &self,
         hash: [u8; 32],
         now: Millis,
     ) -> Result<(), StoreError> {
+        if !self.has_refresh_token(&hash)? {
+            return Ok(());
+        }
         self.write(move |tx| {
             let tokens = tx.open_table(tables::REFRESH_TOKENS)?;
             let found = get::<&[u8], RefreshRecord>(&tokens, "refresh_tokens", hash.as_slice())?;

@@ -15,6 +15,7 @@ pub use conversations::{
 };
 
 use redb::{Database, ReadableTable};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,6 +76,14 @@ db_error_from!(
     redb::DatabaseError
 );
 
+/// Creates the data directory (and parents) with mode 0700 when it does not exist yet.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 /// A cheap, cloneable handle to the open database.
 #[derive(Clone)]
 pub struct Store {
@@ -91,8 +100,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) `dir/edgechat.redb`, checks its schema and creates missing tables.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+        private_dir(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
@@ -100,6 +108,9 @@ impl Store {
             }
             other => StoreError::Db(format!("{}: {other}", path.display())),
         })?;
+        // Password hashes and emails: readable by the server's user only.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let store = Store { db: Arc::new(db), path };
         store.check_schema()?;
         Ok(store)
