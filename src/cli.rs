@@ -1,8 +1,9 @@
-//! The `edgechat` command line: `serve`, `user …`, `config check`.
+//! The `edgechat` command line: `serve`, `user …`, `config check`, `chat`, `model …`.
 
 use crate::auth::{check_email, check_password, check_username};
 use crate::config::{Config, LogFormat};
 use crate::control::{self, Command, Reply};
+use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
 use crate::store::StoreError;
@@ -42,6 +43,52 @@ enum Cmd {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Chat with the local model in the terminal (or answer one prompt with -p)
+    Chat(ChatArgs),
+    /// List and fetch local model files
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    /// Answer this one prompt on stdout and exit
+    #[arg(short, long)]
+    prompt: Option<String>,
+    /// GGUF model file
+    #[arg(long, value_name = "FILE", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// A system message to start the conversation with
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens in one answer
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 answers greedily (the same every time)
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Makes sampling at a temperature above 0 repeatable
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Compute threads [default: every core]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Show the GGUF files in the models directory
+    List {
+        #[arg(long, value_name = "DIR", default_value = "models")]
+        dir: PathBuf,
+    },
+    /// Download FILE from Hugging Face hub repository REPO (honours HF_ENDPOINT and HF_TOKEN)
+    Pull {
+        repo: String,
+        file: String,
+        #[arg(long, value_name = "DIR", default_value = "models")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +148,15 @@ fn fail(message: String) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    // The local model needs no configuration or data directory.
+    match cli.command {
+        Cmd::Chat(args) => return chat(args).await,
+        Cmd::Model(ModelCommand::List { dir }) => return local::cli::list(&dir),
+        Cmd::Model(ModelCommand::Pull { repo, file, dir }) => {
+            return local::cli::pull(&repo, &file, &dir).await
+        }
+        _ => {}
+    }
     let (mut config, source) = load_config(&cli)?;
     if let Some(dir) = &cli.data_dir {
         config.storage.data_dir = Some(dir.clone());
@@ -115,7 +171,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
             Ok(())
         }
+        Cmd::Chat(_) | Cmd::Model(_) => unreachable!("handled above"),
     }
+}
+
+async fn chat(args: ChatArgs) -> Result<(), String> {
+    local::cli::chat(local::cli::ChatOptions {
+        model: args.model,
+        prompt: args.prompt,
+        system: args.system,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        threads: args.threads,
+    })
+    .await
 }
 
 fn load_config(cli: &Cli) -> Result<(Config, String), String> {

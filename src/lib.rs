@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod local;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
