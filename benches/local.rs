@@ -1,0 +1,118 @@
+//! `cargo bench --bench local`: the local engine on the default model — load time, prefill
+//! tokens/s (a 256-token prompt), decode tokens/s (128 tokens), peak RSS. Compare with
+//! llama.cpp on the same file and threads: `bash benches/llama-bench.sh`.
+//!
+//! Environment: `EDGECHAT_BENCH_MODEL` (default models/SmolLM2-135M-Instruct.Q4_1.gguf),
+//! `EDGECHAT_BENCH_THREADS` (default: all cores), `EDGECHAT_BENCH_RUNS` (default 3).
+
+use edgechat::local::{Engine, EngineOptions, GenerateRequest, Message, Role};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const PREFILL_TOKENS: usize = 256;
+const DECODE_TOKENS: usize = 128;
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter that excludes us means nothing to do.
+    if std::env::args().skip(1).any(|a| !a.starts_with('-') && !"local".contains(a.as_str())) {
+        return;
+    }
+    let model = std::env::var("EDGECHAT_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if !model.exists() {
+        eprintln!("{} is missing: run `bash models/fetch-default.sh`", model.display());
+        std::process::exit(1);
+    }
+    let threads = std::env::var("EDGECHAT_BENCH_THREADS").ok().and_then(|t| t.parse().ok());
+    let runs: usize =
+        std::env::var("EDGECHAT_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    let started = Instant::now();
+    let options = EngineOptions { threads, max_batch: 1, ..EngineOptions::default() };
+    let engine = Engine::load(&model, options).expect("load the model");
+    let load = started.elapsed();
+    let rss_loaded = peak_rss_kib();
+
+    let prompt = prompt_of(&engine, PREFILL_TOKENS);
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..runs {
+        // One generated token: the time is the prompt's forward pass plus one sampling step.
+        let (t, _) = runtime.block_on(time(&engine, prompt.clone(), 1));
+        prefill.push(PREFILL_TOKENS as f64 / t.as_secs_f64());
+        let short = vec![Message::new(Role::User, "Write a long story about a brave dragon.")];
+        let (first, _) = runtime.block_on(time(&engine, short.clone(), 1));
+        let (total, n) = runtime.block_on(time(&engine, short, DECODE_TOKENS));
+        decode.push((n - 1) as f64 / (total - first).as_secs_f64());
+    }
+    println!("model: {}", model.display());
+    println!("threads: {}", std::env::var("RAYON_NUM_THREADS").unwrap_or_default());
+    println!("load: {} ms", load.as_millis());
+    println!(
+        "prefill pp{PREFILL_TOKENS}: {:.1} tok/s (best of {runs}: {})",
+        best(&prefill),
+        list(&prefill)
+    );
+    println!(
+        "decode tg{DECODE_TOKENS}: {:.1} tok/s (best of {runs}: {})",
+        best(&decode),
+        list(&decode)
+    );
+    println!(
+        "peak rss: {} MiB after load, {} MiB at end",
+        rss_loaded / 1024,
+        peak_rss_kib() / 1024
+    );
+}
+
+/// Messages whose rendered prompt is exactly `tokens` long.
+fn prompt_of(engine: &Engine, tokens: usize) -> Vec<Message> {
+    let words = "the quick brown fox jumps over the lazy dog while a storm gathers ";
+    let mut text = String::new();
+    loop {
+        let messages = vec![Message::new(Role::User, text.clone())];
+        let rendered = engine.render_prompt(&messages).unwrap();
+        let n = engine.tokenizer().encode(&rendered).unwrap().len();
+        if n >= tokens {
+            // Trim word by word down to the exact count.
+            while engine
+                .tokenizer()
+                .encode(&engine.render_prompt(&[Message::new(Role::User, text.clone())]).unwrap())
+                .unwrap()
+                .len()
+                > tokens
+            {
+                text.pop();
+            }
+            return vec![Message::new(Role::User, text)];
+        }
+        text.push_str(words);
+    }
+}
+
+async fn time(engine: &Engine, messages: Vec<Message>, max_tokens: usize) -> (Duration, usize) {
+    let request = GenerateRequest { messages, max_tokens, ..GenerateRequest::default() };
+    let started = Instant::now();
+    let (_, _, usage) = engine.generate(request).unwrap().collect_text().await.unwrap();
+    (started.elapsed(), usage.completion_tokens)
+}
+
+fn best(xs: &[f64]) -> f64 {
+    xs.iter().cloned().fold(0.0, f64::max)
+}
+
+fn list(xs: &[f64]) -> String {
+    xs.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ")
+}
+
+/// VmHWM: the most resident memory the process has had.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,178 @@
+//! What `edgechat chat` and `edgechat model …` do; `crate::cli` only parses their arguments.
+
+use super::{files, list_models, Engine, EngineOptions, Event, GenerateRequest, Message, Role};
+use futures_util::StreamExt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Settings for `edgechat chat`.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    pub model: PathBuf,
+    /// One answer to this prompt on stdout, then exit.
+    pub prompt: Option<String>,
+    pub system: Option<String>,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub seed: Option<u64>,
+    pub threads: Option<usize>,
+}
+
+/// Runs `edgechat chat`: one answer for `-p`, otherwise a conversation on the terminal.
+pub async fn chat(options: ChatOptions) -> Result<(), String> {
+    let model = options.model.clone();
+    let threads = options.threads;
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::load(&model, EngineOptions { threads, ..EngineOptions::default() })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| missing_hint(e.to_string(), &options.model))?;
+    let mut history: Vec<Message> =
+        options.system.iter().map(|s| Message::new(Role::System, s)).collect();
+    if let Some(prompt) = &options.prompt {
+        history.push(Message::new(Role::User, prompt));
+        answer(&engine, &options, &history).await?;
+        return Ok(());
+    }
+    converse(&engine, &options, history).await
+}
+
+async fn converse(
+    engine: &Engine,
+    options: &ChatOptions,
+    start: Vec<Message>,
+) -> Result<(), String> {
+    let info = engine.info();
+    eprintln!(
+        "{} ({}, {}) — /reset clears the conversation, Ctrl-C stops an answer, Ctrl-D or /quit leaves",
+        info.name, info.architecture, info.quantization
+    );
+    let mut lines = stdin_lines();
+    let mut history = start.clone();
+    loop {
+        eprint!("> ");
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = tokio::signal::ctrl_c() => { eprintln!("\n(Ctrl-D or /quit leaves)"); continue; }
+        };
+        let Some(line) = line else { break };
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history = start.clone();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            text => history.push(Message::new(Role::User, text)),
+        }
+        let reply = answer(engine, options, &history).await?;
+        history.push(Message::new(Role::Assistant, reply));
+    }
+    Ok(())
+}
+
+/// Streams one answer to stdout; Ctrl-C ends it early and keeps what was said.
+async fn answer(
+    engine: &Engine,
+    options: &ChatOptions,
+    history: &[Message],
+) -> Result<String, String> {
+    let request = GenerateRequest {
+        messages: history.to_vec(),
+        max_tokens: options.max_tokens,
+        temperature: options.temperature,
+        top_p: if options.temperature > 0.0 { 0.95 } else { 1.0 },
+        repetition_penalty: 1.1,
+        seed: options.seed,
+        ..GenerateRequest::default()
+    };
+    let mut stream = engine.generate(request).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    let mut out = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = tokio::signal::ctrl_c() => { eprint!(" [stopped]"); break; }
+        };
+        match event {
+            Some(Ok(Event::Delta(d))) => {
+                text.push_str(&d);
+                let _ = out.write_all(d.as_bytes()).and_then(|_| out.flush());
+            }
+            Some(Ok(Event::Done { .. })) | None => break,
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    println!();
+    Ok(text)
+}
+
+/// Lines typed on stdin, read on their own thread so the terminal never blocks the runtime.
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn missing_hint(message: String, model: &Path) -> String {
+    if model.exists() || model != files::default_model(&files::default_dir()) {
+        return message;
+    }
+    format!("{message}\nfetch the default model with: bash models/fetch-default.sh")
+}
+
+/// `edgechat model list`: a table of the GGUF files in `dir`.
+pub fn list(dir: &Path) -> Result<(), String> {
+    let models = list_models(dir).map_err(|e| e.to_string())?;
+    if models.is_empty() {
+        println!(
+            "no .gguf files in {} (bash models/fetch-default.sh fetches the default)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<8} {:>7} {:<6} {:>7} {:>9}",
+        "name", "arch", "params", "quant", "context", "size"
+    );
+    for model in models {
+        match model {
+            Ok(m) => println!(
+                "{:<40} {:<8} {:>7} {:<6} {:>7} {:>7.1}MB",
+                m.path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                m.architecture,
+                count(m.parameters),
+                m.quantization,
+                m.trained_context,
+                m.file_size as f64 / 1e6
+            ),
+            Err(e) => println!("{e}"),
+        }
+    }
+    Ok(())
+}
+
+/// 134515008 → "135M".
+fn count(n: u64) -> String {
+    match n {
+        0..=999_999 => format!("{:.0}K", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.0}M", n as f64 / 1e6),
+        _ => format!("{:.1}B", n as f64 / 1e9),
+    }
+}
+
+/// `edgechat model pull REPO FILE`.
+pub async fn pull(repo: &str, file: &str, dir: &Path) -> Result<(), String> {
+    let path = files::pull(repo, file, dir).await.map_err(|e| e.to_string())?;
+    println!("{}", path.display());
+    Ok(())
+}

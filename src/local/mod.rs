@@ -1,0 +1,283 @@
+//! The local model engine: a GGUF model run in-process with candle, so edgechat answers with no
+//! network at all.
+//!
+//! [`Engine::load`] reads the model once; [`Engine::generate`] renders the chat template,
+//! tokenizes, and queues the request for the one generation thread, returning a stream of
+//! [`Event`]s. Invariants:
+//! - generation never runs on the caller's (tokio) threads: a dedicated thread owns the weights;
+//! - the wait queue is bounded: overflow is [`LocalError::Busy`], never unbounded memory;
+//! - dropping the stream cancels the request before its next token;
+//! - a prompt that does not fit the context window is refused up front
+//!   ([`LocalError::PromptTooLong`]); the caller trims history.
+
+pub mod cli;
+mod error;
+pub mod files;
+mod gguf;
+mod model;
+mod sampler;
+mod scheduler;
+mod template;
+mod text;
+mod tokenizer;
+
+pub use error::LocalError;
+pub use gguf::{list_models, ModelInfo};
+pub use template::{ChatTemplate, Message, Role, CHATML};
+pub use tokenizer::TextTokenizer;
+
+use futures_util::Stream;
+use sampler::SamplingParams;
+use scheduler::{Job, Queue};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+
+/// How the engine runs; the defaults suit one small model on a small machine.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineOptions {
+    /// Compute threads; `None` means every core. candle sizes its pools once per process, so
+    /// the first engine loaded decides (and `RAYON_NUM_THREADS` set outside wins over both).
+    pub threads: Option<usize>,
+    /// Requests generated at once, interleaved token by token.
+    pub max_batch: usize,
+    /// Requests that may wait beyond those; one more is refused as busy.
+    pub max_queue: usize,
+    /// Caps the context window below what the model allows (less KV cache memory).
+    pub context: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { threads: None, max_batch: 4, max_queue: 32, context: None }
+    }
+}
+
+/// One chat completion to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub messages: Vec<Message>,
+    /// Most tokens to generate; reaching it ends with [`FinishReason::Length`].
+    pub max_tokens: usize,
+    /// 0 is greedy and deterministic.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// Makes sampling at temperature > 0 reproducible.
+    pub seed: Option<u64>,
+    /// Generation ends before any of these would appear; none of it is ever emitted.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            messages: Vec::new(),
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a generation stream yields: text deltas, then exactly one `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Delta(String),
+    Done { finish_reason: FinishReason, usage: Usage },
+}
+
+/// A loaded model; cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    info: ModelInfo,
+    /// The longest sequence (prompt + answer) the engine runs.
+    context: usize,
+    tokenizer: Arc<TextTokenizer>,
+    template: ChatTemplate,
+    queue: Arc<Queue>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.queue.shutdown();
+    }
+}
+
+impl Engine {
+    /// Loads the model at `path` and starts its generation thread. Blocking (about the time to
+    /// read the file): call it from `spawn_blocking` in async code.
+    pub fn load(path: &Path, options: EngineOptions) -> Result<Engine, LocalError> {
+        set_threads(options.threads);
+        let gguf = gguf::GgufFile::open(path)?;
+        let info = gguf.info()?;
+        let tokenizer = Arc::new(TextTokenizer::load(&gguf)?);
+        let source = gguf.string("tokenizer.chat_template").unwrap_or(CHATML).to_owned();
+        let template = ChatTemplate::new(&source, &tokenizer.bos_text, &tokenizer.eos_text)?;
+        let device = model::device();
+        let (weights, limit) = model::Weights::load(gguf, &device)?;
+        let context = options.context.map_or(limit, |c| c.clamp(1, limit));
+        let queue = Arc::new(Queue::new(options.max_queue));
+        let worker = (queue.clone(), tokenizer.clone(), options.max_batch.max(1));
+        std::thread::Builder::new()
+            .name("edgechat-local".into())
+            .spawn(move || scheduler::run(worker.0, weights, worker.1, device, worker.2))
+            .map_err(|e| {
+                LocalError::Generation(format!("cannot start the generation thread: {e}"))
+            })?;
+        let inner = Inner { info, context, tokenizer, template, queue };
+        Ok(Engine { inner: Arc::new(inner) })
+    }
+
+    /// The model file's facts.
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// Prompt plus answer tokens the engine accepts.
+    pub fn context_length(&self) -> usize {
+        self.inner.context
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// The prompt text the model sees for `messages`.
+    pub fn render_prompt(&self, messages: &[Message]) -> Result<String, LocalError> {
+        self.inner.template.render(messages)
+    }
+
+    /// Queues a request and returns its stream. Fails at once when the request is invalid, the
+    /// prompt does not fit, or the queue is full.
+    pub fn generate(&self, request: GenerateRequest) -> Result<Generation, LocalError> {
+        let params = validate(&request)?;
+        let prompt = self.render_prompt(&request.messages)?;
+        let prompt = self.inner.tokenizer.encode_prompt(&prompt)?;
+        let context = self.inner.context;
+        if prompt.len() >= context {
+            return Err(LocalError::PromptTooLong { prompt_tokens: prompt.len(), context });
+        }
+        let (reply, rx) = mpsc::unbounded_channel();
+        self.inner.queue.push(Job {
+            max_tokens: request.max_tokens.min(context - prompt.len()),
+            prompt,
+            params,
+            seed: request.seed,
+            stop: request.stop,
+            reply,
+        })?;
+        Ok(Generation { rx, done: false })
+    }
+}
+
+/// The events of one request. Dropping it cancels the request.
+pub struct Generation {
+    rx: mpsc::UnboundedReceiver<Result<Event, LocalError>>,
+    done: bool,
+}
+
+impl Generation {
+    /// The whole answer and how it ended; handy for tests and `chat -p`.
+    pub async fn collect_text(mut self) -> Result<(String, FinishReason, Usage), LocalError> {
+        use futures_util::StreamExt;
+        let mut text = String::new();
+        while let Some(event) = self.next().await {
+            match event? {
+                Event::Delta(d) => text.push_str(&d),
+                Event::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+            }
+        }
+        Err(LocalError::Stopped)
+    }
+}
+
+impl Stream for Generation {
+    type Item = Result<Event, LocalError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                self.done = matches!(item, Ok(Event::Done { .. }) | Err(_));
+                Poll::Ready(Some(item))
+            }
+            // The thread went away without finishing: say so once.
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err(LocalError::Stopped)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn validate(r: &GenerateRequest) -> Result<SamplingParams, LocalError> {
+    let bad = |m: &str| Err(LocalError::InvalidRequest(m.to_owned()));
+    if r.messages.is_empty() {
+        return bad("no messages");
+    }
+    if r.max_tokens == 0 {
+        return bad("max_tokens must be at least 1");
+    }
+    if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+        return bad("temperature must be 0 or more");
+    }
+    if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+        return bad("top_p must be in (0, 1]");
+    }
+    if !(r.repetition_penalty.is_finite() && r.repetition_penalty > 0.0) {
+        return bad("repetition_penalty must be more than 0");
+    }
+    Ok(SamplingParams {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        repetition_penalty: r.repetition_penalty,
+    })
+}
+
+/// candle reads its thread counts from the environment when its pools first start, so this
+/// must run before any tensor work; an explicit `RAYON_NUM_THREADS` is left alone.
+fn set_threads(threads: Option<usize>) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let n = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+}

@@ -1,0 +1,128 @@
+//! The network itself: one of candle-transformers' quantized models, picked by the GGUF's
+//! `general.architecture`.
+
+use super::gguf::GgufFile;
+use super::LocalError;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// candle 0.11's quantized qwen2 cannot be cloned (one KV cache per request needs that).
+pub(crate) const SUPPORTED: &str = "llama, qwen3, gemma3";
+
+/// Weights plus one sequence's KV cache. Cloning shares the weights (they sit behind `Arc`s)
+/// and gives an independent cache once cleared.
+#[derive(Clone)]
+pub(crate) enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Qwen3(quantized_qwen3::ModelWeights),
+    Gemma3(quantized_gemma3::ModelWeights),
+}
+
+impl Weights {
+    /// Reads every tensor; returns the weights and the longest sequence this implementation
+    /// can hold (candle's llama precomputes RoPE for 4096 positions only).
+    pub fn load(gguf: GgufFile, device: &Device) -> Result<(Self, usize), LocalError> {
+        let architecture = gguf.architecture()?;
+        let trained = gguf.u32(&format!("{architecture}.context_length")).unwrap_or(0) as usize;
+        let GgufFile { path, content, mut reader } = gguf;
+        let r = &mut reader;
+        let loaded = guard(|| match architecture.as_str() {
+            "llama" => Ok(Some((
+                Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, r, device)?),
+                cap(trained, quantized_llama::MAX_SEQ_LEN),
+            ))),
+            "qwen3" => Ok(Some((
+                Weights::Qwen3(quantized_qwen3::ModelWeights::from_gguf(content, r, device)?),
+                trained,
+            ))),
+            "gemma3" => Ok(Some((
+                Weights::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, r, device)?),
+                cap(trained, quantized_gemma3::MAX_SEQ_LEN),
+            ))),
+            _ => Ok(None),
+        })
+        .map_err(|message| LocalError::Corrupt { path: path.clone(), message })?;
+        match loaded {
+            Some((w, 0)) => Err(LocalError::corrupt(&path, format!("no `{}` > 0", ctx_key(&w)))),
+            Some(found) => Ok(found),
+            None => Err(LocalError::UnsupportedArchitecture {
+                path,
+                architecture,
+                supported: SUPPORTED,
+            }),
+        }
+    }
+
+    /// A copy with an empty KV cache, for a new sequence.
+    pub fn fresh(&self) -> Self {
+        let mut w = self.clone();
+        match &mut w {
+            Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Qwen3(m) => m.clear_kv_cache(),
+            // gemma3 has no clear method; position 0 restarts its cache.
+            Weights::Gemma3(_) => {}
+        }
+        w
+    }
+
+    /// Runs `tokens` at positions `pos..` and returns the logits for the last one.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>, LocalError> {
+        guard(|| {
+            let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+            let logits = match self {
+                Weights::Llama(m) => m.forward(&input, pos)?,
+                Weights::Qwen3(m) => m.forward(&input, pos)?,
+                Weights::Gemma3(m) => m.forward(&input, pos)?,
+            };
+            logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+        })
+        .map_err(LocalError::Generation)
+    }
+}
+
+fn ctx_key(w: &Weights) -> &'static str {
+    match w {
+        Weights::Llama(_) => "llama.context_length",
+        Weights::Qwen3(_) => "qwen3.context_length",
+        Weights::Gemma3(_) => "gemma3.context_length",
+    }
+}
+
+fn cap(trained: usize, implemented: usize) -> usize {
+    trained.min(implemented)
+}
+
+/// Runs candle code, turning both its errors and any panic (a malformed tensor shape can trip
+/// an assertion deep inside) into a message.
+fn guard<T>(f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(match panic.downcast_ref::<&str>() {
+            Some(s) => format!("internal error: {s}"),
+            None => match panic.downcast_ref::<String>() {
+                Some(s) => format!("internal error: {s}"),
+                None => "internal error".to_owned(),
+            },
+        }),
+    }
+}
+
+/// The device the `cuda` / `metal` features ask for, else the CPU.
+pub(crate) fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    #[cfg(feature = "metal")]
+    if let Ok(d) = Device::new_metal(0) {
+        return d;
+    }
+    Device::Cpu
+}

@@ -1,0 +1,113 @@
+//! The local engine on the default model, SmolLM2-135M-Instruct Q4_1: real language ability,
+//! and our tokenizer and template against fixtures from independent implementations
+//! (`scripts/make_fixtures.py`). Without the model these fail, naming the command that fetches it.
+
+mod common_local;
+
+use common_local::default_model;
+use edgechat::local::{Engine, EngineOptions, FinishReason, GenerateRequest, Message, Role};
+use std::sync::OnceLock;
+
+/// One engine for the whole file: loading is the slow part.
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(&default_model(), EngineOptions::default()).unwrap())
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ask(text: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        messages: vec![Message::new(Role::User, text)],
+        max_tokens,
+        ..GenerateRequest::default()
+    }
+}
+
+#[test]
+fn the_tokenizer_matches_the_reference() {
+    let tokenizer = engine().tokenizer();
+    let cases = fixture("tokenizer_smollm2.json");
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> =
+            case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tokenizer.encode(text).unwrap(), expected, "text {text:?}");
+    }
+}
+
+#[test]
+fn the_llama_cpp_pair_matches() {
+    let ids = engine().tokenizer().encode("café 東京 🚀  spaces\n\nnew <|im_start|>user").unwrap();
+    let expected = [
+        83, 1939, 2756, 17097, 247, 126, 16736, 122, 15107, 244, 218, 216, 5600, 198, 198, 2241,
+        216, 1, 4093,
+    ];
+    assert_eq!(ids, expected);
+}
+
+#[test]
+fn the_template_matches_the_reference() {
+    let cases = fixture("template_smollm2.json");
+    for case in cases["cases"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let prompt = engine().render_prompt(&messages).unwrap();
+        assert_eq!(prompt, case["prompt"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn the_model_is_described() {
+    let info = engine().info();
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.quantization, "Q4_1");
+    assert_eq!(info.trained_context, 8192);
+    assert_eq!(info.file_size, 98_362_432);
+    assert!((130_000_000..140_000_000).contains(&info.parameters), "{}", info.parameters);
+}
+
+/// With the template's default system line, greedy SmolLM2-135M Q4_1 wanders off into French
+/// landmarks ("L'Étoile, la Marseillaise, …"); with a plain system message it answers
+/// "The capital of France is Paris." (and "Berlin" for Germany with the default line).
+#[tokio::test]
+async fn knows_the_capital_of_france() {
+    let mut request = ask("What is the capital of France?", 24);
+    request.messages.insert(0, Message::new(Role::System, "You are a helpful assistant."));
+    let (text, reason, usage) = engine().generate(request).unwrap().collect_text().await.unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert!(usage.completion_tokens <= 24 && usage.prompt_tokens > 20);
+    if reason == FinishReason::Stop {
+        assert!(usage.completion_tokens < 24);
+    }
+}
+
+#[tokio::test]
+async fn eight_concurrent_requests_all_complete() {
+    let questions = [
+        "Name a colour.",
+        "What is 2 + 2?",
+        "Say hello.",
+        "Name a fruit.",
+        "What is the capital of Italy?",
+        "Name an animal.",
+        "What day comes after Monday?",
+        "Name a planet.",
+    ];
+    let started = std::time::Instant::now();
+    let tasks = questions.map(|q| {
+        tokio::spawn(async move {
+            let stream = engine().generate(ask(q, 12)).unwrap();
+            let (text, _, usage) = stream.collect_text().await.unwrap();
+            (text, usage.completion_tokens, started.elapsed())
+        })
+    });
+    for task in tasks {
+        let (text, tokens, _elapsed) = task.await.unwrap();
+        assert!(tokens >= 1 && !text.trim().is_empty(), "empty answer");
+    }
+}
