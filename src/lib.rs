@@ -13,6 +13,7 @@ pub mod control;
 pub mod http;
 pub mod llm;
 pub mod local;
+pub mod message;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use edgechat::llm::{
-    Breaker, ChatMessage, ChatRequest, Event, FinishReason, OpenAiCompatible, Phase, ProviderError,
+    Breaker, ChatRequest, Event, FinishReason, Message, OpenAiCompatible, Phase, ProviderError,
     RetryPolicy, Role, Timeouts, Usage,
 };
 use edgechat::secret::Secret;
@@ -176,7 +176,7 @@ fn client(base: &str, attempts: u32, breaker: Breaker) -> OpenAiCompatible {
 fn request() -> ChatRequest {
     ChatRequest {
         model: "gpt-4o-mini".into(),
-        messages: vec![ChatMessage { role: Role::User, content: "Hello".into() }],
+        messages: vec![Message::new(Role::User, "Hello")],
         max_tokens: Some(16),
         ..Default::default()
     }

@@ -348,10 +348,7 @@ mod tests {
     fn the_body_carries_only_set_parameters() {
         let req = ChatRequest {
             model: "gpt-4o-mini".into(),
-            messages: vec![super::super::ChatMessage {
-                role: super::super::Role::User,
-                content: "hi".into(),
-            }],
+            messages: vec![crate::message::Message::new(crate::message::Role::User, "hi")],
             max_tokens: Some(5),
             ..Default::default()
         };

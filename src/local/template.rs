@@ -3,34 +3,13 @@
 
 use super::LocalError;
 use minijinja::{Environment, Error, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 /// Used when a model carries no template; ChatML is what most small instruct models expect.
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n\
 {{ message.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-/// Who said a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-/// One turn of the conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into() }
-    }
-}
+pub use crate::message::{Message, Role};
 
 /// A compiled template; rendering is cheap and thread-safe.
 pub struct ChatTemplate {
