@@ -28,7 +28,7 @@ if [[ ! -x "$bench" ]]; then
     if [[ ! -d "$src" ]]; then
         tmp="$(mktemp -d)"
         trap 'rm -rf "$tmp"' EXIT
-        pip3 download --quiet --no-deps --no-binary :all: --dest "$tmp" "llama-cpp-python==$VERSION"
+        pip3 download --quiet --no-deps --no-binary llama-cpp-python --dest "$tmp" "llama-cpp-python==$VERSION"
         tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
         mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$src"
     fi
