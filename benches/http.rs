@@ -25,6 +25,11 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// Sends a request and returns its JSON answer.
+async fn call(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
@@ -37,37 +42,14 @@ async fn fixture() -> Fixture {
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let creds =
         json!({"username": "bench", "email": "bench@example.com", "password": "password-bench"});
-    c.post(format!("{base}/auth/register")).json(&creds).send().await.unwrap();
-    let tokens: Value = c
-        .post(format!("{base}/auth/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let registered = call(c.post(format!("{base}/auth/register")).json(&creds)).await;
+    let user = registered["id"].as_str().unwrap().parse().unwrap();
+    let tokens = call(c.post(format!("{base}/auth/login")).json(&creds)).await;
     let jwt = tokens["access_token"].as_str().unwrap().to_string();
-    let key: Value = c
-        .post(format!("{base}/auth/api-keys"))
-        .bearer_auth(&jwt)
-        .json(&json!({"name": "bench"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let me: Value = c
-        .get(format!("{base}/auth/me"))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let user = me["id"].as_str().unwrap().parse().unwrap();
+    let key = call(
+        c.post(format!("{base}/auth/api-keys")).bearer_auth(&jwt).json(&json!({"name": "bench"})),
+    )
+    .await;
     for i in 0..50 {
         let msg = |role, text: &str| NewMessage {
             role,

@@ -47,8 +47,6 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("cannot prepare password hashing: {0}")]
-    Auth(String),
     #[error("cannot open the control socket {path}: {source}")]
     Control { path: PathBuf, source: std::io::Error },
     #[error("cannot read secret file {path}: {source}")]
@@ -117,9 +115,7 @@ pub async fn services(config: &Config, env: &Environment) -> Result<Services, St
             burst: q.burst,
         }),
     };
-    let auth = Arc::new(Auth::new(store.clone(), settings));
-    auth.warm_up().await.map_err(|e| StartError::Auth(e.to_string()))?;
-    Ok(Services { auth, store, data_dir })
+    Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
 
 /// Starts serving `routes` (normally `api::routes()`) as `config` says.

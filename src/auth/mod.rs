@@ -124,13 +124,6 @@ impl Auth {
         }
     }
 
-    /// Prepares the dummy hash that unknown-user logins verify against, so that even the
-    /// first such login takes the same time as a wrong password.
-    pub async fn warm_up(&self) -> Result<(), AuthError> {
-        self.hasher.verify_nobody(&Secret::new("warm-up")).await?;
-        Ok(())
-    }
-
     /// Creates an account (admins only through the CLI).
     pub async fn register(&self, reg: Registration, is_admin: bool) -> Result<User, AuthError> {
         let password_hash = self.hasher.hash(&reg.password).await?;
