@@ -1,10 +1,10 @@
-//! The OpenAI-compatible client against a stand-in that speaks the real wire format on
-//! 127.0.0.1:0 and misbehaves on cue: every behaviour ends in an answer or a typed error within
-//! the configured deadlines, never a hang.
+//! The remote client in its Chat Completions dialect against a stand-in that speaks the real
+//! wire format on 127.0.0.1:0 and misbehaves on cue: every behaviour ends in an answer or a typed
+//! error within the configured deadlines, never a hang.
 
 use bytes::Bytes;
 use edgechat::llm::{
-    Breaker, ChatRequest, Event, FinishReason, Message, OpenAiCompatible, Phase, ProviderError,
+    Breaker, ChatRequest, Dialect, Event, FinishReason, Message, Phase, ProviderError, Remote,
     RetryPolicy, Role, Timeouts, Usage,
 };
 use edgechat::secret::Secret;
@@ -163,14 +163,15 @@ fn timeouts() -> Timeouts {
     }
 }
 
-fn client(base: &str, attempts: u32, breaker: Breaker) -> OpenAiCompatible {
+fn client(base: &str, attempts: u32, breaker: Breaker) -> Remote {
     let retry = RetryPolicy {
         attempts,
         base_delay: Duration::from_millis(20),
         max_delay: Duration::from_secs(2),
     };
-    OpenAiCompatible::new("openai", base, Some(Secret::new("sk-test")), timeouts(), retry, breaker)
-        .unwrap()
+    let key = Some(Secret::new("sk-test"));
+    let breaker = Arc::new(breaker);
+    Remote::new("openai", base, Dialect::ChatCompletions, key, timeouts(), retry, breaker).unwrap()
 }
 
 fn request() -> ChatRequest {
@@ -301,13 +302,14 @@ async fn the_breaker_opens_and_skips_the_upstream() {
 #[tokio::test]
 async fn no_key_or_nothing_listening_fail_fast_with_their_reason() {
     let retry = RetryPolicy { attempts: 1, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
-    let c = OpenAiCompatible::new(
+    let c = Remote::new(
         "openai",
         "http://127.0.0.1:9/v1",
+        Dialect::ChatCompletions,
         None,
         timeouts(),
         retry,
-        breaker(),
+        Arc::new(breaker()),
     )
     .unwrap();
     assert_eq!(c.chat(&request()).await.err(), Some(ProviderError::NotConfigured));

@@ -1,18 +1,22 @@
 //! Language-model providers behind one abstraction: a `ChatRequest` in, a stream of text
 //! deltas out, ending in exactly one `Finish` with the reason and token usage.
 //!
-//! Remote providers (OpenAI and anything that speaks its Chat Completions wire format, such as
-//! HuggingFace's router, vLLM, OpenRouter or llama-server) retry only before the first event
-//! reaches the caller, keep per-phase deadlines (connect, first byte, idle, total), and sit
-//! behind a circuit breaker so that an offline box stops paying a timeout per request.
+//! Remote providers go through one client, `Remote`, in one of two wire dialects: OpenAI's Chat
+//! Completions (OpenAI and anything that speaks it, such as HuggingFace's router, vLLM,
+//! OpenRouter or llama-server) or HuggingFace's classic text-generation task (TGI). Either way
+//! it retries only before the first event reaches the caller, keeps per-phase deadlines
+//! (connect, first byte, idle, total), and sits behind a circuit breaker, shareable between the
+//! clients of one provider, so that an offline box stops paying a timeout per request.
 //! Nothing here knows about HTTP serving or storage.
 
 mod breaker;
-mod openai;
+mod chat_completions;
+mod remote;
 mod sse;
+mod text_generation;
 
 pub use breaker::{Breaker, BreakerState};
-pub use openai::OpenAiCompatible;
+pub use remote::{Dialect, Remote};
 pub use sse::{SseError, SseEvent, SseParser};
 
 use futures_util::stream::BoxStream;

@@ -1,17 +1,18 @@
-//! A client for OpenAI's Chat Completions wire format, streaming (SSE) always, so that the
-//! first token can be forwarded as soon as it exists and a stall is noticed per chunk.
-//! Base URL and key are configurable: OpenAI, Azure-style gateways, OpenRouter, vLLM,
-//! llama-server and HuggingFace's router all speak it.
+//! One streaming client for remote providers, speaking either of two wire dialects: OpenAI's
+//! Chat Completions or HuggingFace's classic text-generation task (TGI). Streaming (SSE) always,
+//! so that the first token can be forwarded as soon as it exists and a stall is noticed per
+//! chunk. Retries, deadlines, breaker accounting, redaction and error classification live here
+//! once; the dialect modules only build the request and read its chunks.
 
 use super::sse::{SseEvent, SseParser};
 use super::{
-    Breaker, ChatRequest, Event, EventStream, FinishReason, Phase, ProviderError, RetryPolicy,
-    Timeouts, Usage,
+    chat_completions, text_generation, Breaker, ChatRequest, Event, EventStream, Phase,
+    ProviderError, RetryPolicy, Timeouts,
 };
 use crate::secret::Secret;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +21,63 @@ use tokio::time::{timeout_at, Instant};
 /// Upstream error bodies are logged up to this many bytes (redacted), never returned.
 const LOGGED_BODY: usize = 512;
 
-/// One OpenAI-compatible endpoint.
-pub struct OpenAiCompatible {
+/// The wire format a remote endpoint speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI Chat Completions at `{base_url}/chat/completions`: OpenAI, Azure-style gateways,
+    /// OpenRouter, vLLM, llama-server and HuggingFace's router all speak it.
+    ChatCompletions,
+    /// HuggingFace's classic text-generation task (TGI) at `{base_url}/{model}`, for models
+    /// only served there; the conversation is sent as a plain transcript.
+    TextGeneration,
+}
+
+/// Why a chunk could not be read; the shared stream turns both into `Protocol` errors, logging
+/// an error event's body (redacted) but never returning it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum DecodeError {
+    /// The chunk is not the dialect's JSON.
+    Malformed(String),
+    /// The upstream reported an error in the stream.
+    ErrorEvent,
+}
+
+/// Reads one dialect's SSE events into generation events.
+pub(super) trait Decode: Send {
+    /// Queues what `data` means; `Ok(true)` once it was the stream's last event (the decoder has
+    /// then queued the `Finish`).
+    fn decode(&mut self, data: &str, out: &mut VecDeque<Event>) -> Result<bool, DecodeError>;
+}
+
+impl Dialect {
+    /// Where a request for `model` goes.
+    fn url(self, base: &str, model: &str) -> Result<String, ProviderError> {
+        match self {
+            Dialect::ChatCompletions => Ok(format!("{base}/chat/completions")),
+            Dialect::TextGeneration => text_generation::url(base, model),
+        }
+    }
+
+    fn body(self, req: &ChatRequest) -> Value {
+        match self {
+            Dialect::ChatCompletions => chat_completions::body(req),
+            Dialect::TextGeneration => text_generation::body(req),
+        }
+    }
+
+    fn decoder(self) -> Box<dyn Decode> {
+        match self {
+            Dialect::ChatCompletions => Box::<chat_completions::Decoder>::default(),
+            Dialect::TextGeneration => Box::<text_generation::Decoder>::default(),
+        }
+    }
+}
+
+/// One remote endpoint in one dialect.
+pub struct Remote {
     name: String,
-    url: String,
+    base_url: String,
+    dialect: Dialect,
     api_key: Option<Secret>,
     client: reqwest::Client,
     timeouts: Timeouts,
@@ -31,29 +85,32 @@ pub struct OpenAiCompatible {
     breaker: Arc<Breaker>,
 }
 
-impl OpenAiCompatible {
-    /// A client for `{base_url}/chat/completions`; without a key the provider counts as down.
+impl Remote {
+    /// A client for `base_url` in `dialect`; without a key the provider counts as down. The
+    /// breaker is shared so that two clients of one provider open and close together.
     pub fn new(
         name: &str,
         base_url: &str,
+        dialect: Dialect,
         api_key: Option<Secret>,
         timeouts: Timeouts,
         retry: RetryPolicy,
-        breaker: Breaker,
-    ) -> Result<OpenAiCompatible, ProviderError> {
+        breaker: Arc<Breaker>,
+    ) -> Result<Remote, ProviderError> {
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .user_agent(concat!("edgechat/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        Ok(OpenAiCompatible {
+        Ok(Remote {
             name: name.to_string(),
-            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            dialect,
             api_key,
             client,
             timeouts,
             retry,
-            breaker: Arc::new(breaker),
+            breaker,
         })
     }
 
@@ -71,13 +128,15 @@ impl OpenAiCompatible {
     /// until then; after that, failures end the stream with an error instead.
     pub async fn chat(&self, req: &ChatRequest) -> Result<EventStream, ProviderError> {
         let key = self.api_key.as_ref().ok_or(ProviderError::NotConfigured)?;
+        let url = self.dialect.url(&self.base_url, &req.model)?;
         if !self.breaker.allow() {
             return Err(ProviderError::CircuitOpen);
         }
+        let body = self.dialect.body(req);
         let deadline = Instant::now() + self.timeouts.total;
         let mut attempt = 0;
         loop {
-            let error = match self.attempt(req, key, deadline).await {
+            let error = match self.attempt(&url, &body, key, deadline).await {
                 Ok(stream) => {
                     self.breaker.success();
                     return Ok(stream);
@@ -106,12 +165,13 @@ impl OpenAiCompatible {
 
     async fn attempt(
         &self,
-        req: &ChatRequest,
+        url: &str,
+        body: &Value,
         key: &Secret,
         deadline: Instant,
     ) -> Result<EventStream, ProviderError> {
         let first_deadline = deadline.min(Instant::now() + self.timeouts.first_byte);
-        let send = self.client.post(&self.url).bearer_auth(key.expose()).json(&body(req)).send();
+        let send = self.client.post(url).bearer_auth(key.expose()).json(body).send();
         let response = timeout_at(first_deadline, send)
             .await
             .map_err(|_| ProviderError::Timeout(Phase::FirstByte))?
@@ -128,13 +188,18 @@ impl OpenAiCompatible {
             tracing::warn!(provider = %self.name, status = status.as_u16(), body = %redact(text.as_deref().unwrap_or("")), "upstream refused");
             return Err(ProviderError::Status { status: status.as_u16(), retry_after });
         }
-        let mut events = event_stream(
-            self.name.clone(),
-            response.bytes_stream().boxed(),
-            self.timeouts.idle,
+        let state = State {
+            provider: self.name.clone(),
+            body: response.bytes_stream().boxed(),
+            parser: SseParser::default(),
+            decoder: self.dialect.decoder(),
+            queue: VecDeque::new(),
+            done: false,
+            idle: self.timeouts.idle,
             deadline,
-            self.breaker.clone(),
-        );
+            breaker: self.breaker.clone(),
+        };
+        let mut events = event_stream(state);
         match timeout_at(first_deadline, events.next()).await {
             Err(_) => Err(ProviderError::Timeout(Phase::FirstByte)),
             Ok(None) => Err(ProviderError::Protocol("empty stream".into())),
@@ -159,37 +224,6 @@ fn classify(e: reqwest::Error) -> ProviderError {
     }
 }
 
-/// The upstream request: always streamed, usage requested in the last chunk.
-fn body(req: &ChatRequest) -> Value {
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-        .collect();
-    let mut body = json!({
-        "model": req.model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    if let Some(v) = req.max_tokens {
-        body["max_tokens"] = v.into();
-    }
-    if let Some(v) = req.temperature {
-        body["temperature"] = v.into();
-    }
-    if let Some(v) = req.top_p {
-        body["top_p"] = v.into();
-    }
-    if let Some(v) = req.seed {
-        body["seed"] = v.into();
-    }
-    if !req.stop.is_empty() {
-        body["stop"] = json!(req.stop);
-    }
-    body
-}
-
 /// Logs must not carry keys an upstream echoes back: long token-like words are masked.
 fn redact(text: &str) -> String {
     let cut: String = text.chars().take(LOGGED_BODY).collect();
@@ -206,13 +240,13 @@ fn redact(text: &str) -> String {
         .collect()
 }
 
+/// One response body being read: bytes → SSE events → the dialect's decoder → our events.
 struct State {
     provider: String,
     body: BoxStream<'static, reqwest::Result<Bytes>>,
     parser: SseParser,
+    decoder: Box<dyn Decode>,
     queue: VecDeque<Event>,
-    finish: Option<FinishReason>,
-    usage: Option<Usage>,
     done: bool,
     idle: Duration,
     deadline: Instant,
@@ -220,25 +254,7 @@ struct State {
 }
 
 /// Turns the response body into events; dropping the stream drops the connection.
-fn event_stream(
-    provider: String,
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
-    idle: Duration,
-    deadline: Instant,
-    breaker: Arc<Breaker>,
-) -> EventStream {
-    let state = State {
-        provider,
-        body,
-        parser: SseParser::default(),
-        queue: VecDeque::new(),
-        finish: None,
-        usage: None,
-        done: false,
-        idle,
-        deadline,
-        breaker,
-    };
+fn event_stream(state: State) -> EventStream {
     stream::unfold(state, |mut s| async move {
         match s.next_event().await {
             Ok(Some(event)) => Some((Ok(event), s)),
@@ -284,7 +300,8 @@ impl State {
                         self.handle(e)?;
                     }
                     if !self.done {
-                        return Err(ProviderError::Protocol("stream ended before [DONE]".into()));
+                        let why = "stream ended before its final event";
+                        return Err(ProviderError::Protocol(why.into()));
                     }
                 }
             }
@@ -298,38 +315,19 @@ impl State {
         if self.done {
             return Ok(());
         }
-        if event.data.trim() == "[DONE]" {
-            self.done = true;
-            let reason = self.finish.unwrap_or(FinishReason::Stop);
-            self.queue.push_back(Event::Finish { reason, usage: self.usage });
-            return Ok(());
-        }
-        let chunk: Value = serde_json::from_str(&event.data)
-            .map_err(|e| ProviderError::Protocol(format!("malformed chunk: {e}")))?;
-        if chunk.get("error").is_some() {
-            tracing::warn!(provider = %self.provider, body = %redact(&event.data), "error event mid-stream");
-            return Err(ProviderError::Protocol("upstream sent an error event".into()));
-        }
-        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-            let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
-            self.usage = Some(Usage {
-                prompt_tokens: n("prompt_tokens"),
-                completion_tokens: n("completion_tokens"),
-            });
-        }
-        if let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) {
-            if let Some(text) =
-                choice.pointer("/delta/content").and_then(Value::as_str).filter(|t| !t.is_empty())
-            {
-                self.queue.push_back(Event::Delta(text.to_string()));
+        match self.decoder.decode(&event.data, &mut self.queue) {
+            Ok(done) => {
+                self.done = done;
+                Ok(())
             }
-            match choice.get("finish_reason").and_then(Value::as_str) {
-                Some("length") => self.finish = Some(FinishReason::Length),
-                Some(_) => self.finish = Some(FinishReason::Stop),
-                None => {}
+            Err(DecodeError::Malformed(why)) => {
+                Err(ProviderError::Protocol(format!("malformed chunk: {why}")))
+            }
+            Err(DecodeError::ErrorEvent) => {
+                tracing::warn!(provider = %self.provider, body = %redact(&event.data), "error event mid-stream");
+                Err(ProviderError::Protocol("upstream sent an error event".into()))
             }
         }
-        Ok(())
     }
 }
 
@@ -345,16 +343,11 @@ mod tests {
     }
 
     #[test]
-    fn the_body_carries_only_set_parameters() {
-        let req = ChatRequest {
-            model: "gpt-4o-mini".into(),
-            messages: vec![crate::message::Message::new(crate::message::Role::User, "hi")],
-            max_tokens: Some(5),
-            ..Default::default()
-        };
-        let b = body(&req);
-        assert_eq!(b["messages"], json!([{"role": "user", "content": "hi"}]));
-        assert_eq!((b["max_tokens"].as_u64(), b["stream"].as_bool()), (Some(5), Some(true)));
-        assert!(b.get("temperature").is_none() && b.get("stop").is_none());
+    fn each_dialect_has_its_own_url() {
+        let base = "https://api-inference.huggingface.co/models";
+        let url = Dialect::TextGeneration.url(base, "HuggingFaceH4/zephyr-7b-beta").unwrap();
+        assert_eq!(url, format!("{base}/HuggingFaceH4/zephyr-7b-beta"));
+        let url = Dialect::ChatCompletions.url("https://api.openai.com/v1", "gpt-4o").unwrap();
+        assert_eq!(url, "https://api.openai.com/v1/chat/completions");
     }
 }
