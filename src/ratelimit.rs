@@ -80,6 +80,19 @@ impl Limiter {
         self.decide(key, false, Instant::now())
     }
 
+    /// Takes `n` units for `key` whatever the limit (usage known only afterwards, such as the
+    /// tokens of an answer); later requests wait until the debt is paid back.
+    pub fn charge(&self, key: &str, n: u32) {
+        let now = Instant::now().saturating_duration_since(self.epoch);
+        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        let known = shard.tats.get(key).copied();
+        if known.is_none() && !shard.make_room(now) {
+            return;
+        }
+        let tat = known.unwrap_or(now).max(now).saturating_add(self.interval.saturating_mul(n));
+        shard.tats.insert(key.to_string(), tat);
+    }
+
     fn decide(&self, key: &str, take: bool, at: Instant) -> Decision {
         let now = at.saturating_duration_since(self.epoch);
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
@@ -140,6 +153,17 @@ mod tests {
 
     fn limiter(requests: u32, secs: u64, burst: u32) -> Limiter {
         Limiter::new(Quota { requests, period: Duration::from_secs(secs), burst })
+    }
+
+    #[test]
+    fn a_charge_beyond_the_budget_refuses_until_paid_back() {
+        let l = limiter(100, 60, 100);
+        assert!(l.peek("u").allowed);
+        l.charge("u", 150);
+        let d = l.peek("u");
+        assert!(!d.allowed && d.remaining == 0, "{d:?}");
+        assert!(d.retry_after >= Duration::from_secs(29), "{d:?}");
+        assert!(l.peek("other").allowed);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 use crate::api::{self, App, Routes};
 use crate::auth::{generate_jwt_secret, Auth, AuthSettings, Jwt};
-use crate::config::{check_jwt_secret, Config, ConfigError};
+use crate::chat::{Chat, Keys, LocalModel};
+use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig};
 use crate::control;
 use crate::http::{self, tls, Limits};
+use crate::local::{Engine, EngineOptions, LocalError};
 use crate::ratelimit::{Limiter, Quota};
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
@@ -24,14 +26,21 @@ pub struct Environment {
     pub state_directory: Option<String>,
     /// systemd's `$CREDENTIALS_DIRECTORY` (secrets from `LoadCredential=`).
     pub credentials_directory: Option<PathBuf>,
+    /// `OPENAI_API_KEY`, the conventional last resort for the OpenAI key.
+    pub openai_api_key: Option<Secret>,
+    /// `HF_TOKEN`, the conventional last resort for the HuggingFace key.
+    pub hf_token: Option<Secret>,
 }
 
 impl Environment {
-    /// Reads the two variables from this process.
+    /// Reads the variables from this process.
     pub fn from_process() -> Environment {
+        let secret = |name| std::env::var(name).ok().filter(|v| !v.is_empty()).map(Secret::new);
         Environment {
             state_directory: std::env::var("STATE_DIRECTORY").ok(),
             credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            openai_api_key: secret("OPENAI_API_KEY"),
+            hf_token: secret("HF_TOKEN"),
         }
     }
 }
@@ -51,6 +60,10 @@ pub enum StartError {
     Control { path: PathBuf, source: std::io::Error },
     #[error("cannot read secret file {path}: {source}")]
     Secret { path: PathBuf, source: std::io::Error },
+    #[error("local model: {0}")]
+    Local(#[from] crate::local::LocalError),
+    #[error("provider client: {0}")]
+    Provider(#[from] crate::llm::ProviderError),
 }
 
 /// A running server.
@@ -146,7 +159,8 @@ pub async fn start(
     let scheme = if tls.is_some() { "https" } else { "http" };
     let control = control::listen(&data_dir, store.clone(), auth.clone())
         .map_err(|source| StartError::Control { path: data_dir.join(control::SOCKET), source })?;
-    let app = App::new(config, store.clone(), auth, routes);
+    let chat = Arc::new(chat_service(&config, env, store.clone()).await?);
+    let app = App::new(config, store.clone(), auth, chat, routes);
     let (stop, stopped) = oneshot::channel::<()>();
     let service = app.service();
     let task = tokio::spawn(async move {
@@ -163,6 +177,79 @@ pub async fn start(
 /// Starts the default routes.
 pub async fn start_default(config: Config, env: &Environment) -> Result<Running, StartError> {
     start(config, env, api::routes()).await
+}
+
+/// The chat service: provider keys resolved, the local model loaded (when its file is there).
+async fn chat_service(
+    config: &Config,
+    env: &Environment,
+    store: Store,
+) -> Result<Chat, StartError> {
+    let p = &config.providers;
+    let keys = Keys {
+        openai: provider_key(&p.openai, "openai_api_key", env.openai_api_key.clone(), env)?,
+        huggingface: provider_key(
+            &p.huggingface,
+            "huggingface_api_key",
+            env.hf_token.clone(),
+            env,
+        )?,
+    };
+    let local = load_local(&config.local).await?;
+    Ok(Chat::new(store, config, keys, local)?)
+}
+
+/// A provider's key: config, then its key file, then systemd's credential, then the
+/// conventional environment variable.
+fn provider_key(
+    c: &ProviderConfig,
+    credential: &str,
+    from_env: Option<Secret>,
+    env: &Environment,
+) -> Result<Option<Secret>, StartError> {
+    if let Some(key) = &c.api_key {
+        return Ok(Some(key.clone()));
+    }
+    let read = |path: &Path| -> Result<Option<Secret>, StartError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| StartError::Secret { path: path.into(), source })?;
+        Ok(Some(Secret::new(text.trim().to_string())).filter(|s| !s.expose().is_empty()))
+    };
+    if let Some(path) = &c.api_key_file {
+        return read(path);
+    }
+    if let Some(path) = env.credentials_directory.as_ref().map(|d| d.join(credential)) {
+        if path.exists() {
+            return read(&path);
+        }
+    }
+    Ok(from_env)
+}
+
+/// Loads the local model off the async threads. A missing file leaves the server without one
+/// (and says how to fetch it); a broken file stops the start.
+async fn load_local(c: &LocalConfig) -> Result<Option<LocalModel>, StartError> {
+    if !c.enabled {
+        return Ok(None);
+    }
+    if !c.model.exists() {
+        tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`");
+        return Ok(None);
+    }
+    let options = EngineOptions {
+        threads: Some(c.threads).filter(|&n| n > 0),
+        max_batch: c.max_batch,
+        max_queue: c.max_queue,
+        context: Some(c.context).filter(|&n| n > 0),
+    };
+    let path = c.model.clone();
+    let started = std::time::Instant::now();
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&path, options))
+        .await
+        .map_err(|e| LocalError::Generation(e.to_string()))??;
+    let name = c.model_name();
+    tracing::info!(model = %name, path = %c.model.display(), load_ms = started.elapsed().as_millis() as u64, "local model loaded");
+    Ok(Some(LocalModel { engine, name }))
 }
 
 /// The JWT signing secret: config, then a configured file, then systemd's credential

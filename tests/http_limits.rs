@@ -245,12 +245,32 @@ async fn http2_with_prior_knowledge_and_http1_on_one_port() {
 }
 
 #[tokio::test]
-async fn ready_reports_storage() {
+async fn ready_reports_storage_and_whether_anything_can_answer() {
+    // The test config loads no local model and has no provider keys: nothing can answer.
     let s = TestServer::start(|_| {}).await;
+    let r = s.get("/ready", None).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!((b["status"].as_str(), b["storage"].as_str()), (Some("not_ready"), Some("ok")));
+    assert!(b["reasons"][0].as_str().unwrap().contains("no provider can answer"), "{b}");
+    assert!(b["providers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"provider": "local", "state": "not_loaded"})));
+    s.stop().await;
+
+    let s = TestServer::start(|c| {
+        c.providers.openai.api_key = Some(edgechat::secret::Secret::new("sk-test"));
+    })
+    .await;
     let r = s.get("/ready", None).await;
     assert_eq!(r.status(), StatusCode::OK);
     let b: Value = r.json().await.unwrap();
-    assert_eq!((b["status"].as_str(), b["storage"].as_str()), (Some("ready"), Some("ok")));
+    assert_eq!((b["status"].as_str(), b["reasons"].clone()), (Some("ready"), json!([])));
+    assert!(b["providers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"provider": "openai", "state": "up"})));
     s.stop().await;
 }
 

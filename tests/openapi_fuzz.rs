@@ -4,7 +4,9 @@
 
 mod common;
 
+use common::upstream::{answer, Upstream};
 use common::TestServer;
+use edgechat::config::{ProviderName, RouteRule};
 use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -14,7 +16,15 @@ async fn schemathesis_finds_no_failures() {
         st.is_ok_and(|o| o.status.success()),
         "schemathesis is missing: pip install schemathesis==4.32.5 (./scripts/test.sh does)"
     );
-    let s = TestServer::start(|_| {}).await;
+    // Chat goes to a loopback stand-in for OpenAI (no local model: generation is slow here).
+    let upstream = Upstream::start(vec![answer(vec!["Hello", "!"])]).await;
+    let s = TestServer::start(|c| {
+        c.providers.openai.base_url = upstream.base.clone();
+        c.providers.openai.api_key = Some(edgechat::secret::Secret::new("sk-test"));
+        c.routing.default_model = "gpt-4o-mini".into();
+        c.routing.rules = vec![RouteRule { model: "*".into(), provider: ProviderName::Openai }];
+    })
+    .await;
     let token = s.user("fuzzer").await;
     let work = tempfile::tempdir().unwrap();
     let spec = s.url("/openapi.json");

@@ -5,6 +5,7 @@
 //! no storage path, hash error or upstream body ever reaches a client.
 
 use crate::auth::{AuthError, HashError};
+use crate::chat::ChatError;
 use crate::http::{json, Body, BodyError};
 use crate::ratelimit::{header_secs, Decision};
 use crate::store::StoreError;
@@ -86,6 +87,10 @@ pub enum ApiError {
     MethodNotAllowed { allow: String },
     #[error("rate limited")]
     RateLimited(Decision),
+    #[error("token budget exhausted")]
+    TokensLimited(Decision),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("handler panicked")]
@@ -159,6 +164,13 @@ impl ApiError {
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
+            E::TokensLimited(d) => s(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("Token budget used up; retry in {} s", header_secs(d.retry_after)),
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            E::Chat(e) => chat_shape(e),
             E::Store(_) | E::Panic => {
                 s(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None)
             }
@@ -181,6 +193,10 @@ impl ApiError {
         };
         let status = match (&self, face) {
             (ApiError::Validation(_), Face::OpenAi) => StatusCode::BAD_REQUEST,
+            (
+                ApiError::Chat(ChatError::Invalid(_) | ChatError::PromptTooLong { .. }),
+                Face::OpenAi,
+            ) => StatusCode::BAD_REQUEST,
             _ => shape.status,
         };
         let mut response = json(status, &body);
@@ -194,7 +210,11 @@ impl ApiError {
                 headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
                 rate_limit_headers(headers, d, face);
             }
-            ApiError::Auth(AuthError::Hash(HashError::Busy)) => {
+            ApiError::TokensLimited(d) => {
+                headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
+                token_limit_headers(headers, d, face);
+            }
+            ApiError::Auth(AuthError::Hash(HashError::Busy)) | ApiError::Chat(ChatError::Busy) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Auth(e) if auth_shape(e).status == StatusCode::UNAUTHORIZED => {
@@ -208,6 +228,41 @@ impl ApiError {
             _ => {}
         }
     }
+}
+
+fn chat_shape(e: &ChatError) -> Shape {
+    use ChatError as C;
+    let (status, kind, code) = match e {
+        C::Invalid(_) | C::PromptTooLong { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", None)
+        }
+        C::UnknownModel(_) => {
+            (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"))
+        }
+        C::ConversationNotFound => {
+            (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"))
+        }
+        C::Unavailable { .. } | C::Busy => {
+            (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("provider_unavailable"))
+        }
+        C::Upstream { .. } => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_error")),
+        C::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+    };
+    let message = match e {
+        C::Store(_) => "Internal Server Error".to_string(),
+        C::ConversationNotFound => "Conversation not found".to_string(),
+        C::Upstream { provider, reason } => format!(
+            "The {} provider failed ({reason}) and no fallback could answer",
+            provider.as_str()
+        ),
+        other => capitalized(&other.to_string()),
+    };
+    Shape { status, message, kind, code }
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
 fn auth_shape(e: &AuthError) -> Shape {
@@ -275,6 +330,21 @@ fn openai_validation(errors: &[FieldError]) -> serde_json::Value {
 }
 
 /// `RateLimit-*` (IETF draft) on every limited response, plus OpenAI's names on `/v1`.
+/// Like `rate_limit_headers`, for the token budget (`x-ratelimit-*-tokens` on `/v1`).
+pub fn token_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
+    let reset = header_secs(d.reset);
+    headers.insert("ratelimit-limit", d.limit.into());
+    headers.insert("ratelimit-remaining", d.remaining.into());
+    headers.insert("ratelimit-reset", reset.into());
+    if face == Face::OpenAi {
+        headers.insert("x-ratelimit-limit-tokens", d.limit.into());
+        headers.insert("x-ratelimit-remaining-tokens", d.remaining.into());
+        if let Ok(v) = HeaderValue::from_str(&format!("{reset}s")) {
+            headers.insert("x-ratelimit-reset-tokens", v);
+        }
+    }
+}
+
 pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
     let reset = header_secs(d.reset);
     headers.insert("ratelimit-limit", d.limit.into());

@@ -5,9 +5,11 @@
 //! single source of `/openapi.json`, so the document cannot drift from what is served.
 
 mod auth;
+mod chat;
 mod conversations;
 pub mod error;
 mod extract;
+mod openai;
 pub mod openapi;
 mod ops;
 
@@ -16,6 +18,7 @@ pub use extract::Req;
 pub use openapi::Doc;
 
 use crate::auth::Auth;
+use crate::chat::Chat;
 use crate::config::Config;
 use crate::http::{Body, Lookup, Router, Service};
 use crate::ratelimit::{Limiter, Quota};
@@ -73,6 +76,8 @@ pub fn routes() -> Routes {
     ops::routes(&mut r);
     auth::routes(&mut r);
     conversations::routes(&mut r);
+    chat::routes(&mut r);
+    openai::routes(&mut r);
     r
 }
 
@@ -81,22 +86,38 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub auth: Arc<Auth>,
+    pub chat: Arc<Chat>,
     auth_per_address: Limiter,
+    chat_requests: Limiter,
+    chat_tokens: Limiter,
     started: Instant,
+    started_unix: i64,
     router: Router<Route>,
     openapi: Bytes,
 }
 
 impl App {
     /// The application over its services, serving `routes`.
-    pub fn new(config: Config, store: Store, auth: Arc<Auth>, routes: Routes) -> Arc<App> {
-        let q = config.rate_limit.auth_per_address;
-        let quota =
-            Quota { requests: q.requests, period: Duration::from_secs(q.per_secs), burst: q.burst };
+    pub fn new(
+        config: Config,
+        store: Store,
+        auth: Arc<Auth>,
+        chat: Arc<Chat>,
+        routes: Routes,
+    ) -> Arc<App> {
+        let limiter = |q: crate::config::QuotaConfig| {
+            let period = Duration::from_secs(q.per_secs);
+            Limiter::new(Quota { requests: q.requests, period, burst: q.burst })
+        };
+        let limits = &config.rate_limit;
         let openapi = openapi::document(routes.0.routes().map(|(m, p, r)| (m, p, &r.doc)));
         Arc::new(App {
-            auth_per_address: Limiter::new(quota),
+            auth_per_address: limiter(limits.auth_per_address),
+            chat_requests: limiter(limits.chat_per_user.requests),
+            chat_tokens: limiter(limits.chat_per_user.tokens),
             started: Instant::now(),
+            started_unix: crate::clock::now_ms() / 1000,
+            chat,
             router: routes.0,
             openapi: Bytes::from(
                 serde_json::to_vec_pretty(&openapi).expect("json values serialize"),
@@ -111,6 +132,11 @@ impl App {
     pub fn service(self: &Arc<Self>) -> Service {
         let app = self.clone();
         Arc::new(move |req, peer| app.clone().dispatch(req, peer).boxed())
+    }
+
+    /// When the app was built, in Unix seconds (`created` of `/v1/models`).
+    pub fn started_unix(&self) -> i64 {
+        self.started_unix
     }
 
     /// Seconds since the app was built (for `/health`).
@@ -143,7 +169,7 @@ impl App {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
             headers.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset"),
+                HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset, x-edgechat-provider, x-edgechat-fallback, x-edgechat-fallback-reason"),
             );
         }
         tracing::info!(

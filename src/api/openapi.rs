@@ -38,6 +38,8 @@ pub struct Doc {
     form: bool,
     query: Vec<(&'static str, Value, &'static str)>,
     ok: (u16, Content),
+    /// The success answer may also be an SSE stream (chat with `stream: true`).
+    streams: bool,
     errors: Vec<u16>,
     /// Error statuses whose body is not the generic `HTTPError`.
     error_bodies: Vec<(u16, SchemaFn)>,
@@ -54,6 +56,7 @@ impl Doc {
             form: false,
             query: Vec::new(),
             ok: (200, Content::Empty),
+            streams: false,
             errors: Vec::new(),
             error_bodies: Vec::new(),
         }
@@ -88,6 +91,12 @@ impl Doc {
     /// Answers `status` with a JSON `T`.
     pub fn json<T: ToSchema>(mut self, status: u16) -> Doc {
         self.ok = (status, Content::Json(schema::<T>));
+        self
+    }
+
+    /// The success answer is `text/event-stream` when the request asks to stream.
+    pub fn streams(mut self) -> Doc {
+        self.streams = true;
         self
     }
 
@@ -165,7 +174,7 @@ fn operation(method: &Method, path: &str, doc: &Doc, schemas: &mut Schemas) -> V
         "operationId": id.trim_end_matches('_'),
         "summary": doc.summary,
         "tags": [doc.tag],
-        "responses": responses(doc, path.starts_with("/auth/"), schemas),
+        "responses": responses(doc, path.starts_with("/auth/"), super::Face::of(path), schemas),
     });
     let mut params: Vec<Value> = path
         .split('/')
@@ -192,8 +201,9 @@ fn operation(method: &Method, path: &str, doc: &Doc, schemas: &mut Schemas) -> V
     op
 }
 
-/// `limited`: the route is under the per-address limit of `/auth/*`.
-fn responses(doc: &Doc, limited: bool, schemas: &mut Schemas) -> Value {
+/// `limited`: the route is under the per-address limit of `/auth/*`. Errors take the face's
+/// shape: FastAPI's on the seed face, OpenAI's (with `400` for validation) on `/v1`.
+fn responses(doc: &Doc, limited: bool, face: super::Face, schemas: &mut Schemas) -> Value {
     let (status, content) = doc.ok;
     let ok = match content {
         Content::Json(s) => json!({ "description": "Success",
@@ -203,11 +213,22 @@ fn responses(doc: &Doc, limited: bool, schemas: &mut Schemas) -> Value {
         Content::Empty => json!({ "description": "Success" }),
         Content::Other(media) => json!({ "description": "Success", "content": { media: {} } }),
     };
+    let mut ok = ok;
+    if doc.streams {
+        // Each event: `data` holds one JSON chunk, and `[DONE]` last.
+        let event = json!({ "type": "object", "required": ["data"],
+            "properties": { "data": { "type": "string" }, "event": { "type": "string" } } });
+        ok["content"]["text/event-stream"] = json!({ "schema": event });
+    }
     let mut out = json!({ status.to_string(): ok });
     let mut errors = doc.errors.clone();
     errors.push(500);
     if limited {
         errors.push(429);
+    }
+    let openai = face == super::Face::OpenAi;
+    if openai {
+        errors.iter_mut().filter(|c| **c == 422).for_each(|c| *c = 400);
     }
     errors.sort_unstable();
     errors.dedup();
@@ -217,6 +238,7 @@ fn responses(doc: &Doc, limited: bool, schemas: &mut Schemas) -> Value {
     }
     for code in errors.into_iter().filter(|c| !doc.error_bodies.iter().any(|(e, _)| e == c)) {
         let (about, schema) = match code {
+            400 => ("Invalid request", "HTTPError"),
             401 => ("Missing, invalid, expired or revoked credentials", "HTTPError"),
             404 => ("Not found, or not yours", "HTTPError"),
             409 => ("Already taken", "HTTPError"),
@@ -224,9 +246,11 @@ fn responses(doc: &Doc, limited: bool, schemas: &mut Schemas) -> Value {
             415 => ("Wrong Content-Type", "HTTPError"),
             422 => ("Validation error", "HTTPValidationError"),
             429 => ("Rate limited; see Retry-After", "HTTPError"),
-            503 => ("Not ready", "HTTPError"),
+            502 => ("The provider failed and no fallback could answer", "HTTPError"),
+            503 => ("Nothing can answer now (no provider for the model, or busy)", "HTTPError"),
             _ => ("Server error", "HTTPError"),
         };
+        let schema = if openai { "OpenAIError" } else { schema };
         out[code.to_string()] = json!({ "description": about,
             "content": { "application/json": { "schema": reference(schema) } } });
     }
@@ -239,6 +263,21 @@ fn reference(name: &str) -> Value {
 
 fn error_schemas() -> Map<String, Value> {
     let mut m = Map::new();
+    m.insert(
+        "OpenAIError".into(),
+        json!({
+            "type": "object", "required": ["error"],
+            "properties": { "error": {
+                "type": "object", "required": ["message", "type"],
+                "properties": {
+                    "message": { "type": "string" },
+                    "type": { "type": "string" },
+                    "param": { "type": ["string", "null"] },
+                    "code": { "type": ["string", "null"] }
+                }
+            } }
+        }),
+    );
     m.insert(
         "HTTPError".into(),
         json!({

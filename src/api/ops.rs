@@ -66,8 +66,18 @@ pub struct Readiness {
     status: &'static str,
     /// `ok`, or what is wrong with the database file.
     storage: String,
+    /// Each provider's state: `up`, `circuit_open`, `not_configured` or `not_loaded`.
+    providers: Vec<ProviderOut>,
     /// Why the server is not ready; empty when it is.
     reasons: Vec<String>,
+}
+
+/// One provider in `/ready`.
+#[derive(Serialize, ToSchema)]
+pub struct ProviderOut {
+    /// `openai`, `huggingface` or `local`.
+    provider: &'static str,
+    state: &'static str,
 }
 
 async fn health(app: Arc<App>, _req: Req) -> Answer {
@@ -80,18 +90,27 @@ async fn health(app: Arc<App>, _req: Req) -> Answer {
 }
 
 async fn ready(app: Arc<App>, _req: Req) -> Answer {
-    let (storage, reasons) = match app.store.check() {
+    let (storage, mut reasons) = match app.store.check() {
         Ok(()) => ("ok".to_string(), Vec::new()),
         Err(e) => {
             tracing::warn!(error = %e, "readiness: storage check failed");
             ("unavailable".to_string(), vec!["storage is not readable".to_string()])
         }
     };
+    let providers: Vec<ProviderOut> = app
+        .chat
+        .status()
+        .into_iter()
+        .map(|p| ProviderOut { provider: p.provider.as_str(), state: p.state })
+        .collect();
+    if !providers.iter().any(|p| p.state == "up") {
+        reasons.push("no provider can answer: no local model loaded and no API key".into());
+    }
     let (status, code) = match reasons.is_empty() {
         true => ("ready", StatusCode::OK),
         false => ("not_ready", StatusCode::SERVICE_UNAVAILABLE),
     };
-    Ok(json(code, &Readiness { status, storage, reasons }))
+    Ok(json(code, &Readiness { status, storage, providers, reasons }))
 }
 
 async fn openapi(app: Arc<App>, _req: Req) -> Answer {

@@ -178,6 +178,12 @@ impl Engine {
         self.inner.template.render(messages)
     }
 
+    /// Tokens the prompt for `messages` takes, so that callers can trim history to fit.
+    pub fn prompt_tokens(&self, messages: &[Message]) -> Result<usize, LocalError> {
+        let prompt = self.render_prompt(messages)?;
+        Ok(self.inner.tokenizer.encode_prompt(&prompt)?.len())
+    }
+
     /// Queues a request and returns its stream. Fails at once when the request is invalid, the
     /// prompt does not fit, or the queue is full.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation, LocalError> {

@@ -14,6 +14,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A JWT secret tests can sign with, to forge tokens the server must refuse.
+pub mod upstream;
+
+/// A JWT secret tests can sign with, to forge tokens the server must refuse.
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
 /// A config for tests: ephemeral port, a temp data dir, limits loose enough not to interfere.
@@ -26,7 +29,19 @@ pub fn test_config(data_dir: &Path) -> Config {
     c.rate_limit.auth_per_address = QuotaConfig { requests: 10_000, per_secs: 1, burst: 10_000 };
     c.rate_limit.failed_logins_per_username =
         QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
+    c.rate_limit.chat_per_user.requests = QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
+    // Tests that chat turn the local model on (`with_default_model`); the rest need not load it.
+    c.local.enabled = false;
     c
+}
+
+/// Turns on the local model from the default model file (panicking with the fetch command
+/// when it is missing), answering greedily by name `smollm2`.
+pub fn with_default_model(c: &mut Config, model: &Path) {
+    c.local.enabled = true;
+    c.local.model = model.to_path_buf();
+    c.local.name = "smollm2".into();
+    c.local.threads = 2;
 }
 
 /// An in-process server and a client for it.

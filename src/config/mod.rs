@@ -4,6 +4,13 @@
 //! Sources are passed in explicitly (a file's text and an iterator of variables) so that tests
 //! feed a map instead of mutating the process environment.
 
+mod chat;
+
+pub use chat::{
+    ChatLimitsConfig, LocalConfig, ProviderConfig, ProviderName, ProvidersConfig, RouteRule,
+    RoutingConfig,
+};
+
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -23,6 +30,9 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
     pub log: LogConfig,
+    pub local: LocalConfig,
+    pub providers: ProvidersConfig,
+    pub routing: RoutingConfig,
 }
 
 /// The listener and the limits every connection and request keeps.
@@ -112,6 +122,8 @@ pub struct QuotaConfig {
 pub struct RateLimitConfig {
     pub auth_per_address: QuotaConfig,
     pub failed_logins_per_username: QuotaConfig,
+    /// Per user on `/chat` and `/v1/chat/completions`.
+    pub chat_per_user: ChatLimitsConfig,
 }
 
 impl Default for RateLimitConfig {
@@ -119,6 +131,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             auth_per_address: QuotaConfig { requests: 60, per_secs: 60, burst: 20 },
             failed_logins_per_username: QuotaConfig { requests: 10, per_secs: 900, burst: 5 },
+            chat_per_user: ChatLimitsConfig::default(),
         }
     }
 }
@@ -247,6 +260,8 @@ impl Config {
         for (key, q) in [
             ("rate_limit.auth_per_address", limits.auth_per_address),
             ("rate_limit.failed_logins_per_username", limits.failed_logins_per_username),
+            ("rate_limit.chat_per_user.requests", limits.chat_per_user.requests),
+            ("rate_limit.chat_per_user.tokens", limits.chat_per_user.tokens),
         ] {
             if q.requests == 0 || q.per_secs == 0 || q.burst == 0 {
                 return Err(ConfigError::invalid(key, "requests, per_secs and burst must be > 0"));
@@ -264,7 +279,7 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
-        Ok(())
+        chat::validate(&self.local, &self.providers, &self.routing)
     }
 
     /// The data directory: config (or `--data-dir`), then systemd's `$STATE_DIRECTORY`, then `./data`.

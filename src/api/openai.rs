@@ -1,0 +1,321 @@
+//! The OpenAI face: `POST /v1/chat/completions` (JSON and `chat.completion.chunk` SSE) and
+//! `GET /v1/models`, so that the official SDKs work by pointing `base_url` here. Unknown
+//! request fields are ignored, as OpenAI does; errors are OpenAI-shaped (see `api::error`).
+
+use super::chat::{
+    admit, charge, check_max_tokens, check_temperature, data, done_event, sse, steps, stream_error,
+    whole_i64, whole_number, with_answerer, SseStream,
+};
+use super::error::rate_limit_headers;
+use super::extract::Checks;
+use super::{handler, ApiError, App, Doc, Face, Req, Routes};
+use crate::chat::{Answerer, ChatInput, Completion, Params, Reply, Step, Thread};
+use crate::llm::FinishReason;
+use crate::message::{Message, Role};
+use futures_util::stream::{self, StreamExt};
+use http::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+type Answer = Result<Response<crate::http::Body>, ApiError>;
+
+pub fn routes(r: &mut Routes) {
+    let doc = |summary| Doc::new("openai", summary).secured();
+    r.add(
+        Method::POST,
+        "/v1/chat/completions",
+        handler(completions),
+        doc("OpenAI Chat Completions (JSON, or chat.completion.chunk SSE with stream: true)")
+            .body::<CompletionRequest>()
+            .json::<CompletionOut>(200)
+            .streams()
+            .errors(&[400, 404, 429, 502, 503]),
+    );
+    r.add(
+        Method::GET,
+        "/v1/models",
+        handler(models),
+        doc("The models this server can answer now, with the provider that owns each")
+            .json::<ModelList>(200),
+    );
+}
+
+/// The Chat Completions request; fields not listed are accepted and ignored.
+#[derive(Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    model: String,
+    #[schema(min_items = 1)]
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 32768)]
+    max_tokens: Option<u32>,
+    /// Wins over `max_tokens` when both are given.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 32768)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    top_p: Option<f64>,
+    /// A string or a list of strings.
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default, deserialize_with = "whole_i64")]
+    seed: Option<i64>,
+    /// Only 1 is supported.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 1)]
+    n: Option<u32>,
+    /// Stored as a conversation unless false.
+    #[serde(default)]
+    store: Option<bool>,
+}
+
+/// `stream_options`.
+#[derive(Deserialize, ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Where generation stops: one string or a list.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One message of the conversation so far.
+#[derive(Deserialize, ToSchema)]
+pub struct InMessage {
+    role: InRole,
+    /// Text, or a list of text parts; may be null on an assistant turn.
+    #[serde(default)]
+    content: Option<InContent>,
+}
+
+/// Who said it; `developer` is OpenAI's newer name for `system`.
+#[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+/// `content`: a string, or parts of which only `text` ones are supported.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InContent {
+    Text(String),
+    Parts(Vec<TextPart>),
+}
+
+/// `{"type": "text", "text": …}`.
+#[derive(Deserialize, ToSchema)]
+pub struct TextPart {
+    /// Checked by deserializing; nothing else to do with it.
+    #[serde(rename = "type")]
+    #[allow(dead_code)]
+    kind: TextKind,
+    text: String,
+}
+
+/// Only `text` parts are supported (no images or audio).
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TextKind {
+    Text,
+}
+
+/// A non-streamed completion.
+#[derive(Serialize, ToSchema)]
+pub struct CompletionOut {
+    id: String,
+    object: &'static str,
+    created: i64,
+    model: String,
+    #[schema(value_type = Vec<Object>)]
+    choices: Vec<Value>,
+    usage: super::chat::UsageOut,
+    #[schema(value_type = Option<String>)]
+    system_fingerprint: Option<()>,
+}
+
+/// `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    object: &'static str,
+    data: Vec<ModelOut>,
+}
+
+/// One model and its provider.
+#[derive(Serialize, ToSchema)]
+pub struct ModelOut {
+    id: String,
+    object: &'static str,
+    created: i64,
+    /// `local`, `openai` or `huggingface`.
+    owned_by: &'static str,
+}
+
+async fn models(app: Arc<App>, req: Req) -> Answer {
+    req.principal(&app).await?;
+    let created = app.started_unix();
+    let data = app
+        .chat
+        .models()
+        .into_iter()
+        .map(|(id, p)| ModelOut { id, object: "model", created, owned_by: p.as_str() })
+        .collect();
+    Ok(crate::http::json(StatusCode::OK, &ModelList { object: "list", data }))
+}
+
+async fn completions(app: Arc<App>, mut req: Req) -> Answer {
+    let principal = req.principal(&app).await?;
+    let body: CompletionRequest = req.json(&app).await?;
+    let limit = admit(&app, principal.user.id)?;
+    let input = input(principal.user.id, &body)?;
+    let user = principal.user.id;
+    let id = format!("chatcmpl-{}", Uuid::now_v7().simple());
+    let mut response = if body.stream {
+        let usage = body.stream_options.is_some_and(|o| o.include_usage);
+        let reply = app.chat.start(&input).await?;
+        let who = reply.answerer().clone();
+        with_answerer(sse(chunks(app.clone(), user, reply, id, usage)), &who)
+    } else {
+        let (who, done) = app.chat.complete(&input).await?;
+        charge(&app, user, &done);
+        with_answerer(crate::http::json(StatusCode::OK, &completion(id, &who, &done)), &who)
+    };
+    rate_limit_headers(response.headers_mut(), &limit, Face::OpenAi);
+    Ok(response)
+}
+
+fn input(user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
+    let mut checks = Checks::default();
+    let max_tokens = body.max_completion_tokens.or(body.max_tokens);
+    checks
+        .field("max_tokens", check_max_tokens(body.max_tokens))
+        .field("max_completion_tokens", check_max_tokens(body.max_completion_tokens))
+        .field("temperature", check_temperature(body.temperature))
+        .field("n", if body.n.unwrap_or(1) == 1 { Ok(()) } else { Err("only n = 1 is supported") })
+        .field(
+            "messages",
+            if body.messages.is_empty() { Err("must not be empty") } else { Ok(()) },
+        );
+    if body.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        checks.field("top_p", Err("must be in (0, 1]"));
+    }
+    // A top_p too small for f32 still means "only the most likely token".
+    let top_p = body.top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE));
+    checks.finish()?;
+    Ok(ChatInput {
+        user,
+        model: Some(body.model.clone()),
+        thread: if body.store == Some(false) { Thread::Unstored } else { Thread::New },
+        messages: body.messages.iter().map(message).collect(),
+        params: Params {
+            max_tokens,
+            temperature: body.temperature,
+            top_p,
+            stop: stop_list(body.stop.as_ref()),
+            seed: body.seed.map(|s| s as u64),
+        },
+    })
+}
+
+fn message(m: &InMessage) -> Message {
+    let role = match m.role {
+        InRole::System | InRole::Developer => Role::System,
+        InRole::User => Role::User,
+        InRole::Assistant => Role::Assistant,
+    };
+    let content = match &m.content {
+        None => String::new(),
+        Some(InContent::Text(s)) => s.clone(),
+        Some(InContent::Parts(parts)) => parts.iter().map(|p| p.text.as_str()).collect(),
+    };
+    Message::new(role, content)
+}
+
+/// The stop strings; empty ones could never match and are dropped.
+fn stop_list(stop: Option<&Stop>) -> Vec<String> {
+    let list = match stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(items)) => items.clone(),
+    };
+    list.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
+    CompletionOut {
+        id,
+        object: "chat.completion",
+        created: done.created_at / 1000,
+        model: who.model.clone(),
+        choices: vec![json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": done.text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish(done.finish),
+        })],
+        usage: super::chat::UsageOut::of(done),
+        system_fingerprint: None,
+    }
+}
+
+/// `chat.completion.chunk` events: the role, each delta, the finish reason, optionally usage,
+/// then `[DONE]`.
+fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> SseStream {
+    let created = crate::clock::now_ms() / 1000;
+    let chunk = move |model: &str, delta: Value, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let model = reply.answerer().model.clone();
+    let first = data(&chunk(&model, json!({"role": "assistant", "content": ""}), None));
+    let rest = steps(reply).map(move |(who, step)| match step {
+        Ok(Step::Delta(d)) => vec![data(&chunk(&who.model, json!({ "content": d }), None))],
+        Ok(Step::Done(done)) => {
+            charge(&app, user, &done);
+            let mut out = vec![data(&chunk(&who.model, json!({}), Some(finish(done.finish))))];
+            if usage {
+                let mut last = chunk(&who.model, json!({}), None);
+                last["choices"] = json!([]);
+                last["usage"] = json!(super::chat::UsageOut::of(&done));
+                out.push(data(&last));
+            }
+            out.push(done_event());
+            out
+        }
+        Err(e) => vec![data(&stream_error(&e))],
+    });
+    stream::once(async move { first }).chain(rest.flat_map(stream::iter)).boxed()
+}

@@ -1,0 +1,322 @@
+//! The one chat service that both HTTP faces (and, later, the job worker) call: it picks the
+//! provider for a model, sends the conversation's context trimmed to fit, falls back to the
+//! local model when a remote provider cannot answer, and stores the turn (the new messages and
+//! the answer) in one transaction once the answer is complete. A failed or dropped answer
+//! stores nothing.
+
+mod context;
+mod providers;
+mod reply;
+pub mod routing;
+
+pub use providers::{Keys, ProviderStatus};
+pub use reply::{Completion, Reply, Step};
+
+use crate::config::{Config, ProviderName, RoutingConfig};
+use crate::llm::{ChatRequest, ProviderError};
+use crate::local::{Engine, LocalError};
+use crate::message::{Message, Role};
+use crate::store::{Store, StoreError};
+use providers::Remotes;
+use uuid::Uuid;
+
+/// The loaded local model and the name clients use for it.
+#[derive(Clone)]
+pub struct LocalModel {
+    pub engine: Engine,
+    pub name: String,
+}
+
+/// Sampling settings; `None` leaves each to the provider (or the configured default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Params {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+/// Where this turn is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thread {
+    /// A new conversation, titled after the first user message.
+    New,
+    /// The user's existing conversation: its messages are the context, the turn is appended.
+    Continue(Uuid),
+    /// Not stored (`store: false` on the OpenAI face).
+    Unstored,
+}
+
+/// One chat request, as both faces describe it.
+#[derive(Debug, Clone)]
+pub struct ChatInput {
+    pub user: Uuid,
+    /// `None` means `routing.default_model`.
+    pub model: Option<String>,
+    pub thread: Thread,
+    /// This turn's messages, sent after the conversation's earlier ones and stored with the
+    /// answer.
+    pub messages: Vec<Message>,
+    pub params: Params,
+}
+
+/// Why the answer comes from the local model instead of the provider asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fallback {
+    pub from: ProviderName,
+    /// A stable word: `unreachable`, `timeout`, `rate_limited`, `not_configured`, …
+    pub reason: &'static str,
+}
+
+impl Fallback {
+    /// The `X-Edgechat-Fallback` header value, e.g. `openai->local`.
+    pub fn header(&self) -> String {
+        format!("{}->local", self.from.as_str())
+    }
+}
+
+/// Who is answering, known before the first delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answerer {
+    /// The model that actually answers (the local model's name after a fallback).
+    pub model: String,
+    pub provider: ProviderName,
+    pub fallback: Option<Fallback>,
+}
+
+/// Why a chat request got no answer; `api::error` maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("no provider is configured for model `{0}`")]
+    UnknownModel(String),
+    #[error("conversation not found")]
+    ConversationNotFound,
+    /// The provider cannot be tried (no key, circuit open, no local model) and nothing else
+    /// may answer.
+    #[error("{provider} cannot answer: {why}")]
+    Unavailable { provider: ProviderName, why: String },
+    /// The provider was tried and failed, and the fallback was off or failed too.
+    #[error("{provider} failed: {reason}")]
+    Upstream { provider: ProviderName, reason: &'static str },
+    #[error("the local model is busy; retry shortly")]
+    Busy,
+    #[error("the prompt has {prompt_tokens} tokens; the model accepts {context}")]
+    PromptTooLong { prompt_tokens: usize, context: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The chat service; cheap to share behind an `Arc`.
+pub struct Chat {
+    store: Store,
+    remotes: Remotes,
+    local: Option<LocalModel>,
+    routing: RoutingConfig,
+}
+
+impl Chat {
+    /// The service over `store`, the providers in `config` with `keys`, and the local model.
+    pub fn new(
+        store: Store,
+        config: &Config,
+        keys: Keys,
+        local: Option<LocalModel>,
+    ) -> Result<Chat, ProviderError> {
+        let remotes = Remotes::new(&config.providers, keys)?;
+        Ok(Chat { store, remotes, local, routing: config.routing.clone() })
+    }
+
+    /// The local model, when one is loaded.
+    pub fn local(&self) -> Option<&LocalModel> {
+        self.local.as_ref()
+    }
+
+    /// Every model that can be asked for now, with the provider that owns it.
+    pub fn models(&self) -> Vec<(String, ProviderName)> {
+        let mut out: Vec<_> =
+            self.local.iter().map(|l| (l.name.clone(), ProviderName::Local)).collect();
+        out.extend(self.remotes.models());
+        out
+    }
+
+    /// Each provider's state, for `/ready`.
+    pub fn status(&self) -> Vec<ProviderStatus> {
+        let mut out = self.remotes.status();
+        let local = match &self.local {
+            Some(_) => "up",
+            None => "not_loaded",
+        };
+        out.push(ProviderStatus { provider: ProviderName::Local, state: local });
+        out
+    }
+
+    /// Starts answering: resolves the model, builds the context, and returns once the
+    /// provider (or the fallback) has produced its first event.
+    pub async fn start(&self, input: &ChatInput) -> Result<Reply, ChatError> {
+        let model = self.model_name(input);
+        let provider = routing::provider_for(&model, self.local_name(), &self.routing.rules)
+            .ok_or_else(|| ChatError::UnknownModel(model.clone()))?;
+        let history = self.history(input)?;
+        if provider == ProviderName::Local {
+            return self.start_local(input, history, None);
+        }
+        let remote = self.remotes.get(provider);
+        let max_tokens = self.max_tokens(input);
+        let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
+        let messages =
+            context::fit(history.clone(), &input.messages, budget, context::estimate_tokens);
+        let request = request(&model, messages, max_tokens, &input.params);
+        match remote.chat(&request).await {
+            Ok(events) => {
+                let who = Answerer { model, provider, fallback: None };
+                Ok(Reply::remote(self.persist(input), who, events, request.messages))
+            }
+            Err(e) => self.fall_back(input, history, provider, e),
+        }
+    }
+
+    /// The whole answer. A remote stream that breaks before completing is answered again by
+    /// the local model when fallback is on: nothing has reached the client yet.
+    pub async fn complete(&self, input: &ChatInput) -> Result<(Answerer, Completion), ChatError> {
+        let mut reply = self.start(input).await?;
+        match reply.collect().await {
+            Ok(done) => Ok((reply.answerer().clone(), done)),
+            Err(ChatError::Upstream { provider, reason }) if self.can_fall_back() => {
+                tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
+                let fallback = Some(Fallback { from: provider, reason });
+                let mut reply = self.start_local(input, self.history(input)?, fallback)?;
+                let done = reply.collect().await?;
+                Ok((reply.answerer().clone(), done))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fall_back(
+        &self,
+        input: &ChatInput,
+        history: Vec<Message>,
+        provider: ProviderName,
+        error: ProviderError,
+    ) -> Result<Reply, ChatError> {
+        let reason = error.reason();
+        if self.can_fall_back() {
+            tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
+            return self.start_local(input, history, Some(Fallback { from: provider, reason }));
+        }
+        Err(match error {
+            ProviderError::NotConfigured | ProviderError::CircuitOpen => {
+                ChatError::Unavailable { provider, why: error.to_string() }
+            }
+            _ => ChatError::Upstream { provider, reason },
+        })
+    }
+
+    fn can_fall_back(&self) -> bool {
+        self.routing.fallback && self.local.is_some()
+    }
+
+    fn start_local(
+        &self,
+        input: &ChatInput,
+        history: Vec<Message>,
+        fallback: Option<Fallback>,
+    ) -> Result<Reply, ChatError> {
+        let Some(local) = &self.local else {
+            let why = "no local model is loaded (fetch one with `bash models/fetch-default.sh`)";
+            return Err(ChatError::Unavailable { provider: ProviderName::Local, why: why.into() });
+        };
+        let engine = &local.engine;
+        let max_tokens = self.max_tokens(input) as usize;
+        let budget =
+            engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
+        let messages = context::fit(history, &input.messages, budget, |m| {
+            engine.prompt_tokens(m).unwrap_or(usize::MAX)
+        });
+        let p = &input.params;
+        let generation = engine
+            .generate(crate::local::GenerateRequest {
+                messages,
+                max_tokens,
+                temperature: p.temperature.unwrap_or(DEFAULT_LOCAL_TEMPERATURE),
+                top_p: p.top_p.unwrap_or(1.0),
+                seed: p.seed,
+                stop: p.stop.clone(),
+                ..Default::default()
+            })
+            .map_err(local_error)?;
+        let who = Answerer { model: local.name.clone(), provider: ProviderName::Local, fallback };
+        Ok(Reply::local(self.persist(input), who, generation))
+    }
+
+    fn model_name(&self, input: &ChatInput) -> String {
+        match input.model.as_deref().filter(|m| !m.is_empty()) {
+            Some(m) => m.to_string(),
+            None if !self.routing.default_model.is_empty() => self.routing.default_model.clone(),
+            None => self.local_name().to_string(),
+        }
+    }
+
+    fn local_name(&self) -> &str {
+        self.local.as_ref().map_or("local", |l| l.name.as_str())
+    }
+
+    fn max_tokens(&self, input: &ChatInput) -> u32 {
+        input.params.max_tokens.unwrap_or(self.routing.default_max_tokens)
+    }
+
+    /// The earlier messages of the conversation this turn continues.
+    fn history(&self, input: &ChatInput) -> Result<Vec<Message>, ChatError> {
+        let Thread::Continue(id) = input.thread else { return Ok(Vec::new()) };
+        let (_, messages) =
+            self.store.conversation(input.user, id)?.ok_or(ChatError::ConversationNotFound)?;
+        Ok(messages.into_iter().map(|m| Message::new(m.role, m.content)).collect())
+    }
+
+    fn persist(&self, input: &ChatInput) -> Option<reply::Persist> {
+        reply::Persist::new(self.store.clone(), input)
+    }
+}
+
+/// SmolLM2's model card suggests a low temperature; OpenAI's default of 1.0 rambles on it.
+const DEFAULT_LOCAL_TEMPERATURE: f32 = 0.2;
+
+fn request(model: &str, messages: Vec<Message>, max_tokens: u32, p: &Params) -> ChatRequest {
+    ChatRequest {
+        model: model.to_string(),
+        messages,
+        max_tokens: Some(max_tokens),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        stop: p.stop.clone(),
+        seed: p.seed,
+    }
+}
+
+fn local_error(e: LocalError) -> ChatError {
+    match e {
+        LocalError::Busy { .. } => ChatError::Busy,
+        LocalError::PromptTooLong { prompt_tokens, context } => {
+            ChatError::PromptTooLong { prompt_tokens, context }
+        }
+        LocalError::InvalidRequest(m) => ChatError::Invalid(m),
+        other => {
+            tracing::error!(error = %other, "local generation failed");
+            ChatError::Upstream { provider: ProviderName::Local, reason: "local_error" }
+        }
+    }
+}
+
+/// A conversation's title: the start of its first user message, on one line.
+fn title(messages: &[Message]) -> String {
+    let first = messages.iter().find(|m| m.role == Role::User).or(messages.first());
+    let text = first.map(|m| m.content.split_whitespace().collect::<Vec<_>>().join(" "));
+    let text = text.unwrap_or_default();
+    match text.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text,
+    }
+}

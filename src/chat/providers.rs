@@ -1,0 +1,139 @@
+//! The remote providers as configured: one `Remote` client per wire dialect, one circuit
+//! breaker per provider, and the model lists `/v1/models` shows.
+
+use super::routing::glob;
+use crate::config::{ProviderConfig, ProviderName, ProvidersConfig};
+use crate::llm::{
+    Breaker, BreakerState, ChatRequest, Dialect, EventStream, ProviderError, Remote, RetryPolicy,
+    Timeouts,
+};
+use crate::secret::Secret;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The API keys resolved at start (config, key file, credential or environment).
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    pub openai: Option<Secret>,
+    pub huggingface: Option<Secret>,
+}
+
+/// One provider's state for `/ready`: `up`, `circuit_open`, `not_configured`, `not_loaded`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProviderStatus {
+    pub provider: ProviderName,
+    pub state: &'static str,
+}
+
+/// One configured provider.
+pub(super) struct RemoteProvider {
+    name: ProviderName,
+    chat: Remote,
+    /// HuggingFace's classic task API and the models that need it.
+    text_generation: Option<(Remote, Vec<String>)>,
+    breaker: Arc<Breaker>,
+    configured: bool,
+    models: Vec<String>,
+    pub(super) context_tokens: u32,
+}
+
+impl RemoteProvider {
+    fn new(
+        name: ProviderName,
+        c: &ProviderConfig,
+        key: Option<Secret>,
+    ) -> Result<Self, ProviderError> {
+        let ms = Duration::from_millis;
+        let timeouts = Timeouts {
+            connect: ms(c.connect_timeout_ms),
+            first_byte: ms(c.first_byte_timeout_ms),
+            idle: ms(c.idle_timeout_ms),
+            total: ms(c.total_timeout_ms),
+        };
+        let retry = RetryPolicy {
+            attempts: c.attempts,
+            base_delay: ms(c.retry_base_ms),
+            max_delay: ms(c.retry_max_ms),
+        };
+        let breaker = Arc::new(Breaker::new(c.breaker_failures, ms(c.breaker_cooldown_ms)));
+        let client = |url: &str, dialect| {
+            Remote::new(name.as_str(), url, dialect, key.clone(), timeouts, retry, breaker.clone())
+        };
+        let chat = client(&c.base_url, Dialect::ChatCompletions)?;
+        let text_generation = match c.text_generation_models.is_empty() {
+            true => None,
+            false => Some((
+                client(&c.text_generation_url, Dialect::TextGeneration)?,
+                c.text_generation_models.clone(),
+            )),
+        };
+        Ok(RemoteProvider {
+            name,
+            chat,
+            text_generation,
+            breaker,
+            configured: key.is_some(),
+            models: c.models.clone(),
+            context_tokens: c.context_tokens,
+        })
+    }
+
+    /// Streams an answer through whichever API serves `req.model`.
+    pub(super) async fn chat(&self, req: &ChatRequest) -> Result<EventStream, ProviderError> {
+        match &self.text_generation {
+            Some((client, models)) if models.iter().any(|m| glob(m, &req.model)) => {
+                client.chat(req).await
+            }
+            _ => self.chat.chat(req).await,
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match (self.configured, self.breaker.state()) {
+            (false, _) => "not_configured",
+            (true, BreakerState::Open) => "circuit_open",
+            (true, _) => "up",
+        }
+    }
+}
+
+/// Every remote provider.
+pub(super) struct Remotes {
+    openai: RemoteProvider,
+    huggingface: RemoteProvider,
+}
+
+impl Remotes {
+    pub(super) fn new(c: &ProvidersConfig, keys: Keys) -> Result<Remotes, ProviderError> {
+        Ok(Remotes {
+            openai: RemoteProvider::new(ProviderName::Openai, &c.openai, keys.openai)?,
+            huggingface: RemoteProvider::new(
+                ProviderName::Huggingface,
+                &c.huggingface,
+                keys.huggingface,
+            )?,
+        })
+    }
+
+    /// The provider named; `Local` is not remote and is never asked for here.
+    pub(super) fn get(&self, name: ProviderName) -> &RemoteProvider {
+        match name {
+            ProviderName::Huggingface => &self.huggingface,
+            _ => &self.openai,
+        }
+    }
+
+    fn all(&self) -> [&RemoteProvider; 2] {
+        [&self.openai, &self.huggingface]
+    }
+
+    /// Models of providers that have a key.
+    pub(super) fn models(&self) -> Vec<(String, ProviderName)> {
+        let configured = self.all().into_iter().filter(|p| p.configured);
+        configured.flat_map(|p| p.models.iter().map(move |m| (m.clone(), p.name))).collect()
+    }
+
+    pub(super) fn status(&self) -> Vec<ProviderStatus> {
+        self.all().iter().map(|p| ProviderStatus { provider: p.name, state: p.state() }).collect()
+    }
+}

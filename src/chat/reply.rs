@@ -1,0 +1,197 @@
+//! An answer in progress: its deltas as they come, then, once the provider has finished, the
+//! turn stored in one transaction and the completion with its ids.
+
+use super::{context, local_error, title, Answerer, ChatError, ChatInput, Thread};
+use crate::clock::{now_ms, Millis};
+use crate::llm::{Event, EventStream, FinishReason, Usage};
+use crate::local::Generation;
+use crate::message::{Message, Role};
+use crate::store::{NewMessage, Store, TurnTarget};
+use futures_util::stream::{BoxStream, StreamExt};
+use uuid::Uuid;
+
+/// What `Reply::next` yields: deltas, then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Delta(String),
+    Done(Completion),
+}
+
+/// A finished answer; the ids are `None` when the turn was not stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub finish: FinishReason,
+    pub usage: Usage,
+    pub conversation_id: Option<Uuid>,
+    pub message_id: Option<Uuid>,
+    pub created_at: Millis,
+}
+
+/// How the finished turn is written.
+pub(super) struct Persist {
+    store: Store,
+    user: Uuid,
+    target: TurnTarget,
+    messages: Vec<Message>,
+}
+
+impl Persist {
+    /// `None` for `Thread::Unstored`.
+    pub(super) fn new(store: Store, input: &ChatInput) -> Option<Persist> {
+        let target = match input.thread {
+            Thread::Unstored => return None,
+            Thread::Continue(id) => TurnTarget::Existing(id),
+            Thread::New => TurnTarget::New { title: title(&input.messages), model: String::new() },
+        };
+        Some(Persist { store, user: input.user, target, messages: input.messages.clone() })
+    }
+}
+
+/// A streaming answer. Dropping it cancels the upstream request or the local generation, and
+/// nothing is stored.
+pub struct Reply {
+    who: Answerer,
+    events: BoxStream<'static, Result<Event, ChatError>>,
+    persist: Option<Persist>,
+    /// What was sent, for a usage estimate when the provider reports none.
+    prompt: Vec<Message>,
+    text: String,
+    done: bool,
+}
+
+impl Reply {
+    pub(super) fn remote(
+        persist: Option<Persist>,
+        who: Answerer,
+        events: EventStream,
+        prompt: Vec<Message>,
+    ) -> Reply {
+        let provider = who.provider;
+        let events = events
+            .map(move |e| e.map_err(|e| ChatError::Upstream { provider, reason: e.reason() }))
+            .boxed();
+        Reply { who, events, persist, prompt, text: String::new(), done: false }
+    }
+
+    pub(super) fn local(persist: Option<Persist>, who: Answerer, generation: Generation) -> Reply {
+        let events = generation
+            .map(|e| match e {
+                Ok(crate::local::Event::Delta(d)) => Ok(Event::Delta(d)),
+                Ok(crate::local::Event::Done { finish_reason, usage }) => Ok(Event::Finish {
+                    reason: match finish_reason {
+                        crate::local::FinishReason::Stop => FinishReason::Stop,
+                        crate::local::FinishReason::Length => FinishReason::Length,
+                    },
+                    usage: Some(Usage {
+                        prompt_tokens: usage.prompt_tokens as u32,
+                        completion_tokens: usage.completion_tokens as u32,
+                    }),
+                }),
+                Err(e) => Err(local_error(e)),
+            })
+            .boxed();
+        Reply { who, events, persist, prompt: Vec::new(), text: String::new(), done: false }
+    }
+
+    /// Who answers.
+    pub fn answerer(&self) -> &Answerer {
+        &self.who
+    }
+
+    /// The next delta, or the completion after the turn is stored; `None` after that.
+    pub async fn next(&mut self) -> Option<Result<Step, ChatError>> {
+        if self.done {
+            return None;
+        }
+        let event = match self.events.next().await {
+            Some(e) => e,
+            None => Err(ChatError::Upstream { provider: self.who.provider, reason: "ended" }),
+        };
+        match event {
+            Ok(Event::Delta(d)) => {
+                self.text.push_str(&d);
+                Some(Ok(Step::Delta(d)))
+            }
+            Ok(Event::Finish { reason, usage }) => {
+                self.done = true;
+                Some(self.finish(reason, usage).await.map(Step::Done))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+
+    /// Runs the answer to its end.
+    pub async fn collect(&mut self) -> Result<Completion, ChatError> {
+        while let Some(step) = self.next().await {
+            if let Step::Done(c) = step? {
+                return Ok(c);
+            }
+        }
+        Err(ChatError::Upstream { provider: self.who.provider, reason: "ended" })
+    }
+
+    async fn finish(
+        &mut self,
+        finish: FinishReason,
+        usage: Option<Usage>,
+    ) -> Result<Completion, ChatError> {
+        let usage = usage.unwrap_or_else(|| Usage {
+            prompt_tokens: context::estimate_tokens(&self.prompt) as u32,
+            completion_tokens: context::estimate_tokens(&[Message::new(
+                Role::Assistant,
+                &*self.text,
+            )]) as u32,
+        });
+        let text = std::mem::take(&mut self.text);
+        let now = now_ms();
+        let mut done = Completion {
+            text,
+            finish,
+            usage,
+            conversation_id: None,
+            message_id: None,
+            created_at: now,
+        };
+        let Some(p) = self.persist.take() else { return Ok(done) };
+        let mut turn: Vec<NewMessage> = p
+            .messages
+            .into_iter()
+            .map(|m| NewMessage {
+                role: m.role,
+                content: m.content,
+                model: None,
+                provider: None,
+                usage: None,
+            })
+            .collect();
+        turn.push(NewMessage {
+            role: Role::Assistant,
+            content: done.text.clone(),
+            model: Some(self.who.model.clone()),
+            provider: Some(self.who.provider.as_str().to_string()),
+            usage: Some(crate::store::Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                total_tokens: usage.prompt_tokens + usage.completion_tokens,
+            }),
+        });
+        let target = match p.target {
+            TurnTarget::New { title, .. } => {
+                TurnTarget::New { title, model: self.who.model.clone() }
+            }
+            t => t,
+        };
+        let (conv, stored) =
+            p.store.record_turn(p.user, target, turn, now).await.map_err(|e| match e {
+                crate::store::StoreError::NotFound => ChatError::ConversationNotFound,
+                e => ChatError::Store(e),
+            })?;
+        done.conversation_id = Some(conv.id);
+        done.message_id = stored.last().map(|m| m.id);
+        Ok(done)
+    }
+}

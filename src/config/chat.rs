@@ -1,0 +1,260 @@
+//! The chat sections: the local model, the remote providers, which model names go where, and
+//! the per-user limits on chat routes.
+
+use super::{ConfigError, QuotaConfig};
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The in-process model that answers offline and takes over when a provider fails.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    pub enabled: bool,
+    /// A GGUF file; relative paths start from the working directory.
+    pub model: PathBuf,
+    /// The model name clients use; empty means the file name without `.gguf`.
+    pub name: String,
+    /// Compute threads; 0 means every core.
+    pub threads: usize,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    /// Caps the context window (KV cache memory); 0 keeps the model's own.
+    pub context: usize,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            enabled: true,
+            model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            name: String::new(),
+            threads: 0,
+            max_batch: 4,
+            max_queue: 32,
+            context: 0,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// The name clients ask for: `name`, else the file name without its extension.
+    pub fn model_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        let file = self.model.file_name().map(|f| f.to_string_lossy().into_owned());
+        let file = file.unwrap_or_else(|| "local".into());
+        file.strip_suffix(".gguf").map(str::to_owned).unwrap_or(file)
+    }
+}
+
+/// The remote providers edgechat knows; each is down until it has an API key.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    pub openai: ProviderConfig,
+    pub huggingface: ProviderConfig,
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        ProvidersConfig {
+            openai: ProviderConfig {
+                base_url: "https://api.openai.com/v1".into(),
+                models: vec!["gpt-4o-mini".into(), "gpt-4o".into(), "gpt-3.5-turbo".into()],
+                ..ProviderConfig::default()
+            },
+            huggingface: ProviderConfig {
+                base_url: "https://router.huggingface.co/v1".into(),
+                text_generation_url: "https://api-inference.huggingface.co/models".into(),
+                ..ProviderConfig::default()
+            },
+        }
+    }
+}
+
+/// One remote provider: where it is, its key, its deadlines, retries and circuit breaker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// The OpenAI-compatible API root (`…/v1`); `/chat/completions` is appended.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    /// A file holding the key (trailing newline ignored).
+    pub api_key_file: Option<PathBuf>,
+    /// Models listed by `GET /v1/models` while the provider has a key.
+    pub models: Vec<String>,
+    /// HuggingFace only: model patterns served by the classic text-generation API.
+    pub text_generation_models: Vec<String>,
+    /// HuggingFace only: the classic API root; `/{model}` is appended.
+    pub text_generation_url: String,
+    pub connect_timeout_ms: u64,
+    pub first_byte_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+    /// Attempts in all (the first included), only before the first byte.
+    pub attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Consecutive failures that open the circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit skips the provider before one probe.
+    pub breaker_cooldown_ms: u64,
+    /// Prompt tokens the provider's models accept; history beyond is trimmed, oldest first.
+    pub context_tokens: u32,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            base_url: String::new(),
+            api_key: None,
+            api_key_file: None,
+            models: Vec::new(),
+            text_generation_models: Vec::new(),
+            text_generation_url: String::new(),
+            connect_timeout_ms: 3_000,
+            first_byte_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            total_timeout_ms: 300_000,
+            attempts: 3,
+            retry_base_ms: 250,
+            retry_max_ms: 4_000,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 30_000,
+            context_tokens: 16_384,
+        }
+    }
+}
+
+/// Who answers which model name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderName {
+    Openai,
+    Huggingface,
+    Local,
+}
+
+impl std::fmt::Display for ProviderName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ProviderName {
+    /// The name used in answers, headers and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderName::Openai => "openai",
+            ProviderName::Huggingface => "huggingface",
+            ProviderName::Local => "local",
+        }
+    }
+}
+
+/// Model names (or `*` patterns) → provider; the first matching rule wins.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    pub model: String,
+    pub provider: ProviderName,
+}
+
+/// Which provider answers a model, what to use when none is named, and whether to fall back.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Used when a request names no model; empty means the local model.
+    pub default_model: String,
+    /// Answer from the local model when the chosen provider cannot.
+    pub fallback: bool,
+    pub rules: Vec<RouteRule>,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        let rule = |model: &str, provider| RouteRule { model: model.into(), provider };
+        RoutingConfig {
+            default_model: String::new(),
+            fallback: true,
+            rules: vec![
+                rule("gpt-*", ProviderName::Openai),
+                rule("chatgpt-*", ProviderName::Openai),
+                rule("o1*", ProviderName::Openai),
+                rule("o3*", ProviderName::Openai),
+                rule("o4*", ProviderName::Openai),
+                rule("*/*", ProviderName::Huggingface),
+            ],
+            default_max_tokens: 512,
+        }
+    }
+}
+
+/// Per-user limits on the chat routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatLimitsConfig {
+    pub requests: QuotaConfig,
+    /// Tokens (prompt + completion), counted when an answer completes.
+    pub tokens: QuotaConfig,
+}
+
+impl Default for ChatLimitsConfig {
+    fn default() -> Self {
+        ChatLimitsConfig {
+            requests: QuotaConfig { requests: 60, per_secs: 60, burst: 20 },
+            tokens: QuotaConfig { requests: 200_000, per_secs: 60, burst: 200_000 },
+        }
+    }
+}
+
+/// Checks the chat sections; every message names its key.
+pub(super) fn validate(
+    local: &LocalConfig,
+    providers: &ProvidersConfig,
+    routing: &RoutingConfig,
+) -> Result<(), ConfigError> {
+    if local.max_batch == 0 || local.max_queue == 0 {
+        return Err(ConfigError::invalid("local.max_batch", "max_batch and max_queue must be > 0"));
+    }
+    for (name, p) in [("openai", &providers.openai), ("huggingface", &providers.huggingface)] {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        for (k, url) in [("base_url", &p.base_url), ("text_generation_url", &p.text_generation_url)]
+        {
+            let ok = url.starts_with("http://") || url.starts_with("https://");
+            if !(ok || url.is_empty() && k == "text_generation_url") {
+                return Err(ConfigError::invalid(&key(k), "must be an http:// or https:// URL"));
+            }
+        }
+        if p.api_key.is_some() && p.api_key_file.is_some() {
+            return Err(ConfigError::invalid(&key("api_key"), "give api_key or api_key_file"));
+        }
+        if name == "openai" && !p.text_generation_models.is_empty() {
+            return Err(ConfigError::invalid(&key("text_generation_models"), "HuggingFace only"));
+        }
+        let durations = [
+            ("connect_timeout_ms", p.connect_timeout_ms),
+            ("first_byte_timeout_ms", p.first_byte_timeout_ms),
+            ("idle_timeout_ms", p.idle_timeout_ms),
+            ("total_timeout_ms", p.total_timeout_ms),
+            ("attempts", p.attempts.into()),
+            ("breaker_failures", p.breaker_failures.into()),
+            ("context_tokens", p.context_tokens.into()),
+        ];
+        if let Some((k, _)) = durations.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::invalid(&key(k), "must be greater than 0"));
+        }
+    }
+    if let Some(r) = routing.rules.iter().find(|r| r.model.trim().is_empty()) {
+        let message = format!("a rule for provider {} has an empty model", r.provider.as_str());
+        return Err(ConfigError::invalid("routing.rules", message));
+    }
+    if routing.default_max_tokens == 0 {
+        return Err(ConfigError::invalid("routing.default_max_tokens", "must be greater than 0"));
+    }
+    Ok(())
+}
