@@ -35,6 +35,8 @@ async fn fixture() -> Fixture {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.storage.data_dir = Some(dir.path().to_path_buf());
+    // The HTTP path alone: no local model (its load and memory are measured in `local`).
+    config.local.enabled = false;
     config.rate_limit.auth_per_address =
         QuotaConfig { requests: 1_000_000, per_secs: 1, burst: 1_000_000 };
     let running = server::start_default(config, &Environment::default()).await.unwrap();
