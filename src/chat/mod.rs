@@ -103,7 +103,7 @@ pub enum ChatError {
     Upstream { provider: ProviderName, reason: &'static str },
     #[error("the local model is busy; retry shortly")]
     Busy,
-    #[error("the prompt has {prompt_tokens} tokens; the model accepts {context}")]
+    #[error("the message has {prompt_tokens} tokens with its template, more than the model's context window of {context}; shorten it")]
     PromptTooLong { prompt_tokens: usize, context: usize },
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -49,12 +49,38 @@ impl LocalConfig {
     }
 }
 
-/// The remote providers edgechat knows; each is down until it has an API key.
+/// The remote providers edgechat knows; each is down until it has an API key. Keys given for
+/// one provider are laid over that provider's own defaults (its URL stays unless changed).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProvidersConfig {
+    #[serde(deserialize_with = "openai_over_defaults")]
     pub openai: ProviderConfig,
+    #[serde(deserialize_with = "huggingface_over_defaults")]
     pub huggingface: ProviderConfig,
+}
+
+fn openai_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<ProviderConfig, D::Error> {
+    over_defaults(d, ProvidersConfig::default().openai)
+}
+
+fn huggingface_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<ProviderConfig, D::Error> {
+    over_defaults(d, ProvidersConfig::default().huggingface)
+}
+
+fn over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    defaults: ProviderConfig,
+) -> Result<ProviderConfig, D::Error> {
+    use serde::de::Error;
+    let given = toml::Table::deserialize(d)?;
+    let mut merged = toml::Table::try_from(&defaults).map_err(D::Error::custom)?;
+    merged.extend(given);
+    ProviderConfig::deserialize(toml::Value::Table(merged)).map_err(D::Error::custom)
 }
 
 impl Default for ProvidersConfig {

@@ -405,6 +405,21 @@ mod tests {
     }
 
     #[test]
+    fn a_provider_key_keeps_that_provider_s_other_defaults() {
+        let c = load_text(
+            "[providers.huggingface]\nmodels = [\"org/m\"]\n",
+            &[("EDGECHAT_PROVIDERS__OPENAI__API_KEY", "sk-x")],
+        )
+        .unwrap();
+        assert_eq!(c.providers.openai.base_url, "https://api.openai.com/v1");
+        assert_eq!(c.providers.openai.api_key.as_ref().map(|k| k.expose()), Some("sk-x"));
+        assert_eq!(c.providers.huggingface.base_url, "https://router.huggingface.co/v1");
+        assert_eq!(c.providers.huggingface.models, ["org/m"]);
+        let e = load_text("[providers.openai]\nbase_ur = \"x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("providers.openai") && e.contains("base_ur"), "{e}");
+    }
+
+    #[test]
     fn data_dir_prefers_config_then_systemd_then_default() {
         let mut c = Config::default();
         assert_eq!(c.data_dir(None), PathBuf::from("data"));
