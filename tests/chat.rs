@@ -225,29 +225,30 @@ async fn with_fallback_off_failures_are_502_and_unanswerable_models_503() {
 }
 
 #[tokio::test]
-async fn the_breaker_opens_and_later_requests_skip_the_upstream() {
+async fn the_breaker_opens_after_two_failures_and_later_requests_skip_the_upstream() {
     let model = default_model();
-    let up = Upstream::start(vec![Act::Status(500, None)]).await;
-    let s = TestServer::start(|c| {
-        openai_at(c, &up);
-        c.providers.openai.breaker_failures = 2;
-        with_default_model(c, &model);
-    })
-    .await;
-    let token = s.user("alice").await;
-    let mut reasons = Vec::new();
-    for _ in 0..3 {
-        let body =
-            json!({"message": "Hi", "model": "gpt-4o-mini", "max_tokens": 2, "temperature": 0});
-        let (status, h, _) = chat(&s, &token, body).await;
-        assert_eq!(status, StatusCode::OK);
-        reasons.push(header(&h, "x-edgechat-fallback-reason").unwrap().to_string());
+    for (act, reason) in [(Act::Status(500, None), "upstream_error"), (Act::Malformed, "protocol_error")] {
+        let up = Upstream::start(vec![act]).await;
+        let s = TestServer::start(|c| {
+            openai_at(c, &up);
+            c.providers.openai.breaker_failures = 2;
+            with_default_model(c, &model);
+        })
+        .await;
+        let token = s.user("alice").await;
+        let mut reasons = Vec::new();
+        for _ in 0..3 {
+            let body = json!({"message": "Hi", "model": "gpt-4o-mini", "max_tokens": 2, "temperature": 0});
+            let (status, h, _) = chat(&s, &token, body).await;
+            assert_eq!(status, StatusCode::OK);
+            reasons.push(header(&h, "x-edgechat-fallback-reason").unwrap().to_string());
+        }
+        assert_eq!(reasons, [reason, reason, "circuit_open"], "each failure counts once");
+        assert_eq!(up.hits(), 2, "the open circuit skipped the upstream");
+        let ready: Value = s.get("/ready", None).await.json().await.unwrap();
+        let providers = ready["providers"].as_array().unwrap();
+        assert!(providers.contains(&json!({"provider": "openai", "state": "circuit_open"})), "{ready}");
     }
-    assert_eq!(reasons, ["upstream_error", "upstream_error", "circuit_open"]);
-    assert_eq!(up.hits(), 2, "the open circuit skipped the upstream");
-    let ready: Value = s.get("/ready", None).await.json().await.unwrap();
-    let providers = ready["providers"].as_array().unwrap();
-    assert!(providers.contains(&json!({"provider": "openai", "state": "circuit_open"})), "{ready}");
 }
 
 #[tokio::test]

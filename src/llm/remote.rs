@@ -198,6 +198,7 @@ impl Remote {
             idle: self.timeouts.idle,
             deadline,
             breaker: self.breaker.clone(),
+            started: false,
         };
         let mut events = event_stream(state);
         match timeout_at(first_deadline, events.next()).await {
@@ -251,17 +252,24 @@ struct State {
     idle: Duration,
     deadline: Instant,
     breaker: Arc<Breaker>,
+    /// Whether an event went out: failures before that are counted by `chat`'s retry loop.
+    started: bool,
 }
 
 /// Turns the response body into events; dropping the stream drops the connection.
 fn event_stream(state: State) -> EventStream {
     stream::unfold(state, |mut s| async move {
         match s.next_event().await {
-            Ok(Some(event)) => Some((Ok(event), s)),
+            Ok(Some(event)) => {
+                s.started = true;
+                Some((Ok(event), s))
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(provider = %s.provider, error = %e, "stream failed");
-                s.breaker.failure();
+                if s.started {
+                    s.breaker.failure();
+                }
                 s.done = true;
                 s.queue.clear();
                 Some((Err(e), s))
