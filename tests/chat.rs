@@ -227,7 +227,9 @@ async fn with_fallback_off_failures_are_502_and_unanswerable_models_503() {
 #[tokio::test]
 async fn the_breaker_opens_after_two_failures_and_later_requests_skip_the_upstream() {
     let model = default_model();
-    for (act, reason) in [(Act::Status(500, None), "upstream_error"), (Act::Malformed, "protocol_error")] {
+    for (act, reason) in
+        [(Act::Status(500, None), "upstream_error"), (Act::Malformed, "protocol_error")]
+    {
         let up = Upstream::start(vec![act]).await;
         let s = TestServer::start(|c| {
             openai_at(c, &up);
@@ -238,7 +240,8 @@ async fn the_breaker_opens_after_two_failures_and_later_requests_skip_the_upstre
         let token = s.user("alice").await;
         let mut reasons = Vec::new();
         for _ in 0..3 {
-            let body = json!({"message": "Hi", "model": "gpt-4o-mini", "max_tokens": 2, "temperature": 0});
+            let body =
+                json!({"message": "Hi", "model": "gpt-4o-mini", "max_tokens": 2, "temperature": 0});
             let (status, h, _) = chat(&s, &token, body).await;
             assert_eq!(status, StatusCode::OK);
             reasons.push(header(&h, "x-edgechat-fallback-reason").unwrap().to_string());
@@ -247,7 +250,10 @@ async fn the_breaker_opens_after_two_failures_and_later_requests_skip_the_upstre
         assert_eq!(up.hits(), 2, "the open circuit skipped the upstream");
         let ready: Value = s.get("/ready", None).await.json().await.unwrap();
         let providers = ready["providers"].as_array().unwrap();
-        assert!(providers.contains(&json!({"provider": "openai", "state": "circuit_open"})), "{ready}");
+        assert!(
+            providers.contains(&json!({"provider": "openai", "state": "circuit_open"})),
+            "{ready}"
+        );
     }
 }
 

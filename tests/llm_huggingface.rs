@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use edgechat::llm::{
     Breaker, ChatRequest, Dialect, Event, EventStream, FinishReason, Message, Phase, ProviderError,
-    Remote, RetryPolicy, Role, Timeouts, Usage,
+    Remote, RetryPolicy, Role, Sampling, Timeouts, Usage,
 };
 use edgechat::secret::Secret;
 use futures_util::StreamExt;
@@ -195,8 +195,7 @@ fn request() -> ChatRequest {
     ChatRequest {
         model: MODEL.into(),
         messages: vec![Message::new(Role::User, "Hello")],
-        max_tokens: Some(16),
-        ..Default::default()
+        sampling: Sampling { max_tokens: Some(16), ..Default::default() },
     }
 }
 
@@ -247,14 +246,17 @@ async fn the_request_carries_the_transcript_and_only_set_parameters() {
                 Message::new(Role::Assistant, "Hello."),
                 Message::new(Role::User, "Name a city."),
             ],
-            temperature: Some(0.0),
-            top_p: Some(0.5),
-            seed: Some(42),
-            stop: vec!["\nUser:".into()],
+            sampling: Sampling {
+                max_tokens: Some(16),
+                temperature: Some(0.0),
+                top_p: Some(0.5),
+                seed: Some(42),
+                stop: vec!["\nUser:".into()],
+            },
             ..request()
         };
         drain(c.chat(&req).await.unwrap()).await;
-        drain(c.chat(&ChatRequest { max_tokens: None, ..request() }).await.unwrap()).await;
+        drain(c.chat(&ChatRequest { sampling: Sampling::default(), ..request() }).await.unwrap()).await;
         let seen = s.seen.lock().unwrap().clone();
         assert_eq!(seen[0].path, format!("/models/{MODEL}"));
         assert_eq!(seen[0].auth, "Bearer hf_test");

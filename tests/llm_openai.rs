@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use edgechat::llm::{
     Breaker, ChatRequest, Dialect, Event, FinishReason, Message, Phase, ProviderError, Remote,
-    RetryPolicy, Role, Timeouts, Usage,
+    RetryPolicy, Role, Sampling, Timeouts, Usage,
 };
 use edgechat::secret::Secret;
 use futures_util::StreamExt;
@@ -178,8 +178,7 @@ fn request() -> ChatRequest {
     ChatRequest {
         model: "gpt-4o-mini".into(),
         messages: vec![Message::new(Role::User, "Hello")],
-        max_tokens: Some(16),
-        ..Default::default()
+        sampling: Sampling { max_tokens: Some(16), ..Default::default() },
     }
 }
 

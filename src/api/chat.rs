@@ -4,9 +4,10 @@
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{Answerer, ChatInput, Completion, Params, Reply, Step, Thread};
+use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::clock::rfc3339;
 use crate::http::{json, Body};
+use crate::llm::Sampling;
 use crate::message::{Message, Role};
 use crate::ratelimit::Decision;
 use bytes::Bytes;
@@ -124,10 +125,10 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
         model: body.model,
         thread,
         messages,
-        params: Params {
+        params: Sampling {
             max_tokens: body.max_tokens,
             temperature: body.temperature,
-            ..Params::default()
+            ..Sampling::default()
         },
     };
     let user = principal.user.id;

@@ -9,8 +9,8 @@ use super::chat::{
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{Answerer, ChatInput, Completion, Params, Reply, Step, Thread};
-use crate::llm::FinishReason;
+use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
+use crate::llm::{FinishReason, Sampling};
 use crate::message::{Message, Role};
 use futures_util::stream::{self, StreamExt};
 use http::{Method, Response, StatusCode};
@@ -226,7 +226,7 @@ fn input(user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
         model: Some(body.model.clone()),
         thread: if body.store == Some(false) { Thread::Unstored } else { Thread::New },
         messages: body.messages.iter().map(message).collect(),
-        params: Params {
+        params: Sampling {
             max_tokens,
             temperature: body.temperature,
             top_p,

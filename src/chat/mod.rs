@@ -13,7 +13,7 @@ pub use providers::{Keys, ProviderStatus};
 pub use reply::{Completion, Reply, Step};
 
 use crate::config::{Config, ProviderName, RoutingConfig};
-use crate::llm::{ChatRequest, ProviderError};
+use crate::llm::{ChatRequest, ProviderError, Sampling};
 use crate::local::{Engine, LocalError};
 use crate::message::{Message, Role};
 use crate::store::{Store, StoreError};
@@ -25,16 +25,6 @@ use uuid::Uuid;
 pub struct LocalModel {
     pub engine: Engine,
     pub name: String,
-}
-
-/// Sampling settings; `None` leaves each to the provider (or the configured default).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Params {
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Vec<String>,
-    pub seed: Option<u64>,
 }
 
 /// Where this turn is stored.
@@ -58,7 +48,8 @@ pub struct ChatInput {
     /// This turn's messages, sent after the conversation's earlier ones and stored with the
     /// answer.
     pub messages: Vec<Message>,
-    pub params: Params,
+    /// `None` fields go to the provider's defaults (`max_tokens`: `routing.default_max_tokens`).
+    pub params: Sampling,
 }
 
 /// Why the answer comes from the local model instead of the provider asked for.
@@ -284,16 +275,9 @@ impl Chat {
 /// SmolLM2's model card suggests a low temperature; OpenAI's default of 1.0 rambles on it.
 const DEFAULT_LOCAL_TEMPERATURE: f32 = 0.2;
 
-fn request(model: &str, messages: Vec<Message>, max_tokens: u32, p: &Params) -> ChatRequest {
-    ChatRequest {
-        model: model.to_string(),
-        messages,
-        max_tokens: Some(max_tokens),
-        temperature: p.temperature,
-        top_p: p.top_p,
-        stop: p.stop.clone(),
-        seed: p.seed,
-    }
+fn request(model: &str, messages: Vec<Message>, max_tokens: u32, p: &Sampling) -> ChatRequest {
+    let sampling = Sampling { max_tokens: Some(max_tokens), ..p.clone() };
+    ChatRequest { model: model.to_string(), messages, sampling }
 }
 
 fn local_error(e: LocalError) -> ChatError {

@@ -19,20 +19,20 @@ pub(super) fn body(req: &ChatRequest) -> Value {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    if let Some(v) = req.max_tokens {
+    if let Some(v) = req.sampling.max_tokens {
         body["max_tokens"] = v.into();
     }
-    if let Some(v) = req.temperature {
+    if let Some(v) = req.sampling.temperature {
         body["temperature"] = v.into();
     }
-    if let Some(v) = req.top_p {
+    if let Some(v) = req.sampling.top_p {
         body["top_p"] = v.into();
     }
-    if let Some(v) = req.seed {
+    if let Some(v) = req.sampling.seed {
         body["seed"] = v.into();
     }
-    if !req.stop.is_empty() {
-        body["stop"] = json!(req.stop);
+    if !req.sampling.stop.is_empty() {
+        body["stop"] = json!(req.sampling.stop);
     }
     body
 }
@@ -82,6 +82,7 @@ impl Decode for Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::Sampling;
     use crate::message::{Message, Role};
 
     #[test]
@@ -89,8 +90,7 @@ mod tests {
         let req = ChatRequest {
             model: "gpt-4o-mini".into(),
             messages: vec![Message::new(Role::User, "hi")],
-            max_tokens: Some(5),
-            ..Default::default()
+            sampling: Sampling { max_tokens: Some(5), ..Default::default() },
         };
         let b = body(&req);
         assert_eq!(b["messages"], json!([{"role": "user", "content": "hi"}]));

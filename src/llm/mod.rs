@@ -24,14 +24,21 @@ use std::time::Duration;
 
 pub use crate::message::{Message, Role};
 
-/// What to generate. `None` leaves a parameter to the provider's default.
+/// What to generate.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
+    pub sampling: Sampling,
+}
+
+/// How to sample; `None` leaves a parameter to the provider's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Generation ends before any of these would appear.
     pub stop: Vec<String>,
     pub seed: Option<u64>,
 }

@@ -28,10 +28,10 @@ pub(super) fn url(base: &str, model: &str) -> Result<String, ProviderError> {
 /// sampling explicitly, since TGI would otherwise decode greedily at 1.0.
 pub(super) fn body(req: &ChatRequest) -> Value {
     let mut p = json!({"return_full_text": false, "details": true});
-    if let Some(v) = req.max_tokens {
+    if let Some(v) = req.sampling.max_tokens {
         p["max_new_tokens"] = v.into();
     }
-    match req.temperature {
+    match req.sampling.temperature {
         Some(t) if t <= 0.0 => p["do_sample"] = false.into(),
         Some(t) => {
             p["do_sample"] = true.into();
@@ -39,14 +39,14 @@ pub(super) fn body(req: &ChatRequest) -> Value {
         }
         None => {}
     }
-    if let Some(v) = req.top_p.filter(|&v| v < 1.0) {
+    if let Some(v) = req.sampling.top_p.filter(|&v| v < 1.0) {
         p["top_p"] = v.into();
     }
-    if let Some(v) = req.seed {
+    if let Some(v) = req.sampling.seed {
         p["seed"] = v.into();
     }
-    if !req.stop.is_empty() {
-        p["stop"] = json!(req.stop);
+    if !req.sampling.stop.is_empty() {
+        p["stop"] = json!(req.sampling.stop);
     }
     json!({"inputs": transcript(&req.messages), "parameters": p, "stream": true})
 }
@@ -112,6 +112,7 @@ fn finish(details: Option<&Value>) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::Sampling;
 
     #[test]
     fn the_transcript_labels_turns_and_opens_the_assistant_s() {
@@ -130,14 +131,14 @@ mod tests {
     fn the_body_carries_only_set_parameters_and_greedy_for_zero_temperature() {
         let req = ChatRequest {
             messages: vec![Message::new(Role::User, "hi")],
-            temperature: Some(0.0),
-            top_p: Some(1.0),
+            sampling: Sampling { temperature: Some(0.0), top_p: Some(1.0), ..Default::default() },
             ..Default::default()
         };
         let want = json!({"inputs": "User: hi\n\nAssistant:", "stream": true,
             "parameters": {"return_full_text": false, "details": true, "do_sample": false}});
         assert_eq!(body(&req), want);
-        let req = ChatRequest { temperature: Some(0.5), top_p: Some(0.25), ..req };
+        let sampling = Sampling { temperature: Some(0.5), top_p: Some(0.25), ..req.sampling };
+        let req = ChatRequest { sampling, ..req };
         let p = &body(&req)["parameters"];
         assert_eq!((p["temperature"].as_f64(), p["top_p"].as_f64()), (Some(0.5), Some(0.25)));
         assert_eq!(p["do_sample"], true);
