@@ -3,25 +3,38 @@
 
 use crate::message::{Message, Role};
 
-/// `history` followed by `turn`, with the oldest non-system history messages dropped until
-/// `tokens` of the whole is at most `budget`. `tokens` may be exact or an estimate.
+/// `history` followed by `turn`, with the fewest oldest non-system history messages dropped
+/// that bring `tokens` of the whole to at most `budget` (all of them when even that is not
+/// enough). `tokens` may be exact or an estimate; it is called O(log n) times.
 pub fn fit(
     history: Vec<Message>,
     turn: &[Message],
     budget: usize,
     mut tokens: impl FnMut(&[Message]) -> usize,
 ) -> Vec<Message> {
-    let mut all = history;
-    let mut kept_history = all.len();
-    all.extend_from_slice(turn);
-    while tokens(&all) > budget {
-        let Some(i) = all[..kept_history].iter().position(|m| m.role != Role::System) else {
-            break;
-        };
-        all.remove(i);
-        kept_history -= 1;
+    // The whole without the `k` oldest non-system history messages.
+    let without = |k: usize| -> Vec<Message> {
+        let mut dropped = 0;
+        let kept = history.iter().filter(|m| {
+            let drop = m.role != Role::System && dropped < k;
+            dropped += usize::from(drop);
+            !drop
+        });
+        kept.chain(turn).cloned().collect()
+    };
+    let (mut lo, mut hi) = (0, history.iter().filter(|m| m.role != Role::System).count());
+    if tokens(&without(hi)) > budget {
+        return without(hi);
     }
-    all
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if tokens(&without(mid)) <= budget {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    without(lo)
 }
 
 /// A rough token count for providers whose tokenizer we do not have: about three characters

@@ -120,11 +120,6 @@ impl Chat {
         Ok(Chat { store, remotes, local, routing: config.routing.clone() })
     }
 
-    /// The local model, when one is loaded.
-    pub fn local(&self) -> Option<&LocalModel> {
-        self.local.as_ref()
-    }
-
     /// Every model that can be asked for now, with the provider that owns it.
     pub fn models(&self) -> Vec<(String, ProviderName)> {
         let mut out: Vec<_> =
@@ -175,7 +170,9 @@ impl Chat {
         let mut reply = self.start(input).await?;
         match reply.collect().await {
             Ok(done) => Ok((reply.answerer().clone(), done)),
-            Err(ChatError::Upstream { provider, reason }) if self.can_fall_back() => {
+            Err(ChatError::Upstream { provider, reason })
+                if provider != ProviderName::Local && self.can_fall_back() =>
+            {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
                 let fallback = Some(Fallback { from: provider, reason });
                 let mut reply = self.start_local(input, self.history(input)?, fallback)?;
