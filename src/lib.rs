@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod jobs;
 pub mod llm;
 pub mod local;
 pub mod message;

@@ -7,6 +7,7 @@ use crate::chat::{Chat, Keys, LocalModel};
 use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig};
 use crate::control;
 use crate::http::{self, tls, Limits};
+use crate::jobs::Jobs;
 use crate::local::{Engine, EngineOptions, LocalError};
 use crate::ratelimit::{Limiter, Quota};
 use crate::secret::{write_private_file, Secret};
@@ -78,6 +79,7 @@ pub struct Running {
     pub data_dir: PathBuf,
     store: Store,
     control: JoinHandle<()>,
+    jobs: Arc<Jobs>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<usize>,
 }
@@ -88,6 +90,7 @@ impl Running {
     pub async fn shutdown(self) -> usize {
         let _ = self.stop.send(());
         let cut = self.task.await.unwrap_or(0);
+        self.jobs.shutdown().await;
         self.control.abort();
         // Awaiting the aborted task drops its handles on the store before we return.
         let _ = self.control.await;
@@ -160,7 +163,8 @@ pub async fn start(
     let control = control::listen(&data_dir, store.clone(), auth.clone())
         .map_err(|source| StartError::Control { path: data_dir.join(control::SOCKET), source })?;
     let chat = Arc::new(chat_service(&config, env, store.clone()).await?);
-    let app = App::new(config, store.clone(), auth, chat, routes);
+    let jobs = Jobs::start(store.clone(), chat.clone(), config.jobs.clone()).await?;
+    let app = App::new(config, store.clone(), auth, chat, jobs.clone(), routes);
     let (stop, stopped) = oneshot::channel::<()>();
     let service = app.service();
     let task = tokio::spawn(async move {
@@ -171,7 +175,7 @@ pub async fn start(
         drop(app);
         cut
     });
-    Ok(Running { addr, scheme, certificate, data_dir, store, control, stop, task })
+    Ok(Running { addr, scheme, certificate, data_dir, store, control, jobs, stop, task })
 }
 
 /// Starts the default routes.

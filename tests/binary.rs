@@ -4,11 +4,9 @@
 
 mod common;
 
-use common::{command, data_dir, Binary};
+use common::{command, data_dir, user_cmd, Binary};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::process::Stdio;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
@@ -115,26 +113,6 @@ async fn self_signed_tls_speaks_http1_and_http2() {
     let server = Binary::spawn(&dir, &["--tls-self-signed"], &[]);
     assert_eq!(std::fs::read(&cert_path).unwrap(), pem);
     drop(server);
-}
-
-fn user_cmd(dir: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = command(dir)
-        .arg("user")
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

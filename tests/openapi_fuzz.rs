@@ -32,6 +32,10 @@ async fn schemathesis_finds_no_failures() {
         Command::new("st")
             .current_dir(work.path())
             .args(["run", &spec, "--checks", "all", "--max-examples", "30", "--seed", "1"])
+            // DELETE /chat/tasks/{id} cancels (API.md) and the task stays readable, which this
+            // check takes for a use after free; deleted conversations are tested in
+            // conversations.rs.
+            .args(["--exclude-checks", "use_after_free"])
             .args(["--header", &format!("Authorization: Bearer {token}")])
             .env("NO_COLOR", "1")
             .output()

@@ -4,21 +4,17 @@
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
-use crate::clock::rfc3339;
+use crate::chat::{Answerer, Completion, Reply, SeedAnswer, SeedRequest, Step};
 use crate::http::{json, Body};
-use crate::llm::Sampling;
-use crate::message::{Message, Role};
 use crate::ratelimit::Decision;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 type Answer = Result<Response<Body>, ApiError>;
@@ -30,71 +26,11 @@ pub fn routes(r: &mut Routes) {
         handler(chat),
         Doc::new("chat", "Chat with a model (JSON, or SSE with \"stream\": true)")
             .secured()
-            .body::<ChatBody>()
-            .json::<ChatOut>(200)
+            .body::<SeedRequest>()
+            .json::<SeedAnswer>(200)
             .streams()
             .errors(&[404, 429, 502, 503]),
     );
-}
-
-/// `POST /chat`. Unknown fields are ignored, as the seed's FastAPI did.
-#[derive(Deserialize, ToSchema)]
-pub struct ChatBody {
-    /// What the user says.
-    #[schema(min_length = 1)]
-    message: String,
-    /// Defaults to `routing.default_model`, else the local model.
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default, deserialize_with = "whole_number")]
-    #[schema(minimum = 1, maximum = 32768)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    #[schema(minimum = 0.0, maximum = 2.0)]
-    temperature: Option<f32>,
-    /// Continue this conversation (its earlier turns are the context); omit to start one.
-    #[serde(default)]
-    conversation_id: Option<String>,
-    /// A system prompt for this turn.
-    #[serde(default)]
-    system: Option<String>,
-    #[serde(default)]
-    stream: bool,
-}
-
-/// The answer to `POST /chat` (also the last SSE event before `[DONE]`).
-#[derive(Serialize, ToSchema)]
-pub struct ChatOut {
-    response: String,
-    conversation_id: String,
-    message_id: String,
-    /// The model that answered (the local model's name after a fallback).
-    model: String,
-    /// `openai`, `huggingface` or `local`.
-    provider: &'static str,
-    /// Whether the local model answered because the chosen provider could not.
-    fallback: bool,
-    usage: UsageOut,
-    created_at: String,
-}
-
-/// Token counts of one answer.
-#[derive(Serialize, ToSchema)]
-pub struct UsageOut {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-}
-
-impl UsageOut {
-    pub(super) fn of(c: &Completion) -> UsageOut {
-        let u = c.usage;
-        UsageOut {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        }
-    }
 }
 
 /// Largest accepted `max_tokens`; providers clamp further to what their model allows.
@@ -102,35 +38,11 @@ pub(super) const MAX_TOKENS: u32 = 32_768;
 
 async fn chat(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
-    let body: ChatBody = req.json(&app).await?;
+    let body: SeedRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
-    Checks::default()
-        .field("message", non_empty(&body.message))
-        .field("max_tokens", check_max_tokens(body.max_tokens))
-        .field("temperature", check_temperature(body.temperature))
-        .finish()?;
-    let thread = match body.conversation_id.as_deref() {
-        None | Some("") => Thread::New,
-        Some(id) => Thread::Continue(
-            Uuid::parse_str(id).map_err(|_| ApiError::NotFound("Conversation not found"))?,
-        ),
-    };
-    let mut messages = Vec::new();
-    if let Some(system) = body.system.filter(|s| !s.trim().is_empty()) {
-        messages.push(Message::new(Role::System, system));
-    }
-    messages.push(Message::new(Role::User, body.message));
-    let input = ChatInput {
-        user: principal.user.id,
-        model: body.model,
-        thread,
-        messages,
-        params: Sampling {
-            max_tokens: body.max_tokens,
-            temperature: body.temperature,
-            ..Sampling::default()
-        },
-    };
+    check(&body)?;
+    let input =
+        body.input(principal.user.id).ok_or(ApiError::NotFound("Conversation not found"))?;
     let user = principal.user.id;
     let mut response = if body.stream {
         let reply = app.chat.start(&input).await?;
@@ -140,24 +52,10 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
     } else {
         let (who, done) = app.chat.complete(&input).await?;
         charge(&app, user, &done);
-        with_answerer(json(StatusCode::OK, &seed_out(&who, &done)), &who)
+        with_answerer(json(StatusCode::OK, &SeedAnswer::new(&who, &done)), &who)
     };
     rate_limit_headers(response.headers_mut(), &limit, Face::Seed);
     Ok(response)
-}
-
-fn seed_out(who: &Answerer, done: &Completion) -> ChatOut {
-    let id = |u: Option<Uuid>| u.map(|u| u.to_string()).unwrap_or_default();
-    ChatOut {
-        response: done.text.clone(),
-        conversation_id: id(done.conversation_id),
-        message_id: id(done.message_id),
-        model: who.model.clone(),
-        provider: who.provider.as_str(),
-        fallback: who.fallback.is_some(),
-        usage: UsageOut::of(done),
-        created_at: rfc3339(done.created_at),
-    }
 }
 
 /// `data: {"delta": …}` per delta, the whole answer object, then `[DONE]`.
@@ -167,7 +65,7 @@ fn seed_events(app: Arc<App>, user: Uuid, reply: Reply) -> SseStream {
             Ok(Step::Delta(d)) => vec![data(&serde_json::json!({ "delta": d }))],
             Ok(Step::Done(done)) => {
                 charge(&app, user, &done);
-                vec![data(&seed_out(&who, &done)), done_event()]
+                vec![data(&SeedAnswer::new(&who, &done)), done_event()]
             }
             Err(e) => vec![data(&stream_error(&e))],
         })
@@ -254,26 +152,13 @@ pub(super) fn charge(app: &App, user: Uuid, done: &Completion) {
     app.chat_tokens.charge(&user.simple().to_string(), n);
 }
 
-/// An optional count that also accepts `53.0`: JSON Schema (and pydantic) call that an integer.
-pub(super) fn whole_number<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<u32>, D::Error> {
-    Ok(whole(d)?.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX)))
-}
-
-/// An optional 64-bit integer (a sampling seed), also as a whole float.
-pub(super) fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    whole(d)
-}
-
-fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    use serde::de::Error;
-    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
-    let in_range = |f: f64| f.fract() == 0.0 && f > i64::MIN as f64 && f < i64::MAX as f64;
-    match n.as_i64().or_else(|| n.as_f64().filter(|f| in_range(*f)).map(|f| f as i64)) {
-        Some(v) => Ok(Some(v)),
-        None => Err(D::Error::custom(format!("expected a 64-bit whole number, got {n}"))),
-    }
+/// The seed request's values, checked the same way for `/chat` and `/chat/background`.
+pub(super) fn check(body: &SeedRequest) -> Result<(), ApiError> {
+    Checks::default()
+        .field("message", non_empty(&body.message))
+        .field("max_tokens", check_max_tokens(body.max_tokens))
+        .field("temperature", check_temperature(body.temperature))
+        .finish()
 }
 
 fn non_empty(text: &str) -> Result<(), &'static str> {

@@ -7,6 +7,7 @@
 use crate::auth::{AuthError, HashError};
 use crate::chat::ChatError;
 use crate::http::{json, Body, BodyError};
+use crate::jobs::JobError;
 use crate::ratelimit::{header_secs, Decision};
 use crate::store::StoreError;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
@@ -92,6 +93,8 @@ pub enum ApiError {
     #[error(transparent)]
     Chat(#[from] ChatError),
     #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("handler panicked")]
     Panic,
@@ -171,6 +174,7 @@ impl ApiError {
                 Some("rate_limit_exceeded"),
             ),
             E::Chat(e) => chat_shape(e),
+            E::Job(e) => job_shape(e),
             E::Store(_) | E::Panic => {
                 s(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", "server_error", None)
             }
@@ -214,6 +218,9 @@ impl ApiError {
                 headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
                 token_limit_headers(headers, d, face);
             }
+            ApiError::Job(JobError::UserLimit(_) | JobError::QueueFull(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
             ApiError::Auth(AuthError::Hash(HashError::Busy)) | ApiError::Chat(ChatError::Busy) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -255,6 +262,30 @@ fn chat_shape(e: &ChatError) -> Shape {
             "The {} provider failed ({reason}) and no fallback could answer",
             provider.as_str()
         ),
+        other => capitalized(&other.to_string()),
+    };
+    Shape { status, message, kind, code }
+}
+
+fn job_shape(e: &JobError) -> Shape {
+    use JobError as J;
+    let (status, kind, code) = match e {
+        J::UserLimit(_) => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("too_many_jobs"))
+        }
+        J::QueueFull(_) | J::Stopped => {
+            (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_full"))
+        }
+        J::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found")),
+        J::Finished(_) => (StatusCode::CONFLICT, "invalid_request_error", Some("finished")),
+        J::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+    };
+    let message = match e {
+        J::Store(_) => "Internal Server Error".to_string(),
+        J::NotFound => "Task not found".to_string(),
+        J::Finished(_) => {
+            "Task already finished; only queued or running tasks can be cancelled".into()
+        }
         other => capitalized(&other.to_string()),
     };
     Shape { status, message, kind, code }

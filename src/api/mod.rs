@@ -12,6 +12,7 @@ mod extract;
 mod openai;
 pub mod openapi;
 mod ops;
+mod tasks;
 
 pub use error::{ApiError, Face};
 pub use extract::Req;
@@ -21,6 +22,7 @@ use crate::auth::Auth;
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::http::{Body, Lookup, Router, Service};
+use crate::jobs::Jobs;
 use crate::ratelimit::{Limiter, Quota};
 use crate::store::Store;
 use bytes::Bytes;
@@ -78,6 +80,7 @@ pub fn routes() -> Routes {
     conversations::routes(&mut r);
     chat::routes(&mut r);
     openai::routes(&mut r);
+    tasks::routes(&mut r);
     r
 }
 
@@ -87,6 +90,7 @@ pub struct App {
     pub store: Store,
     pub auth: Arc<Auth>,
     pub chat: Arc<Chat>,
+    pub jobs: Arc<Jobs>,
     auth_per_address: Limiter,
     chat_requests: Limiter,
     chat_tokens: Limiter,
@@ -103,6 +107,7 @@ impl App {
         store: Store,
         auth: Arc<Auth>,
         chat: Arc<Chat>,
+        jobs: Arc<Jobs>,
         routes: Routes,
     ) -> Arc<App> {
         let limiter = |q: crate::config::QuotaConfig| {
@@ -118,6 +123,7 @@ impl App {
             started: Instant::now(),
             started_unix: crate::clock::now_ms() / 1000,
             chat,
+            jobs,
             router: routes.0,
             openapi: Bytes::from(
                 serde_json::to_vec_pretty(&openapi).expect("json values serialize"),

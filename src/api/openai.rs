@@ -4,11 +4,12 @@
 
 use super::chat::{
     admit, charge, check_max_tokens, check_temperature, data, done_event, sse, steps, stream_error,
-    whole_i64, whole_number, with_answerer, SseStream,
+    with_answerer, SseStream,
 };
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
+use crate::chat::seed::{whole_i64, whole_number, UsageOut};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::llm::{FinishReason, Sampling};
 use crate::message::{Message, Role};
@@ -148,7 +149,7 @@ pub struct CompletionOut {
     model: String,
     #[schema(value_type = Vec<Object>)]
     choices: Vec<Value>,
-    usage: super::chat::UsageOut,
+    usage: UsageOut,
     #[schema(value_type = Option<String>)]
     system_fingerprint: Option<()>,
 }
@@ -279,7 +280,7 @@ fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
             "logprobs": null,
             "finish_reason": finish(done.finish),
         })],
-        usage: super::chat::UsageOut::of(done),
+        usage: UsageOut::of(done),
         system_fingerprint: None,
     }
 }
@@ -309,7 +310,7 @@ fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> S
             if usage {
                 let mut last = chunk(&who.model, json!({}), None);
                 last["choices"] = json!([]);
-                last["usage"] = json!(super::chat::UsageOut::of(&done));
+                last["usage"] = json!(UsageOut::of(&done));
                 out.push(data(&last));
             }
             out.push(done_event());

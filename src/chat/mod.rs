@@ -8,9 +8,11 @@ mod context;
 mod providers;
 mod reply;
 pub mod routing;
+pub mod seed;
 
 pub use providers::{Keys, ProviderStatus};
-pub use reply::{Completion, Reply, Step};
+pub use reply::{turn, Completion, Reply, Step};
+pub use seed::{SeedAnswer, SeedRequest};
 
 use crate::config::{Config, ProviderName, RoutingConfig};
 use crate::llm::{ChatRequest, ProviderError, Sampling};
@@ -142,12 +144,26 @@ impl Chat {
     /// Starts answering: resolves the model, builds the context, and returns once the
     /// provider (or the fallback) has produced its first event.
     pub async fn start(&self, input: &ChatInput) -> Result<Reply, ChatError> {
+        self.begin(input, true).await
+    }
+
+    /// Like `complete`, but stores nothing: the caller stores `turn(input, …)` itself (a
+    /// background job, together with its final state).
+    pub async fn complete_unsaved(
+        &self,
+        input: &ChatInput,
+    ) -> Result<(Answerer, Completion), ChatError> {
+        self.finish(input, false).await
+    }
+
+    async fn begin(&self, input: &ChatInput, save: bool) -> Result<Reply, ChatError> {
         let model = self.model_name(input);
         let provider = routing::provider_for(&model, self.local_name(), &self.routing.rules)
             .ok_or_else(|| ChatError::UnknownModel(model.clone()))?;
         let history = self.history(input)?;
+        let persist = self.persist(input, save);
         if provider == ProviderName::Local {
-            return self.start_local(input, history, None);
+            return self.start_local(input, history, None, persist);
         }
         let remote = self.remotes.get(provider);
         let max_tokens = self.max_tokens(input);
@@ -158,16 +174,24 @@ impl Chat {
         match remote.chat(&request).await {
             Ok(events) => {
                 let who = Answerer { model, provider, fallback: None };
-                Ok(Reply::remote(self.persist(input), who, events, request.messages))
+                Ok(Reply::remote(persist, who, events, request.messages))
             }
-            Err(e) => self.fall_back(input, history, provider, e),
+            Err(e) => self.fall_back(input, history, provider, e, persist),
         }
     }
 
     /// The whole answer. A remote stream that breaks before completing is answered again by
     /// the local model when fallback is on: nothing has reached the client yet.
     pub async fn complete(&self, input: &ChatInput) -> Result<(Answerer, Completion), ChatError> {
-        let mut reply = self.start(input).await?;
+        self.finish(input, true).await
+    }
+
+    async fn finish(
+        &self,
+        input: &ChatInput,
+        save: bool,
+    ) -> Result<(Answerer, Completion), ChatError> {
+        let mut reply = self.begin(input, save).await?;
         match reply.collect().await {
             Ok(done) => Ok((reply.answerer().clone(), done)),
             Err(ChatError::Upstream { provider, reason })
@@ -175,7 +199,8 @@ impl Chat {
             {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
                 let fallback = Some(Fallback { from: provider, reason });
-                let mut reply = self.start_local(input, self.history(input)?, fallback)?;
+                let persist = self.persist(input, save);
+                let mut reply = self.start_local(input, self.history(input)?, fallback, persist)?;
                 let done = reply.collect().await?;
                 Ok((reply.answerer().clone(), done))
             }
@@ -189,11 +214,13 @@ impl Chat {
         history: Vec<Message>,
         provider: ProviderName,
         error: ProviderError,
+        persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
         let reason = error.reason();
         if self.can_fall_back() {
             tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
-            return self.start_local(input, history, Some(Fallback { from: provider, reason }));
+            let fallback = Some(Fallback { from: provider, reason });
+            return self.start_local(input, history, fallback, persist);
         }
         Err(match error {
             ProviderError::NotConfigured | ProviderError::CircuitOpen => {
@@ -212,6 +239,7 @@ impl Chat {
         input: &ChatInput,
         history: Vec<Message>,
         fallback: Option<Fallback>,
+        persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
         let Some(local) = &self.local else {
             let why = "no local model is loaded (fetch one with `bash models/fetch-default.sh`)";
@@ -237,7 +265,7 @@ impl Chat {
             })
             .map_err(local_error)?;
         let who = Answerer { model: local.name.clone(), provider: ProviderName::Local, fallback };
-        Ok(Reply::local(self.persist(input), who, generation))
+        Ok(Reply::local(persist, who, generation))
     }
 
     fn model_name(&self, input: &ChatInput) -> String {
@@ -264,8 +292,8 @@ impl Chat {
         Ok(messages.into_iter().map(|m| Message::new(m.role, m.content)).collect())
     }
 
-    fn persist(&self, input: &ChatInput) -> Option<reply::Persist> {
-        reply::Persist::new(self.store.clone(), input)
+    fn persist(&self, input: &ChatInput, save: bool) -> Option<reply::Persist> {
+        save.then(|| reply::Persist::new(self.store.clone(), input)).flatten()
     }
 }
 

@@ -31,21 +31,48 @@ pub struct Completion {
 /// How the finished turn is written.
 pub(super) struct Persist {
     store: Store,
-    user: Uuid,
-    target: TurnTarget,
-    messages: Vec<Message>,
+    input: ChatInput,
 }
 
 impl Persist {
     /// `None` for `Thread::Unstored`.
     pub(super) fn new(store: Store, input: &ChatInput) -> Option<Persist> {
-        let target = match input.thread {
-            Thread::Unstored => return None,
-            Thread::Continue(id) => TurnTarget::Existing(id),
-            Thread::New => TurnTarget::New { title: title(&input.messages), model: String::new() },
-        };
-        Some(Persist { store, user: input.user, target, messages: input.messages.clone() })
+        (input.thread != Thread::Unstored).then(|| Persist { store, input: input.clone() })
     }
+}
+
+/// Where `input`'s turn answered by `who` goes, and its messages: the turn's own, then the
+/// answer. `None` for `Thread::Unstored`.
+pub fn turn(
+    input: &ChatInput,
+    who: &Answerer,
+    done: &Completion,
+) -> Option<(TurnTarget, Vec<NewMessage>)> {
+    let target = match input.thread {
+        Thread::Unstored => return None,
+        Thread::Continue(id) => TurnTarget::Existing(id),
+        Thread::New => TurnTarget::New { title: title(&input.messages), model: who.model.clone() },
+    };
+    let said = input.messages.iter().map(|m| NewMessage {
+        role: m.role,
+        content: m.content.clone(),
+        model: None,
+        provider: None,
+        usage: None,
+    });
+    let u = done.usage;
+    let answer = NewMessage {
+        role: Role::Assistant,
+        content: done.text.clone(),
+        model: Some(who.model.clone()),
+        provider: Some(who.provider.as_str().to_string()),
+        usage: Some(crate::store::Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }),
+    };
+    Some((target, said.chain([answer]).collect()))
 }
 
 /// A streaming answer. Dropping it cancels the upstream request or the local generation, and
@@ -157,39 +184,14 @@ impl Reply {
             created_at: now,
         };
         let Some(p) = self.persist.take() else { return Ok(done) };
-        let mut turn: Vec<NewMessage> = p
-            .messages
-            .into_iter()
-            .map(|m| NewMessage {
-                role: m.role,
-                content: m.content,
-                model: None,
-                provider: None,
-                usage: None,
-            })
-            .collect();
-        turn.push(NewMessage {
-            role: Role::Assistant,
-            content: done.text.clone(),
-            model: Some(self.who.model.clone()),
-            provider: Some(self.who.provider.as_str().to_string()),
-            usage: Some(crate::store::Usage {
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                total_tokens: usage.prompt_tokens + usage.completion_tokens,
-            }),
-        });
-        let target = match p.target {
-            TurnTarget::New { title, .. } => {
-                TurnTarget::New { title, model: self.who.model.clone() }
-            }
-            t => t,
-        };
+        let Some((target, messages)) = turn(&p.input, &self.who, &done) else { return Ok(done) };
         let (conv, stored) =
-            p.store.record_turn(p.user, target, turn, now).await.map_err(|e| match e {
-                crate::store::StoreError::NotFound => ChatError::ConversationNotFound,
-                e => ChatError::Store(e),
-            })?;
+            p.store.record_turn(p.input.user, target, messages, now).await.map_err(
+                |e| match e {
+                    crate::store::StoreError::NotFound => ChatError::ConversationNotFound,
+                    e => ChatError::Store(e),
+                },
+            )?;
         done.conversation_id = Some(conv.id);
         done.message_id = stored.last().map(|m| m.id);
         Ok(done)

@@ -33,6 +33,40 @@ pub struct Config {
     pub local: LocalConfig,
     pub providers: ProvidersConfig,
     pub routing: RoutingConfig,
+    pub jobs: JobsConfig,
+}
+
+/// Background chat jobs: workers, retries, leases, queue caps and retention.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs run at once (local-model jobs also wait in the engine's own queue).
+    pub workers: usize,
+    /// Attempts in all before a job that keeps failing is `failed`.
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// A running job's claim; renewed while it runs, rescued by another worker once expired.
+    pub lease_secs: u64,
+    pub max_queued_per_user: u32,
+    pub max_queued: u64,
+    /// Finished jobs older than this are deleted, a batch at a time.
+    pub retention_secs: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            workers: 2,
+            max_attempts: 3,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            lease_secs: 60,
+            max_queued_per_user: 100,
+            max_queued: 10_000,
+            retention_secs: 7 * 24 * 3600,
+        }
+    }
 }
 
 /// The listener and the limits every connection and request keeps.
@@ -228,6 +262,12 @@ impl Config {
             ("auth.access_token_ttl_secs", self.auth.access_token_ttl_secs),
             ("auth.refresh_token_ttl_secs", self.auth.refresh_token_ttl_secs),
             ("auth.max_concurrent_hashes", self.auth.max_concurrent_hashes as u64),
+            ("jobs.workers", self.jobs.workers as u64),
+            ("jobs.max_attempts", self.jobs.max_attempts.into()),
+            ("jobs.lease_secs", self.jobs.lease_secs),
+            ("jobs.max_queued_per_user", self.jobs.max_queued_per_user.into()),
+            ("jobs.max_queued", self.jobs.max_queued),
+            ("jobs.retention_secs", self.jobs.retention_secs),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -107,53 +107,7 @@ impl Store {
         messages: Vec<NewMessage>,
         now: Millis,
     ) -> Result<(Conversation, Vec<Message>), StoreError> {
-        self.write(move |tx| {
-            let mut convs = tx.open_table(tables::CONVERSATIONS)?;
-            let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
-            let mut conv = match target {
-                TurnTarget::New { title, model } => Conversation {
-                    id: Uuid::now_v7(),
-                    user_id,
-                    title,
-                    model,
-                    created_at: now,
-                    updated_at: now,
-                    message_count: 0,
-                },
-                TurnTarget::Existing(id) => {
-                    let c: Conversation = get(&convs, "conversations", id.as_u128())?
-                        .filter(|c: &Conversation| c.user_id == user_id)
-                        .ok_or(StoreError::NotFound)?;
-                    index.remove(by_user_key(&c))?;
-                    c
-                }
-            };
-            let mut table = tx.open_table(tables::MESSAGES)?;
-            let mut stored = Vec::with_capacity(messages.len());
-            for m in messages {
-                let message = Message {
-                    id: Uuid::now_v7(),
-                    role: m.role,
-                    content: m.content,
-                    model: m.model,
-                    provider: m.provider,
-                    created_at: now,
-                    usage: m.usage,
-                };
-                table
-                    .insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
-                conv.message_count += 1;
-                stored.push(message);
-            }
-            conv.updated_at = now.max(conv.updated_at);
-            if let Some(m) = stored.last() {
-                conv.model = m.model.clone().unwrap_or(conv.model);
-            }
-            index.insert(by_user_key(&conv), ())?;
-            convs.insert(conv.id.as_u128(), encode(&conv).as_slice())?;
-            Ok((conv, stored))
-        })
-        .await
+        self.write(move |tx| record_turn_in(tx, user_id, target, messages, now)).await
     }
 
     /// A page of the user's conversations, newest activity first, starting after `after`.
@@ -225,6 +179,60 @@ impl Store {
         })
         .await
     }
+}
+
+/// `record_turn` inside a caller's transaction (a background job stores its turn and its final
+/// state together).
+pub(super) fn record_turn_in(
+    tx: &redb::WriteTransaction,
+    user_id: Uuid,
+    target: TurnTarget,
+    messages: Vec<NewMessage>,
+    now: Millis,
+) -> Result<(Conversation, Vec<Message>), StoreError> {
+    let mut convs = tx.open_table(tables::CONVERSATIONS)?;
+    let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
+    let mut conv = match target {
+        TurnTarget::New { title, model } => Conversation {
+            id: Uuid::now_v7(),
+            user_id,
+            title,
+            model,
+            created_at: now,
+            updated_at: now,
+            message_count: 0,
+        },
+        TurnTarget::Existing(id) => {
+            let c: Conversation = get(&convs, "conversations", id.as_u128())?
+                .filter(|c: &Conversation| c.user_id == user_id)
+                .ok_or(StoreError::NotFound)?;
+            index.remove(by_user_key(&c))?;
+            c
+        }
+    };
+    let mut table = tx.open_table(tables::MESSAGES)?;
+    let mut stored = Vec::with_capacity(messages.len());
+    for m in messages {
+        let message = Message {
+            id: Uuid::now_v7(),
+            role: m.role,
+            content: m.content,
+            model: m.model,
+            provider: m.provider,
+            created_at: now,
+            usage: m.usage,
+        };
+        table.insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
+        conv.message_count += 1;
+        stored.push(message);
+    }
+    conv.updated_at = now.max(conv.updated_at);
+    if let Some(m) = stored.last() {
+        conv.model = m.model.clone().unwrap_or(conv.model);
+    }
+    index.insert(by_user_key(&conv), ())?;
+    convs.insert(conv.id.as_u128(), encode(&conv).as_slice())?;
+    Ok((conv, stored))
 }
 
 #[cfg(test)]

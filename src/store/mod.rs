@@ -7,12 +7,14 @@
 
 mod accounts;
 mod conversations;
+mod jobs;
 mod tables;
 
 pub use accounts::{ApiKeyRecord, NewUser, RotateOutcome, User};
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,
 };
+pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
 
 use redb::{Database, ReadableTable};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

@@ -34,6 +34,21 @@ pub const CONVERSATIONS_BY_USER: TableDefinition<(u128, u64, u128), ()> =
     TableDefinition::new("conversations_by_user");
 /// (conversation id, sequence) → `Message`.
 pub const MESSAGES: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("messages");
+/// job id → `Job`.
+pub const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+/// (run_at ms, job id) → (): queued jobs in the order they may run.
+pub const JOBS_QUEUED: TableDefinition<(u64, u128), ()> = TableDefinition::new("jobs_queued");
+/// (lease deadline ms, job id) → (): running jobs, expired leases first.
+pub const JOBS_RUNNING: TableDefinition<(u64, u128), ()> = TableDefinition::new("jobs_running");
+/// (finished_at ms, job id) → (): finished jobs, oldest first (retention, recent failures).
+pub const JOBS_FINISHED: TableDefinition<(u64, u128), ()> = TableDefinition::new("jobs_finished");
+/// (user id, job id) → (): a user's jobs, newest last (ids are UUIDv7).
+pub const JOBS_BY_USER: TableDefinition<(u128, u128), ()> = TableDefinition::new("jobs_by_user");
+/// user id → jobs queued or running (the per-user cap).
+pub const JOBS_ACTIVE_BY_USER: TableDefinition<u128, u32> =
+    TableDefinition::new("jobs_active_by_user");
+/// state name → jobs in that state.
+pub const JOB_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("job_counts");
 
 /// Creates every table so that read transactions never meet a missing one.
 pub fn create_all(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -48,6 +63,13 @@ pub fn create_all(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(CONVERSATIONS)?;
     tx.open_table(CONVERSATIONS_BY_USER)?;
     tx.open_table(MESSAGES)?;
+    tx.open_table(JOBS)?;
+    tx.open_table(JOBS_QUEUED)?;
+    tx.open_table(JOBS_RUNNING)?;
+    tx.open_table(JOBS_FINISHED)?;
+    tx.open_table(JOBS_BY_USER)?;
+    tx.open_table(JOBS_ACTIVE_BY_USER)?;
+    tx.open_table(JOB_COUNTS)?;
     Ok(())
 }
 

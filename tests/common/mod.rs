@@ -157,6 +157,28 @@ pub fn command(data_dir: &Path) -> Command {
     c
 }
 
+/// Runs `edgechat user ARGS --data-dir DIR` with `stdin`; returns (success, stdout, stderr).
+pub fn user_cmd(dir: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = command(dir)
+        .arg("user")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 impl Binary {
     /// Starts `edgechat serve` on `data_dir` (JWT secret `JWT_SECRET`) and waits for its
     /// "listening on" line.

@@ -1,0 +1,131 @@
+//! The seed face's request and answer, shared by `POST /chat` and background jobs (a job stores
+//! the request as accepted and, when done, exactly the answer `POST /chat` would have given).
+
+use super::{Answerer, ChatInput, Completion, Thread};
+use crate::clock::rfc3339;
+use crate::llm::Sampling;
+use crate::message::{Message, Role};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// `POST /chat` and `POST /chat/background`. Unknown fields are ignored, as the seed's FastAPI
+/// did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SeedRequest {
+    /// What the user says.
+    #[schema(min_length = 1)]
+    pub message: String,
+    /// Defaults to `routing.default_model`, else the local model.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 32768)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f32>,
+    /// Continue this conversation (its earlier turns are the context); omit to start one.
+    #[serde(default)]
+    pub conversation_id: Option<String>,
+    /// A system prompt for this turn.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Answer as server-sent events (`POST /chat` only).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+impl SeedRequest {
+    /// The chat input for `user`; `None` when `conversation_id` cannot name a conversation.
+    pub fn input(&self, user: Uuid) -> Option<ChatInput> {
+        let thread = match self.conversation_id.as_deref() {
+            None | Some("") => Thread::New,
+            Some(id) => Thread::Continue(Uuid::parse_str(id).ok()?),
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = self.system.as_ref().filter(|s| !s.trim().is_empty()) {
+            messages.push(Message::new(Role::System, system.clone()));
+        }
+        messages.push(Message::new(Role::User, self.message.clone()));
+        let params = Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            ..Sampling::default()
+        };
+        Some(ChatInput { user, model: self.model.clone(), thread, messages, params })
+    }
+}
+
+/// The answer to `POST /chat` (also its last SSE event, and a background job's result).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SeedAnswer {
+    pub response: String,
+    pub conversation_id: String,
+    pub message_id: String,
+    /// The model that answered (the local model's name after a fallback).
+    pub model: String,
+    /// `openai`, `huggingface` or `local`.
+    pub provider: String,
+    /// Whether the local model answered because the chosen provider could not.
+    pub fallback: bool,
+    pub usage: UsageOut,
+    pub created_at: String,
+}
+
+impl SeedAnswer {
+    /// The answer object for a completion stored as `conversation_id` / `message_id`.
+    pub fn new(who: &Answerer, done: &Completion) -> SeedAnswer {
+        let id = |u: Option<Uuid>| u.map(|u| u.to_string()).unwrap_or_default();
+        SeedAnswer {
+            response: done.text.clone(),
+            conversation_id: id(done.conversation_id),
+            message_id: id(done.message_id),
+            model: who.model.clone(),
+            provider: who.provider.as_str().to_string(),
+            fallback: who.fallback.is_some(),
+            usage: UsageOut::of(done),
+            created_at: rfc3339(done.created_at),
+        }
+    }
+}
+
+/// Token counts of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UsageOut {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl UsageOut {
+    /// The counts of `done`, with their total.
+    pub fn of(done: &Completion) -> UsageOut {
+        let u = done.usage;
+        UsageOut {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// An optional count that also accepts `53.0`: JSON Schema (and pydantic) call that an integer.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    Ok(whole(d)?.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX)))
+}
+
+/// An optional 64-bit integer (a sampling seed), also as a whole float.
+pub fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    whole(d)
+}
+
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    let in_range = |f: f64| f.fract() == 0.0 && f > i64::MIN as f64 && f < i64::MAX as f64;
+    match n.as_i64().or_else(|| n.as_f64().filter(|f| in_range(*f)).map(|f| f as i64)) {
+        Some(v) => Ok(Some(v)),
+        None => Err(D::Error::custom(format!("expected a 64-bit whole number, got {n}"))),
+    }
+}

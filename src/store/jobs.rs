@@ -1,0 +1,509 @@
+//! Background jobs, durable in the same file: a job row plus indexes that make each step one
+//! range read — queued jobs by (run_at, id) for claiming, running ones by (lease deadline, id)
+//! for rescue, finished ones by (finished_at, id) for retention and the admin view, and every
+//! job by (user, id) for listing. Each state change moves a job between indexes and adjusts the
+//! per-state counts in the same transaction, so they never disagree.
+//!
+//! What a job runs and what it produced are opaque JSON here: the store knows no chat.
+
+use super::conversations::{record_turn_in, Conversation, Message, NewMessage, TurnTarget};
+use super::tables::{self, encode, get};
+use super::{Store, StoreError};
+use crate::clock::Millis;
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in the order the admin view lists them.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The lowercase name used in the API and the count table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed and cancelled jobs never change again.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// A background job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub state: JobState,
+    /// Attempts started so far (a rescued or retried job counts each).
+    pub attempts: u32,
+    /// What to run, as the API accepted it.
+    pub request: Value,
+    pub result: Option<Value>,
+    /// The last attempt's error, for failed (and retried) jobs.
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// When a queued job may run (later than `created_at` after a failure, for backoff).
+    pub run_at: Millis,
+    /// Until when the running attempt owns the job; a later claim may rescue it.
+    pub lease_until: Option<Millis>,
+}
+
+impl Job {
+    /// A queued job for `user`, runnable now.
+    pub fn new(user_id: Uuid, request: Value, now: Millis) -> Job {
+        Job {
+            id: Uuid::now_v7(),
+            user_id,
+            state: JobState::Queued,
+            attempts: 0,
+            request,
+            result: None,
+            error: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            run_at: now,
+            lease_until: None,
+        }
+    }
+}
+
+/// Why an enqueue was refused; nothing was written for that job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user already has this many jobs queued or running.
+    UserLimit(u32),
+    /// The whole queue holds this many unfinished jobs.
+    QueueFull(u64),
+}
+
+/// Caps checked when enqueueing.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub per_user: u32,
+    pub total: u64,
+}
+
+/// Builds a job's result from the turn as stored (ids included), inside the transaction.
+pub type MakeResult = Box<dyn FnOnce(Option<(&Conversation, &[Message])>) -> Value + Send>;
+
+/// How an attempt ended.
+pub enum Settlement {
+    /// Store the turn (when there is one) and the result built from what was stored.
+    Succeeded {
+        turn: Option<(TurnTarget, Vec<NewMessage>)>,
+        result: MakeResult,
+    },
+    /// Queue it again to run at `run_at`.
+    Retry {
+        error: String,
+        run_at: Millis,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// What `cancel_job` found.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// It was queued or running and is now cancelled.
+    Cancelled(Job),
+    /// It had already finished; unchanged.
+    Finished(Job),
+}
+
+/// The queue as a whole, for `/admin/jobs`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobStats {
+    pub counts: Vec<(JobState, u64)>,
+    /// Age of the queued job waiting longest, in ms.
+    pub oldest_queued_ms: Option<Millis>,
+    /// Jobs finished within the window, and how many of those failed.
+    pub finished_in_window: u64,
+    pub failed_in_window: u64,
+    pub running: Vec<Job>,
+    pub recent_failures: Vec<Job>,
+}
+
+fn ms(t: Millis) -> u64 {
+    t.max(0) as u64
+}
+
+/// Reads a job, or `NotFound`.
+fn load(tx: &WriteTransaction, id: Uuid) -> Result<Job, StoreError> {
+    get(&tx.open_table(tables::JOBS)?, "jobs", id.as_u128())?.ok_or(StoreError::NotFound)
+}
+
+/// Writes `job` in its new state, moving it between indexes and counts from `old`.
+fn save(tx: &WriteTransaction, old: Option<&Job>, job: &Job) -> Result<(), StoreError> {
+    let id = job.id.as_u128();
+    let mut queued = tx.open_table(tables::JOBS_QUEUED)?;
+    let mut running = tx.open_table(tables::JOBS_RUNNING)?;
+    let mut finished = tx.open_table(tables::JOBS_FINISHED)?;
+    let mut counts = tx.open_table(tables::JOB_COUNTS)?;
+    let mut active = tx.open_table(tables::JOBS_ACTIVE_BY_USER)?;
+    let user = job.user_id.as_u128();
+    if let Some(old) = old {
+        match old.state {
+            JobState::Queued => queued.remove((ms(old.run_at), id)).map(|_| ())?,
+            JobState::Running => {
+                running.remove((ms(old.lease_until.unwrap_or(0)), id)).map(|_| ())?
+            }
+            _ => finished.remove((ms(old.finished_at.unwrap_or(0)), id)).map(|_| ())?,
+        }
+        let n = counts.get(old.state.as_str())?.map_or(0, |v| v.value());
+        counts.insert(old.state.as_str(), n.saturating_sub(1))?;
+        if !old.state.is_finished() {
+            let n = active.get(user)?.map_or(0, |v| v.value());
+            active.insert(user, n.saturating_sub(1))?;
+        }
+    }
+    match job.state {
+        JobState::Queued => queued.insert((ms(job.run_at), id), ())?,
+        JobState::Running => running.insert((ms(job.lease_until.unwrap_or(0)), id), ())?,
+        _ => finished.insert((ms(job.finished_at.unwrap_or(0)), id), ())?,
+    };
+    let n = counts.get(job.state.as_str())?.map_or(0, |v| v.value());
+    counts.insert(job.state.as_str(), n + 1)?;
+    if !job.state.is_finished() {
+        let n = active.get(user)?.map_or(0, |v| v.value());
+        active.insert(user, n + 1)?;
+    }
+    tx.open_table(tables::JOBS)?.insert(id, encode(job).as_slice())?;
+    Ok(())
+}
+
+fn count(tx: &WriteTransaction, state: JobState) -> Result<u64, StoreError> {
+    Ok(tx.open_table(tables::JOB_COUNTS)?.get(state.as_str())?.map_or(0, |v| v.value()))
+}
+
+impl Store {
+    /// Adds jobs in one transaction (group commit), each checked against `limits`; returns
+    /// after the commit, one outcome per job in order.
+    pub async fn enqueue_jobs(
+        &self,
+        jobs: Vec<Job>,
+        limits: QueueLimits,
+    ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
+        self.write(move |tx| {
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let unfinished = count(tx, JobState::Queued)? + count(tx, JobState::Running)?;
+                let mine = tx
+                    .open_table(tables::JOBS_ACTIVE_BY_USER)?
+                    .get(job.user_id.as_u128())?
+                    .map_or(0, |v| v.value());
+                if mine >= limits.per_user {
+                    out.push(Err(Refusal::UserLimit(limits.per_user)));
+                } else if unfinished >= limits.total {
+                    out.push(Err(Refusal::QueueFull(limits.total)));
+                } else {
+                    save(tx, None, &job)?;
+                    tx.open_table(tables::JOBS_BY_USER)?
+                        .insert((job.user_id.as_u128(), job.id.as_u128()), ())?;
+                    out.push(Ok(job));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Takes the queued job due first (run_at ≤ now) for one attempt until `lease_until`.
+    pub async fn claim_job(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        self.write(move |tx| {
+            let first = tx.open_table(tables::JOBS_QUEUED)?.first()?.map(|(k, _)| k.value());
+            let Some((run_at, id)) = first.filter(|(run_at, _)| *run_at <= ms(now)) else {
+                return Ok(None);
+            };
+            let _ = run_at;
+            let old = load(tx, Uuid::from_u128(id))?;
+            let mut job = old.clone();
+            job.state = JobState::Running;
+            job.attempts += 1;
+            job.started_at.get_or_insert(now);
+            job.lease_until = Some(lease_until);
+            save(tx, Some(&old), &job)?;
+            Ok(Some(job))
+        })
+        .await
+    }
+
+    /// When the next queued job becomes due, if any is queued.
+    pub fn next_job_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.read(|tx| {
+            let first = tx.open_table(tables::JOBS_QUEUED)?.first()?.map(|(k, _)| k.value().0);
+            Ok(first.map(|t| t as Millis))
+        })
+    }
+
+    /// Extends the lease of attempt `attempt`; `false` when the job is no longer that attempt's
+    /// (cancelled, or rescued after the lease ran out).
+    pub async fn renew_lease(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let old = load(tx, id)?;
+            if old.state != JobState::Running || old.attempts != attempt {
+                return Ok(false);
+            }
+            let job = Job { lease_until: Some(until), ..old.clone() };
+            save(tx, Some(&old), &job)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Ends attempt `attempt` as `how`, in one transaction with its conversation turn. Returns
+    /// `None` when the job is no longer that attempt's (it was cancelled or rescued): nothing is
+    /// written, so a second answer is never stored.
+    pub async fn settle_job(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        how: Settlement,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        self.write(move |tx| {
+            let old = load(tx, id)?;
+            if old.state != JobState::Running || old.attempts != attempt {
+                return Ok(None);
+            }
+            let mut job = Job { lease_until: None, ..old.clone() };
+            match how {
+                Settlement::Succeeded { turn, result } => {
+                    let stored = match turn {
+                        Some((target, messages)) => {
+                            Some(record_turn_in(tx, job.user_id, target, messages, now)?)
+                        }
+                        None => None,
+                    };
+                    job.result = Some(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))));
+                    job.error = None;
+                    job.state = JobState::Succeeded;
+                    job.finished_at = Some(now);
+                }
+                Settlement::Retry { error, run_at } => {
+                    job.error = Some(error);
+                    job.state = JobState::Queued;
+                    job.run_at = run_at;
+                }
+                Settlement::Failed { error } => {
+                    job.error = Some(error);
+                    job.state = JobState::Failed;
+                    job.finished_at = Some(now);
+                }
+            }
+            save(tx, Some(&old), &job)?;
+            Ok(Some(job))
+        })
+        .await
+    }
+
+    /// Cancels the user's job if it is queued or running.
+    pub async fn cancel_job(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        now: Millis,
+    ) -> Result<CancelOutcome, StoreError> {
+        self.write(move |tx| {
+            let old = load(tx, id)?;
+            if old.user_id != user_id {
+                return Err(StoreError::NotFound);
+            }
+            if old.state.is_finished() {
+                return Ok(CancelOutcome::Finished(old));
+            }
+            let job = Job {
+                state: JobState::Cancelled,
+                finished_at: Some(now),
+                lease_until: None,
+                ..old.clone()
+            };
+            save(tx, Some(&old), &job)?;
+            Ok(CancelOutcome::Cancelled(job))
+        })
+        .await
+    }
+
+    /// Puts back in the queue every running job whose lease ended before `now` (at start, with
+    /// `Millis::MAX`: the file lock proves no other process runs them). Returns how many.
+    pub async fn rescue_jobs(&self, now: Millis) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let expired: Vec<u128> = tx
+                .open_table(tables::JOBS_RUNNING)?
+                .range((0, 0)..=(ms(now), u128::MAX))?
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for id in &expired {
+                let old = load(tx, Uuid::from_u128(*id))?;
+                let job = Job {
+                    state: JobState::Queued,
+                    lease_until: None,
+                    run_at: now.min(crate::clock::now_ms()),
+                    ..old.clone()
+                };
+                save(tx, Some(&old), &job)?;
+            }
+            Ok(expired.len())
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` jobs that finished before `before`; returns how many.
+    pub async fn purge_jobs(&self, before: Millis, batch: usize) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let old: Vec<(u64, u128)> = tx
+                .open_table(tables::JOBS_FINISHED)?
+                .range((0, 0)..(ms(before), 0))?
+                .take(batch)
+                .map(|row| row.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
+            for (finished_at, id) in &old {
+                let job = load(tx, Uuid::from_u128(*id))?;
+                tx.open_table(tables::JOBS_FINISHED)?.remove((*finished_at, *id))?;
+                tx.open_table(tables::JOBS)?.remove(*id)?;
+                tx.open_table(tables::JOBS_BY_USER)?.remove((job.user_id.as_u128(), *id))?;
+                let mut counts = tx.open_table(tables::JOB_COUNTS)?;
+                let n = counts.get(job.state.as_str())?.map_or(0, |v| v.value());
+                counts.insert(job.state.as_str(), n.saturating_sub(1))?;
+            }
+            Ok(old.len())
+        })
+        .await
+    }
+
+    /// The user's job, or `None` (also for another user's).
+    pub fn job(&self, user_id: Uuid, id: Uuid) -> Result<Option<Job>, StoreError> {
+        self.read(|tx| {
+            let job: Option<Job> = get(&tx.open_table(tables::JOBS)?, "jobs", id.as_u128())?;
+            Ok(job.filter(|j| j.user_id == user_id))
+        })
+    }
+
+    /// Up to `limit` of the user's jobs, newest first, older than `before` when given; and
+    /// whether more follow.
+    pub fn jobs(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        before: Option<Uuid>,
+    ) -> Result<(Vec<Job>, bool), StoreError> {
+        self.read(|tx| {
+            let u = user_id.as_u128();
+            let index = tx.open_table(tables::JOBS_BY_USER)?;
+            let end = before.map_or(u128::MAX, |b| b.as_u128());
+            let rows = match before {
+                Some(_) => index.range((u, 0)..(u, end))?,
+                None => index.range((u, 0)..=(u, end))?,
+            };
+            let table = tx.open_table(tables::JOBS)?;
+            let mut items = Vec::with_capacity(limit);
+            for row in rows.rev() {
+                if items.len() == limit {
+                    return Ok((items, true));
+                }
+                let id = row?.0.value().1;
+                items.extend(get::<u128, Job>(&table, "jobs", id)?);
+            }
+            Ok((items, false))
+        })
+    }
+
+    /// The queue's figures: counts, the oldest wait, what finished since `since`, the running
+    /// jobs and the latest failures.
+    pub fn job_stats(
+        &self,
+        now: Millis,
+        since: Millis,
+        recent: usize,
+    ) -> Result<JobStats, StoreError> {
+        self.read(|tx| {
+            let counts_table = tx.open_table(tables::JOB_COUNTS)?;
+            let mut counts = Vec::new();
+            for state in JobState::ALL {
+                counts.push((state, counts_table.get(state.as_str())?.map_or(0, |v| v.value())));
+            }
+            let jobs = tx.open_table(tables::JOBS)?;
+            let mut oldest_queued_ms = None;
+            for row in tx.open_table(tables::JOBS_QUEUED)?.iter()? {
+                let id = row?.0.value().1;
+                if let Some(j) = get::<u128, Job>(&jobs, "jobs", id)? {
+                    let age = now - j.created_at;
+                    oldest_queued_ms = Some(oldest_queued_ms.map_or(age, |o: Millis| o.max(age)));
+                }
+            }
+            let mut running = Vec::new();
+            for row in tx.open_table(tables::JOBS_RUNNING)?.iter()? {
+                running.extend(get::<u128, Job>(&jobs, "jobs", row?.0.value().1)?);
+            }
+            let finished = tx.open_table(tables::JOBS_FINISHED)?;
+            let (mut finished_in_window, mut failed_in_window) = (0, 0);
+            let mut recent_failures = Vec::new();
+            for row in finished.range((ms(since), 0)..)?.rev() {
+                let Some(j) = get::<u128, Job>(&jobs, "jobs", row?.0.value().1)? else { continue };
+                finished_in_window += 1;
+                if j.state == JobState::Failed {
+                    failed_in_window += 1;
+                    if recent_failures.len() < recent {
+                        recent_failures.push(j);
+                    }
+                }
+            }
+            Ok(JobStats {
+                counts,
+                oldest_queued_ms,
+                finished_in_window,
+                failed_in_window,
+                running,
+                recent_failures,
+            })
+        })
+    }
+
+    /// How many jobs are queued and running (cheap; for metrics and the admin view).
+    pub fn job_backlog(&self) -> Result<(u64, u64), StoreError> {
+        self.read(|tx| {
+            Ok((
+                tx.open_table(tables::JOBS_QUEUED)?.len()?,
+                tx.open_table(tables::JOBS_RUNNING)?.len()?,
+            ))
+        })
+    }
+}
