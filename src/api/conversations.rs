@@ -1,7 +1,6 @@
 //! `/conversations*`: the caller's conversations, newest activity first, with their messages.
 //! Another user's conversation answers exactly like a missing one (`404`).
 
-use super::error::FieldError;
 use super::{handler, ApiError, App, Doc, Req, Routes};
 use crate::clock::rfc3339;
 use crate::http::{empty, json, Body};
@@ -14,7 +13,6 @@ use utoipa::ToSchema;
 type Answer = Result<Response<Body>, ApiError>;
 
 const NOT_FOUND: &str = "Conversation not found";
-const MAX_LIMIT: usize = 100;
 
 pub fn routes(r: &mut Routes) {
     let doc = |summary| Doc::new("conversations", summary).secured();
@@ -23,16 +21,7 @@ pub fn routes(r: &mut Routes) {
         "/conversations",
         handler(list),
         doc("Your conversations, newest activity first")
-            .query(
-                "limit",
-                serde_json::json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 20}),
-                "page size",
-            )
-            .query(
-                "cursor",
-                serde_json::json!({"type": "string", "pattern": "^([A-Za-z0-9_-]{32})?$"}),
-                "next_cursor of the previous page",
-            )
+            .paged("^([A-Za-z0-9_-]{32})?$")
             .json::<ConversationPageOut>(200)
             .errors(&[422]),
     );
@@ -150,39 +139,9 @@ impl From<&Message> for MessageOut {
 }
 
 /// `limit` and `cursor`, with every problem reported at once.
-fn page_params(req: &Req) -> Result<(usize, Option<Cursor>), ApiError> {
-    let (mut limit, mut cursor, mut errors) = (20, None, Vec::new());
-    for (k, v) in req.query() {
-        match k.as_str() {
-            "limit" => match v.parse::<usize>() {
-                Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
-                _ => errors.push(FieldError::query(
-                    "limit",
-                    "value_error",
-                    "limit must be an integer from 1 to 100",
-                )),
-            },
-            "cursor" if v.is_empty() => {}
-            "cursor" => match Cursor::decode(&v) {
-                Some(c) => cursor = Some(c),
-                None => errors.push(FieldError::query(
-                    "cursor",
-                    "value_error",
-                    "cursor is not a next_cursor from this API",
-                )),
-            },
-            _ => {}
-        }
-    }
-    match errors.is_empty() {
-        true => Ok((limit, cursor)),
-        false => Err(ApiError::Validation(errors)),
-    }
-}
-
 async fn list(app: Arc<App>, req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
-    let (limit, cursor) = page_params(&req)?;
+    let (limit, cursor) = req.page(Cursor::decode)?;
     let page = app.store.conversations(user.id, limit, cursor)?;
     let out = ConversationPageOut {
         items: page.items.iter().map(ConversationOut::from).collect(),

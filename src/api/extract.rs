@@ -111,6 +111,41 @@ impl Req {
         form_urlencoded::parse(q.as_bytes()).into_owned().collect()
     }
 
+    /// A listing's `limit` (1 to `MAX_PAGE`, default 20) and `cursor` (parsed by `decode`);
+    /// one `422` names every bad parameter.
+    pub fn page<C>(
+        &self,
+        decode: impl Fn(&str) -> Option<C>,
+    ) -> Result<(usize, Option<C>), ApiError> {
+        let (mut limit, mut cursor, mut errors) = (20, None, Vec::new());
+        for (k, v) in self.query() {
+            match k.as_str() {
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                    _ => errors.push(FieldError::query(
+                        "limit",
+                        "value_error",
+                        "limit must be an integer from 1 to 100",
+                    )),
+                },
+                "cursor" if v.is_empty() => {}
+                "cursor" => match decode(&v) {
+                    Some(c) => cursor = Some(c),
+                    None => errors.push(FieldError::query(
+                        "cursor",
+                        "value_error",
+                        "cursor is not a next_cursor from this API",
+                    )),
+                },
+                _ => {}
+            }
+        }
+        match errors.is_empty() {
+            true => Ok((limit, cursor)),
+            false => Err(ApiError::Validation(errors)),
+        }
+    }
+
     /// The caller, from `Authorization: Bearer <JWT or API key>`.
     pub async fn principal(&self, app: &App) -> Result<Principal, ApiError> {
         let value = self.parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -123,6 +158,9 @@ impl Req {
         Ok(app.auth.authenticate(token).await?)
     }
 }
+
+/// The largest page a listing returns.
+pub const MAX_PAGE: usize = 100;
 
 /// Deserializes an already-parsed JSON body, reporting where it went wrong.
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {

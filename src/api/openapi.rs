@@ -88,6 +88,19 @@ impl Doc {
         self
     }
 
+    /// A listing's `limit` and `cursor` query parameters; `cursor` matches `pattern`.
+    pub fn paged(self, pattern: &'static str) -> Doc {
+        let max = super::extract::MAX_PAGE;
+        let limit = json!({"type": "integer", "minimum": 1, "maximum": max, "default": 20});
+        self.query("limit", limit, "page size")
+            .query(
+                "cursor",
+                json!({"type": "string", "pattern": pattern}),
+                "next_cursor of the previous page",
+            )
+            .errors(&[422])
+    }
+
     /// Answers `status` with a JSON `T`.
     pub fn json<T: ToSchema>(mut self, status: u16) -> Doc {
         self.ok = (status, Content::Json(schema::<T>));

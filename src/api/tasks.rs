@@ -18,7 +18,6 @@ use uuid::Uuid;
 
 type Answer = Result<Response<Body>, ApiError>;
 
-const MAX_LIMIT: usize = 100;
 /// The window of the admin view's throughput and failure rate.
 const WINDOW: Duration = Duration::from_secs(3600);
 
@@ -38,15 +37,8 @@ pub fn routes(r: &mut Routes) {
         "/chat/tasks",
         handler(list),
         doc("Your tasks, newest first")
-            .query(
-                "limit",
-                serde_json::json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 20}),
-                "page size",
-            )
-            .query(
-                "cursor",
-                serde_json::json!({"type": "string", "pattern": "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"}),
-                "next_cursor of the previous page",
+            .paged(
+                "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$",
             )
             .json::<TaskPage>(200)
             .errors(&[422]),
@@ -149,28 +141,10 @@ async fn get(app: Arc<App>, req: Req) -> Answer {
 
 async fn list(app: Arc<App>, req: Req) -> Answer {
     let principal = req.principal(&app).await?;
-    let (mut limit, mut cursor) = (20, None);
-    for (k, v) in req.query() {
-        match k.as_str() {
-            "limit" => {
-                limit = v.parse().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| {
-                    query_error("limit", "Input should be an integer between 1 and 100")
-                })?
-            }
-            "cursor" if !v.is_empty() => {
-                cursor =
-                    Some(Uuid::parse_str(&v).map_err(|_| query_error("cursor", "Invalid cursor"))?)
-            }
-            _ => {}
-        }
-    }
+    let (limit, cursor) = req.page(|c| Uuid::parse_str(c).ok())?;
     let (jobs, more) = app.jobs.list(principal.user.id, limit, cursor)?;
     let next_cursor = jobs.last().filter(|_| more).map(|j| j.id.to_string());
     Ok(json(StatusCode::OK, &TaskPage { items: jobs.iter().map(Task::of).collect(), next_cursor }))
-}
-
-fn query_error(name: &str, msg: &str) -> ApiError {
-    ApiError::Validation(vec![super::error::FieldError::query(name, "value_error", msg)])
 }
 
 async fn cancel(app: Arc<App>, req: Req) -> Answer {
