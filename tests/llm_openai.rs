@@ -2,157 +2,17 @@
 //! wire format on 127.0.0.1:0 and misbehaves on cue: every behaviour ends in an answer or a typed
 //! error within the configured deadlines, never a hang.
 
-use bytes::Bytes;
+mod common;
+
+use common::upstream::{Act, Upstream};
 use edgechat::llm::{
     Breaker, ChatRequest, Dialect, Event, FinishReason, Message, Phase, ProviderError, Remote,
     RetryPolicy, Role, Sampling, Timeouts, Usage,
 };
 use edgechat::secret::Secret;
 use futures_util::StreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::Frame;
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// What the stand-in does with one request.
-#[derive(Clone)]
-enum Act {
-    /// Streams these deltas, a usage chunk and `[DONE]`, `gap` apart.
-    Stream { deltas: Vec<&'static str>, gap: Duration, finish: &'static str },
-    /// Never sends the response head.
-    StallBeforeHead,
-    /// Sends the first delta, then nothing more while keeping the connection open.
-    StallAfterFirst,
-    /// Sends the first delta, then breaks the connection.
-    DropAfterFirst,
-    /// Sends a chunk that is not JSON.
-    Malformed,
-    /// Answers with an error status (and `Retry-After` seconds).
-    Status(u16, Option<u64>),
-}
-
-type Body = BoxBody<Bytes, std::io::Error>;
-
-struct StandIn {
-    base: String,
-    hits: Arc<AtomicUsize>,
-}
-
-fn chunk(delta: &str) -> String {
-    let c = serde_json::json!({"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": null}]});
-    format!("data: {c}\n\n")
-}
-
-fn stream_body(act: Act) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
-    tokio::spawn(async move {
-        let send = |s: String| tx.send(Ok(Frame::data(Bytes::from(s))));
-        match act {
-            Act::Stream { deltas, gap, finish } => {
-                for d in deltas {
-                    if send(chunk(d)).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(gap).await;
-                }
-                let end = serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]});
-                let usage = serde_json::json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}});
-                let _ = send(format!("data: {end}\n\ndata: {usage}\n\ndata: [DONE]\n\n")).await;
-            }
-            Act::StallAfterFirst => {
-                let _ = send(chunk("first")).await;
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            }
-            Act::DropAfterFirst => {
-                let _ = send(chunk("first")).await;
-                // The upstream dies a little later (hyper would otherwise abort before flushing).
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = tx.send(Err(std::io::Error::other("cut"))).await;
-            }
-            Act::Malformed => {
-                let _ = send("data: {not json\n\n".into()).await;
-            }
-            Act::StallBeforeHead | Act::Status(..) => unreachable!("no stream for these"),
-        }
-    });
-    BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)))
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Starts a stand-in that plays `script` in order, repeating its last act.
-async fn stand_in(script: Vec<Act>) -> StandIn {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/v1", listener.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let script = Arc::new(Mutex::new(VecDeque::from(script)));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (script, counter) = (script.clone(), counter.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (script, counter) = (script.clone(), counter.clone());
-                        async move {
-                            assert_eq!(req.uri().path(), "/v1/chat/completions");
-                            assert_eq!(req.headers()["authorization"], "Bearer sk-test");
-                            let body: serde_json::Value = serde_json::from_slice(
-                                &req.into_body().collect().await.unwrap().to_bytes(),
-                            )
-                            .unwrap();
-                            assert_eq!(body["stream"], true);
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            let act = {
-                                let mut s = script.lock().unwrap();
-                                if s.len() > 1 {
-                                    s.pop_front().unwrap()
-                                } else {
-                                    s[0].clone()
-                                }
-                            };
-                            Ok::<_, Infallible>(respond(act).await)
-                        }
-                    },
-                );
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-            });
-        }
-    });
-    StandIn { base, hits }
-}
-
-async fn respond(act: Act) -> hyper::Response<Body> {
-    let mut builder = hyper::Response::builder();
-    let body = match act {
-        Act::StallBeforeHead => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            unreachable!()
-        }
-        Act::Status(status, retry_after) => {
-            builder = builder.status(status);
-            if let Some(s) = retry_after {
-                builder = builder.header("retry-after", s.to_string());
-            }
-            let text = r#"{"error": {"message": "key sk-secretsecretsecretsecret rejected", "type": "x"}}"#;
-            Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
-        }
-        other => {
-            builder = builder.header("content-type", "text/event-stream");
-            stream_body(other)
-        }
-    };
-    builder.body(body).unwrap()
-}
 
 fn timeouts() -> Timeouts {
     Timeouts {
@@ -206,7 +66,7 @@ fn answer(deltas: Vec<&'static str>, gap_ms: u64) -> Act {
 
 #[tokio::test]
 async fn answers_stream_with_usage_and_finish_reason() {
-    let s = stand_in(vec![Act::Stream {
+    let s = Upstream::start(vec![Act::Stream {
         deltas: vec!["Hel", "lo", " 東京"],
         gap: Duration::ZERO,
         finish: "length",
@@ -216,11 +76,20 @@ async fn answers_stream_with_usage_and_finish_reason() {
     assert_eq!(text, "Hello 東京");
     let usage = Some(Usage { prompt_tokens: 7, completion_tokens: 3 });
     assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Length, usage })));
+    let seen = &s.seen()[0];
+    assert_eq!(
+        (seen.path.as_str(), seen.auth.as_str()),
+        ("/v1/chat/completions", "Bearer sk-test")
+    );
+    assert_eq!(
+        (seen.body["stream"].as_bool(), seen.body["max_tokens"].as_u64()),
+        (Some(true), Some(16))
+    );
 }
 
 #[tokio::test]
 async fn a_slow_stream_within_the_idle_limit_completes() {
-    let s = stand_in(vec![answer(vec!["a", "b", "c", "d"], 300)]).await;
+    let s = Upstream::start(vec![answer(vec!["a", "b", "c", "d"], 300)]).await;
     let (text, last) = drain(client(&s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "abcd");
     assert!(matches!(last, Some(Ok(Event::Finish { .. }))));
@@ -228,25 +97,25 @@ async fn a_slow_stream_within_the_idle_limit_completes() {
 
 #[tokio::test]
 async fn a_stall_before_the_first_byte_times_out_after_each_retry() {
-    let s = stand_in(vec![Act::StallBeforeHead]).await;
+    let s = Upstream::start(vec![Act::StallBeforeHead]).await;
     let t = Instant::now();
     let err = client(&s.base, 2, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err, ProviderError::Timeout(Phase::FirstByte));
-    assert_eq!(s.hits.load(Ordering::SeqCst), 2, "retried once");
+    assert_eq!(s.hits(), 2, "retried once");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
 #[tokio::test]
 async fn a_stall_or_a_drop_mid_stream_ends_the_stream_with_an_error() {
-    let s = stand_in(vec![Act::StallAfterFirst]).await;
+    let s = Upstream::start(vec![Act::StallAfterFirst]).await;
     let t = Instant::now();
     let (text, last) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "first");
     assert_eq!(last, Some(Err(ProviderError::Timeout(Phase::Idle))));
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(s.hits.load(Ordering::SeqCst), 1, "no retry after the first byte");
+    assert_eq!(s.hits(), 1, "no retry after the first byte");
 
-    let s = stand_in(vec![Act::DropAfterFirst]).await;
+    let s = Upstream::start(vec![Act::DropAfterFirst]).await;
     let (text, last) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "first");
     assert!(matches!(last, Some(Err(ProviderError::Protocol(_)))), "{last:?}");
@@ -254,40 +123,44 @@ async fn a_stall_or_a_drop_mid_stream_ends_the_stream_with_an_error() {
 
 #[tokio::test]
 async fn malformed_sse_and_client_errors_are_not_retried() {
-    let s = stand_in(vec![Act::Malformed]).await;
+    let s = Upstream::start(vec![Act::Malformed]).await;
     let err = client(&s.base, 3, breaker()).chat(&request()).await.err().unwrap();
     assert!(matches!(err, ProviderError::Protocol(_)), "{err:?}");
-    assert_eq!(s.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(s.hits(), 1);
 
-    let s = stand_in(vec![Act::Status(401, None)]).await;
+    let s = Upstream::start(vec![Act::Status(401, None)]).await;
     let err = client(&s.base, 3, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err, ProviderError::Status { status: 401, retry_after: None });
     assert!(!err.to_string().contains("sk-secret"), "the upstream body is never part of the error");
-    assert_eq!(s.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(s.hits(), 1);
 }
 
 #[tokio::test]
 async fn server_errors_and_429_are_retried_honouring_retry_after() {
-    let s =
-        stand_in(vec![Act::Status(500, None), Act::Status(503, None), answer(vec!["ok"], 0)]).await;
+    let s = Upstream::start(vec![
+        Act::Status(500, None),
+        Act::Status(503, None),
+        answer(vec!["ok"], 0),
+    ])
+    .await;
     let (text, _) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
-    assert_eq!((text.as_str(), s.hits.load(Ordering::SeqCst)), ("ok", 3));
+    assert_eq!((text.as_str(), s.hits()), ("ok", 3));
 
-    let s = stand_in(vec![Act::Status(429, Some(1)), answer(vec!["later"], 0)]).await;
+    let s = Upstream::start(vec![Act::Status(429, Some(1)), answer(vec!["later"], 0)]).await;
     let t = Instant::now();
     let (text, _) = drain(client(&s.base, 2, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "later");
     assert!(t.elapsed() >= Duration::from_millis(950), "waited Retry-After: {:?}", t.elapsed());
 
-    let s = stand_in(vec![Act::Status(503, None)]).await;
+    let s = Upstream::start(vec![Act::Status(503, None)]).await;
     let err = client(&s.base, 2, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err.reason(), "upstream_error");
-    assert_eq!(s.hits.load(Ordering::SeqCst), 2, "gives up after the attempts");
+    assert_eq!(s.hits(), 2, "gives up after the attempts");
 }
 
 #[tokio::test]
 async fn the_breaker_opens_and_skips_the_upstream() {
-    let s = stand_in(vec![Act::Status(500, None)]).await;
+    let s = Upstream::start(vec![Act::Status(500, None)]).await;
     let c = client(&s.base, 1, Breaker::new(2, Duration::from_secs(60)));
     for _ in 0..2 {
         assert!(matches!(c.chat(&request()).await, Err(ProviderError::Status { status: 500, .. })));
@@ -295,7 +168,7 @@ async fn the_breaker_opens_and_skips_the_upstream() {
     let t = Instant::now();
     assert_eq!(c.chat(&request()).await.err(), Some(ProviderError::CircuitOpen));
     assert!(t.elapsed() < Duration::from_millis(50));
-    assert_eq!(s.hits.load(Ordering::SeqCst), 2, "an open circuit sends nothing");
+    assert_eq!(s.hits(), 2, "an open circuit sends nothing");
 }
 
 #[tokio::test]

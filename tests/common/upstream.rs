@@ -36,11 +36,19 @@ pub fn answer(deltas: Vec<&'static str>) -> Act {
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+/// One request as the stand-in received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub auth: String,
+    pub body: Value,
+}
+
 /// A running stand-in.
 pub struct Upstream {
     /// The API root to configure as `base_url` (ends in `/v1`).
     pub base: String,
-    requests: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<Mutex<Vec<Seen>>>,
     /// Signalled when a client went away while a stream was being sent.
     pub client_gone: Arc<Notify>,
 }
@@ -73,6 +81,11 @@ impl Upstream {
 
     /// The JSON bodies received so far.
     pub fn requests(&self) -> Vec<Value> {
+        self.seen().into_iter().map(|s| s.body).collect()
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Seen> {
         self.requests.lock().unwrap().clone()
     }
 
@@ -82,15 +95,19 @@ impl Upstream {
     }
 }
 
-type Shared = (Arc<Mutex<VecDeque<Act>>>, Arc<Mutex<Vec<Value>>>, Arc<Notify>);
+type Shared = (Arc<Mutex<VecDeque<Act>>>, Arc<Mutex<Vec<Seen>>>, Arc<Notify>);
 
 async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
     shared: Shared,
 ) -> hyper::Response<Body> {
     let (script, requests, gone) = shared;
+    let path = req.uri().path().to_string();
+    let auth =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let bytes = req.into_body().collect().await.unwrap().to_bytes();
-    requests.lock().unwrap().push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    requests.lock().unwrap().push(Seen { path, auth, body });
     let act = {
         let mut s = script.lock().unwrap();
         if s.len() > 1 {
