@@ -4,21 +4,9 @@
 
 mod common;
 
-use common::{command, data_dir, user_cmd, Binary};
+use common::{client, command, data_dir, login, register_and_login, user_cmd, Binary};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn register_and_login(base: &str, name: &str) -> Value {
-    let c = client();
-    let body = json!({"username": name, "email": format!("{name}@example.com"), "password": "password-123"});
-    let r = c.post(format!("{base}/auth/register")).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    login(base, name).await.expect("fresh user can log in")
-}
 
 /// Creates an API key with `access` and returns the key.
 async fn api_key(base: &str, access: &str) -> String {
@@ -28,15 +16,6 @@ async fn api_key(base: &str, access: &str) -> String {
         .json(&json!({"name": "k"}));
     let created: Value = r.send().await.unwrap().json().await.unwrap();
     created["key"].as_str().unwrap().to_string()
-}
-
-async fn login(base: &str, name: &str) -> Option<Value> {
-    let body = json!({"username": name, "password": "password-123"});
-    let r = client().post(format!("{base}/auth/login")).json(&body).send().await.unwrap();
-    if r.status() != StatusCode::OK {
-        return None;
-    }
-    Some(r.json().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]

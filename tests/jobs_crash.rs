@@ -6,7 +6,7 @@
 mod common;
 mod common_local;
 
-use common::{data_dir, Binary};
+use common::{data_dir, register_and_login, Binary};
 use common_local::default_model;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -93,21 +93,9 @@ async fn every_accepted_job_survives_sigkill_and_is_answered_once() {
     let model = default_model().to_string_lossy().into_owned();
     let (_keep, dir) = data_dir();
     let server = start(&dir, &model);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let creds =
-        json!({"username": "crash", "email": "c@example.com", "password": "password-crash"});
-    http.post(format!("{}/auth/register", server.base)).json(&creds).send().await.unwrap();
-    let login: Value = http
-        .post(format!("{}/auth/login", server.base))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let client =
-        Arc::new(Client { http, token: login["access_token"].as_str().unwrap().to_string() });
+    let login = register_and_login(&server.base, "crash").await;
+    let token = login["access_token"].as_str().unwrap().to_string();
+    let client = Arc::new(Client { http: common::client(), token });
 
     // 1. Killed while jobs are being accepted: only what got a 202 counts as accepted.
     let accepted = Arc::new(Mutex::new(Vec::new()));

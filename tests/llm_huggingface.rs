@@ -4,11 +4,10 @@
 
 use bytes::Bytes;
 use edgechat::llm::{
-    Breaker, ChatRequest, Dialect, Event, EventStream, FinishReason, Message, Phase, ProviderError,
-    Remote, RetryPolicy, Role, Sampling, Timeouts, Usage,
+    Breaker, ChatRequest, Dialect, Event, FinishReason, Message, Phase, ProviderError, Remote,
+    RetryPolicy, Role, Sampling, Usage,
 };
 use edgechat::secret::Secret;
-use futures_util::StreamExt;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use serde_json::{json, Value};
@@ -18,6 +17,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::remote::{breaker, client, drain, timeouts};
+
+const TGI: Dialect = Dialect::TextGeneration;
 
 const MODEL: &str = "HuggingFaceH4/zephyr-7b-beta";
 
@@ -167,30 +172,6 @@ fn respond(act: Act) -> hyper::Response<Body> {
     builder.body(body).unwrap()
 }
 
-fn timeouts() -> Timeouts {
-    Timeouts {
-        connect: Duration::from_secs(2),
-        first_byte: Duration::from_millis(800),
-        idle: Duration::from_millis(800),
-        total: Duration::from_secs(20),
-    }
-}
-
-fn client(base: &str, attempts: u32, breaker: Arc<Breaker>) -> Remote {
-    let retry = RetryPolicy {
-        attempts,
-        base_delay: Duration::from_millis(20),
-        max_delay: Duration::from_secs(2),
-    };
-    let key = Some(Secret::new("hf_test"));
-    Remote::new("huggingface", base, Dialect::TextGeneration, key, timeouts(), retry, breaker)
-        .unwrap()
-}
-
-fn breaker() -> Arc<Breaker> {
-    Arc::new(Breaker::new(100, Duration::from_secs(60)))
-}
-
 fn request() -> ChatRequest {
     ChatRequest {
         model: MODEL.into(),
@@ -199,25 +180,13 @@ fn request() -> ChatRequest {
     }
 }
 
+fn answer(tokens: Vec<(&'static str, bool)>, finish: &'static str) -> Act {
+    Act::Stream { tokens, gap: Duration::ZERO, finish }
+}
+
 /// Fails the test instead of hanging it.
 async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(10), f).await.expect("the test hung")
-}
-
-/// Drains a stream into its text and its last item.
-async fn drain(mut s: EventStream) -> (String, Option<Result<Event, ProviderError>>) {
-    let (mut text, mut last) = (String::new(), None);
-    while let Some(item) = s.next().await {
-        if let Ok(Event::Delta(d)) = &item {
-            text.push_str(d);
-        }
-        last = Some(item);
-    }
-    (text, last)
-}
-
-fn answer(tokens: Vec<(&'static str, bool)>, finish: &'static str) -> Act {
-    Act::Stream { tokens, gap: Duration::ZERO, finish }
 }
 
 #[tokio::test]
@@ -225,7 +194,7 @@ async fn answers_stream_with_finish_and_usage_skipping_special_tokens() {
     within(async {
         let tokens = vec![("Hel", false), ("lo", false), (" 東京", false), ("</s>", true)];
         let s = stand_in(vec![answer(tokens, "eos_token")]).await;
-        let stream = client(&s.base, 1, breaker()).chat(&request()).await.unwrap();
+        let stream = client(TGI, &s.base, 1, breaker()).chat(&request()).await.unwrap();
         let (text, last) = drain(stream).await;
         assert_eq!(text, "Hello 東京");
         let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 4 });
@@ -238,7 +207,7 @@ async fn answers_stream_with_finish_and_usage_skipping_special_tokens() {
 async fn the_request_carries_the_transcript_and_only_set_parameters() {
     within(async {
         let s = stand_in(vec![answer(vec![("ok", false)], "stop_sequence")]).await;
-        let c = client(&s.base, 1, breaker());
+        let c = client(TGI, &s.base, 1, breaker());
         let req = ChatRequest {
             messages: vec![
                 Message::new(Role::System, "Be brief."),
@@ -275,7 +244,7 @@ async fn a_length_finish_is_reported_as_length() {
     within(async {
         let s = stand_in(vec![answer(vec![("a", false), ("b", false)], "length")]).await;
         let (text, last) =
-            drain(client(&s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
+            drain(client(TGI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!(text, "ab");
         let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 2 });
         assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Length, usage })));
@@ -289,7 +258,7 @@ async fn a_loading_model_s_503_is_retried_after_retry_after() {
         let s = stand_in(vec![Act::Status(503, Some(0)), answer(vec![("ok", false)], "eos_token")])
             .await;
         let (text, last) =
-            drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+            drain(client(TGI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!((text.as_str(), s.hits.load(Ordering::SeqCst)), ("ok", 2));
         assert!(matches!(last, Some(Ok(Event::Finish { reason: FinishReason::Stop, .. }))));
     })
@@ -301,7 +270,7 @@ async fn an_error_event_mid_stream_is_a_protocol_error_without_its_body() {
     within(async {
         let s = stand_in(vec![Act::ErrorAfterFirst]).await;
         let (text, last) =
-            drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+            drain(client(TGI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!(text, "first");
         let Some(Err(ProviderError::Protocol(why))) = last else { panic!("{last:?}") };
         assert!(!why.contains("hf_secret") && !why.contains("CUDA"), "{why}");
@@ -316,7 +285,7 @@ async fn a_stall_mid_stream_times_out_within_the_idle_limit() {
         let s = stand_in(vec![Act::StallAfterFirst]).await;
         let t = Instant::now();
         let (text, last) =
-            drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+            drain(client(TGI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!(text, "first");
         assert_eq!(last, Some(Err(ProviderError::Timeout(Phase::Idle))));
         assert!(t.elapsed() < Duration::from_millis(2000), "{:?}", t.elapsed());
@@ -329,7 +298,7 @@ async fn a_dropped_or_unfinished_connection_ends_in_an_error() {
     within(async {
         for act in [Act::DropAfterFirst, Act::EndWithoutFinal] {
             let s = stand_in(vec![act]).await;
-            let stream = client(&s.base, 3, breaker()).chat(&request()).await.unwrap();
+            let stream = client(TGI, &s.base, 3, breaker()).chat(&request()).await.unwrap();
             let (text, last) = drain(stream).await;
             assert_eq!(text, "first");
             assert!(matches!(last, Some(Err(ProviderError::Protocol(_)))), "{last:?}");
@@ -343,7 +312,7 @@ async fn a_model_id_that_is_not_a_repository_path_is_refused_unsent() {
     within(async {
         let s = stand_in(vec![answer(vec![("ok", false)], "eos_token")]).await;
         let req = ChatRequest { model: "../../v1/chat/completions".into(), ..request() };
-        let err = client(&s.base, 3, breaker()).chat(&req).await.err().unwrap();
+        let err = client(TGI, &s.base, 3, breaker()).chat(&req).await.err().unwrap();
         assert_eq!(err, ProviderError::Status { status: 400, retry_after: None });
         assert_eq!(s.hits.load(Ordering::SeqCst), 0);
     })
@@ -355,7 +324,7 @@ async fn two_clients_of_one_provider_share_its_breaker() {
     within(async {
         let s = stand_in(vec![Act::Status(500, None)]).await;
         let shared = Arc::new(Breaker::new(2, Duration::from_secs(60)));
-        let classic = client(&s.base, 1, shared.clone());
+        let classic = client(TGI, &s.base, 1, shared.clone());
         for _ in 0..2 {
             let err = classic.chat(&request()).await.err();
             assert!(matches!(err, Some(ProviderError::Status { status: 500, .. })), "{err:?}");

@@ -4,35 +4,16 @@
 
 mod common;
 
+use common::remote::{breaker, client, drain, timeouts};
 use common::upstream::{Act, Upstream};
 use edgechat::llm::{
     Breaker, ChatRequest, Dialect, Event, FinishReason, Message, Phase, ProviderError, Remote,
-    RetryPolicy, Role, Sampling, Timeouts, Usage,
+    RetryPolicy, Role, Sampling, Usage,
 };
-use edgechat::secret::Secret;
-use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn timeouts() -> Timeouts {
-    Timeouts {
-        connect: Duration::from_secs(2),
-        first_byte: Duration::from_millis(800),
-        idle: Duration::from_millis(800),
-        total: Duration::from_secs(20),
-    }
-}
-
-fn client(base: &str, attempts: u32, breaker: Breaker) -> Remote {
-    let retry = RetryPolicy {
-        attempts,
-        base_delay: Duration::from_millis(20),
-        max_delay: Duration::from_secs(2),
-    };
-    let key = Some(Secret::new("sk-test"));
-    let breaker = Arc::new(breaker);
-    Remote::new("openai", base, Dialect::ChatCompletions, key, timeouts(), retry, breaker).unwrap()
-}
+const OPENAI: Dialect = Dialect::ChatCompletions;
 
 fn request() -> ChatRequest {
     ChatRequest {
@@ -40,24 +21,6 @@ fn request() -> ChatRequest {
         messages: vec![Message::new(Role::User, "Hello")],
         sampling: Sampling { max_tokens: Some(16), ..Default::default() },
     }
-}
-
-fn breaker() -> Breaker {
-    Breaker::new(100, Duration::from_secs(60))
-}
-
-/// Drains a stream into its text and its last item.
-async fn drain(
-    mut s: edgechat::llm::EventStream,
-) -> (String, Option<Result<Event, ProviderError>>) {
-    let (mut text, mut last) = (String::new(), None);
-    while let Some(item) = s.next().await {
-        if let Ok(Event::Delta(d)) = &item {
-            text.push_str(d);
-        }
-        last = Some(item);
-    }
-    (text, last)
 }
 
 fn answer(deltas: Vec<&'static str>, gap_ms: u64) -> Act {
@@ -72,7 +35,8 @@ async fn answers_stream_with_usage_and_finish_reason() {
         finish: "length",
     }])
     .await;
-    let (text, last) = drain(client(&s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, last) =
+        drain(client(OPENAI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "Hello 東京");
     let usage = Some(Usage { prompt_tokens: 7, completion_tokens: 3 });
     assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Length, usage })));
@@ -90,7 +54,8 @@ async fn answers_stream_with_usage_and_finish_reason() {
 #[tokio::test]
 async fn a_slow_stream_within_the_idle_limit_completes() {
     let s = Upstream::start(vec![answer(vec!["a", "b", "c", "d"], 300)]).await;
-    let (text, last) = drain(client(&s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, last) =
+        drain(client(OPENAI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "abcd");
     assert!(matches!(last, Some(Ok(Event::Finish { .. }))));
 }
@@ -99,7 +64,7 @@ async fn a_slow_stream_within_the_idle_limit_completes() {
 async fn a_stall_before_the_first_byte_times_out_after_each_retry() {
     let s = Upstream::start(vec![Act::StallBeforeHead]).await;
     let t = Instant::now();
-    let err = client(&s.base, 2, breaker()).chat(&request()).await.err().unwrap();
+    let err = client(OPENAI, &s.base, 2, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err, ProviderError::Timeout(Phase::FirstByte));
     assert_eq!(s.hits(), 2, "retried once");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -109,14 +74,16 @@ async fn a_stall_before_the_first_byte_times_out_after_each_retry() {
 async fn a_stall_or_a_drop_mid_stream_ends_the_stream_with_an_error() {
     let s = Upstream::start(vec![Act::StallAfterFirst]).await;
     let t = Instant::now();
-    let (text, last) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, last) =
+        drain(client(OPENAI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "first");
     assert_eq!(last, Some(Err(ProviderError::Timeout(Phase::Idle))));
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(s.hits(), 1, "no retry after the first byte");
 
     let s = Upstream::start(vec![Act::DropAfterFirst]).await;
-    let (text, last) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, last) =
+        drain(client(OPENAI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "first");
     assert!(matches!(last, Some(Err(ProviderError::Protocol(_)))), "{last:?}");
 }
@@ -124,12 +91,12 @@ async fn a_stall_or_a_drop_mid_stream_ends_the_stream_with_an_error() {
 #[tokio::test]
 async fn malformed_sse_and_client_errors_are_not_retried() {
     let s = Upstream::start(vec![Act::Malformed]).await;
-    let err = client(&s.base, 3, breaker()).chat(&request()).await.err().unwrap();
+    let err = client(OPENAI, &s.base, 3, breaker()).chat(&request()).await.err().unwrap();
     assert!(matches!(err, ProviderError::Protocol(_)), "{err:?}");
     assert_eq!(s.hits(), 1);
 
     let s = Upstream::start(vec![Act::Status(401, None)]).await;
-    let err = client(&s.base, 3, breaker()).chat(&request()).await.err().unwrap();
+    let err = client(OPENAI, &s.base, 3, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err, ProviderError::Status { status: 401, retry_after: None });
     assert!(!err.to_string().contains("sk-secret"), "the upstream body is never part of the error");
     assert_eq!(s.hits(), 1);
@@ -143,17 +110,19 @@ async fn server_errors_and_429_are_retried_honouring_retry_after() {
         answer(vec!["ok"], 0),
     ])
     .await;
-    let (text, _) = drain(client(&s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, _) =
+        drain(client(OPENAI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!((text.as_str(), s.hits()), ("ok", 3));
 
     let s = Upstream::start(vec![Act::Status(429, Some(1)), answer(vec!["later"], 0)]).await;
     let t = Instant::now();
-    let (text, _) = drain(client(&s.base, 2, breaker()).chat(&request()).await.unwrap()).await;
+    let (text, _) =
+        drain(client(OPENAI, &s.base, 2, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "later");
     assert!(t.elapsed() >= Duration::from_millis(950), "waited Retry-After: {:?}", t.elapsed());
 
     let s = Upstream::start(vec![Act::Status(503, None)]).await;
-    let err = client(&s.base, 2, breaker()).chat(&request()).await.err().unwrap();
+    let err = client(OPENAI, &s.base, 2, breaker()).chat(&request()).await.err().unwrap();
     assert_eq!(err.reason(), "upstream_error");
     assert_eq!(s.hits(), 2, "gives up after the attempts");
 }
@@ -161,7 +130,7 @@ async fn server_errors_and_429_are_retried_honouring_retry_after() {
 #[tokio::test]
 async fn the_breaker_opens_and_skips_the_upstream() {
     let s = Upstream::start(vec![Act::Status(500, None)]).await;
-    let c = client(&s.base, 1, Breaker::new(2, Duration::from_secs(60)));
+    let c = client(OPENAI, &s.base, 1, Arc::new(Breaker::new(2, Duration::from_secs(60))));
     for _ in 0..2 {
         assert!(matches!(c.chat(&request()).await, Err(ProviderError::Status { status: 500, .. })));
     }
@@ -181,7 +150,7 @@ async fn no_key_or_nothing_listening_fail_fast_with_their_reason() {
         None,
         timeouts(),
         retry,
-        Arc::new(breaker()),
+        breaker(),
     )
     .unwrap();
     assert_eq!(c.chat(&request()).await.err(), Some(ProviderError::NotConfigured));
@@ -189,7 +158,7 @@ async fn no_key_or_nothing_listening_fail_fast_with_their_reason() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let c = client(&format!("http://127.0.0.1:{port}/v1"), 2, breaker());
+    let c = client(OPENAI, &format!("http://127.0.0.1:{port}/v1"), 2, breaker());
     let err = c.chat(&request()).await.err().unwrap();
     assert!(matches!(err, ProviderError::Connect(_)), "{err:?}");
     assert_eq!(err.reason(), "unreachable");

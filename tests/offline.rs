@@ -56,20 +56,9 @@ async fn inside_a_namespace_with_no_network() {
         ("EDGECHAT_PROVIDERS__OPENAI__BREAKER_FAILURES", "2"),
     ];
     let server = Binary::spawn(&data, &[], &env);
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = common::client();
     let url = |p: &str| format!("{}{p}", server.base);
-    let creds =
-        json!({"username": "offline", "email": "o@example.com", "password": "password-offline"});
-    assert!(client
-        .post(url("/auth/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .is_success());
-    let login: Value =
-        client.post(url("/auth/login")).json(&creds).send().await.unwrap().json().await.unwrap();
+    let login = common::register_and_login(&server.base, "offline").await;
     let token = login["access_token"].as_str().unwrap();
     let mut reasons = Vec::new();
     for _ in 0..3 {

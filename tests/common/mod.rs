@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A JWT secret tests can sign with, to forge tokens the server must refuse.
+pub mod remote;
 pub mod upstream;
 
 /// A JWT secret tests can sign with, to forge tokens the server must refuse.
@@ -155,6 +156,29 @@ pub fn command(data_dir: &Path) -> Command {
         c.env_remove(k);
     }
     c
+}
+
+/// A client for a server on loopback (no proxy from the environment).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Registers `name` (password `password-123`) at `base` and returns the login answer.
+pub async fn register_and_login(base: &str, name: &str) -> Value {
+    let body = json!({"username": name, "email": format!("{name}@example.com"), "password": "password-123"});
+    let r = client().post(format!("{base}/auth/register")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    login(base, name).await.expect("fresh user can log in")
+}
+
+/// Logs `name` in at `base`; `None` when refused.
+pub async fn login(base: &str, name: &str) -> Option<Value> {
+    let body = json!({"username": name, "password": "password-123"});
+    let r = client().post(format!("{base}/auth/login")).json(&body).send().await.unwrap();
+    if r.status() != StatusCode::OK {
+        return None;
+    }
+    Some(r.json().await.unwrap())
 }
 
 /// Runs `edgechat user ARGS --data-dir DIR` with `stdin`; returns (success, stdout, stderr).
