@@ -285,3 +285,21 @@ fn a_tokenizer_json_beside_the_model_wins() {
     let engine = load(&path);
     assert_eq!(engine.tokenizer().encode("hello there").unwrap(), [5, 0]);
 }
+
+#[tokio::test]
+async fn qwen2_and_qwen3_files_load_and_generate_deterministically() {
+    for architecture in ["qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{architecture}.gguf"));
+        write_tiny_model(&path, &Tiny { architecture, ..Tiny::default() });
+        let engine = load(&path);
+        assert_eq!(engine.info().architecture, architecture);
+        let (a, reason, n) = answer(&engine, ask("hello", 8)).await;
+        assert_eq!((reason, n), (FinishReason::Length, 8), "{architecture}");
+        // Two at once (qwen2 runs them one after the other: one shared KV cache) still give
+        // the same greedy answer each.
+        let (b, c) =
+            tokio::join!(answer(&engine, ask("hello", 8)), answer(&engine, ask("hello", 8)));
+        assert_eq!((b.0.as_str(), c.0.as_str()), (a.as_str(), a.as_str()), "{architecture}");
+    }
+}

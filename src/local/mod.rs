@@ -148,7 +148,8 @@ impl Engine {
         let (weights, limit) = model::Weights::load(gguf, &device)?;
         let context = options.context.map_or(limit, |c| c.clamp(1, limit));
         let queue = Arc::new(Queue::new(options.max_queue));
-        let worker = (queue.clone(), tokenizer.clone(), options.max_batch.max(1));
+        let worker =
+            (queue.clone(), tokenizer.clone(), weights.batch_limit(options.max_batch.max(1)));
         std::thread::Builder::new()
             .name("edgechat-local".into())
             .spawn(move || scheduler::run(worker.0, weights, worker.1, device, worker.2))

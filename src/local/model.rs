@@ -4,17 +4,21 @@
 use super::gguf::GgufFile;
 use super::LocalError;
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+use candle_transformers::models::{
+    quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
+};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
 
-/// candle 0.11's quantized qwen2 cannot be cloned (one KV cache per request needs that).
-pub(crate) const SUPPORTED: &str = "llama, qwen3, gemma3";
+pub(crate) const SUPPORTED: &str = "llama, qwen2, qwen3, gemma3";
 
 /// Weights plus one sequence's KV cache. Cloning shares the weights (they sit behind `Arc`s)
-/// and gives an independent cache once cleared.
+/// and gives an independent cache once cleared — except qwen2, whose candle 0.11 model cannot
+/// be cloned: its one model (and cache) is shared, so it runs one sequence at a time.
 #[derive(Clone)]
 pub(crate) enum Weights {
     Llama(quantized_llama::ModelWeights),
+    Qwen2(Arc<Mutex<quantized_qwen2::ModelWeights>>),
     Qwen3(quantized_qwen3::ModelWeights),
     Gemma3(quantized_gemma3::ModelWeights),
 }
@@ -31,6 +35,12 @@ impl Weights {
             "llama" => Ok(Some((
                 Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, r, device)?),
                 cap(trained, quantized_llama::MAX_SEQ_LEN),
+            ))),
+            "qwen2" => Ok(Some((
+                Weights::Qwen2(Arc::new(Mutex::new(quantized_qwen2::ModelWeights::from_gguf(
+                    content, r, device,
+                )?))),
+                trained,
             ))),
             "qwen3" => Ok(Some((
                 Weights::Qwen3(quantized_qwen3::ModelWeights::from_gguf(content, r, device)?),
@@ -54,11 +64,20 @@ impl Weights {
         }
     }
 
+    /// Sequences this model can run at once: one for qwen2 (one shared cache), else `wanted`.
+    pub fn batch_limit(&self, wanted: usize) -> usize {
+        match self {
+            Weights::Qwen2(_) => 1,
+            _ => wanted,
+        }
+    }
+
     /// A copy with an empty KV cache, for a new sequence.
     pub fn fresh(&self) -> Self {
         let mut w = self.clone();
         match &mut w {
             Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Qwen2(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clear_kv_cache(),
             Weights::Qwen3(m) => m.clear_kv_cache(),
             // gemma3 has no clear method; position 0 restarts its cache.
             Weights::Gemma3(_) => {}
@@ -77,6 +96,9 @@ impl Weights {
             let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
             let logits = match self {
                 Weights::Llama(m) => m.forward(&input, pos)?,
+                Weights::Qwen2(m) => {
+                    m.lock().unwrap_or_else(|p| p.into_inner()).forward(&input, pos)?
+                }
                 Weights::Qwen3(m) => m.forward(&input, pos)?,
                 Weights::Gemma3(m) => m.forward(&input, pos)?,
             };
@@ -89,6 +111,7 @@ impl Weights {
 fn ctx_key(w: &Weights) -> &'static str {
     match w {
         Weights::Llama(_) => "llama.context_length",
+        Weights::Qwen2(_) => "qwen2.context_length",
         Weights::Qwen3(_) => "qwen3.context_length",
         Weights::Gemma3(_) => "gemma3.context_length",
     }

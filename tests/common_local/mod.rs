@@ -113,6 +113,7 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
             .push((format!("{p}.ffn_down.weight"), q(rng.tensor(HIDDEN, FFN, w), GgmlDType::Q4_1)));
         tensors.push((format!("{p}.attn_norm.weight"), q(ones(), GgmlDType::F32)));
         tensors.push((format!("{p}.ffn_norm.weight"), q(ones(), GgmlDType::F32)));
+        tensors.extend(family_tensors(opts.architecture, &p, &mut rng));
     }
     let arch = opts.architecture;
     let string = |s: &str| Value::String(s.to_owned());
@@ -131,6 +132,8 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         (format!("{arch}.rope.dimension_count"), Value::U32(HIDDEN as u32 / HEADS)),
         (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{arch}.attention.key_length"), Value::U32(HIDDEN as u32 / HEADS)),
+        (format!("{arch}.attention.value_length"), Value::U32(HIDDEN as u32 / HEADS)),
         ("tokenizer.ggml.model".into(), string("gpt2")),
         ("tokenizer.ggml.pre".into(), string("smollm")),
         ("tokenizer.ggml.tokens".into(), strings(tokens.clone())),
@@ -148,6 +151,29 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+/// What a family adds to llama's layer: qwen2's attention biases, qwen3's q/k norms.
+fn family_tensors(architecture: &str, p: &str, rng: &mut Rng) -> Vec<(String, QTensor)> {
+    let f32 = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let head = HIDDEN / HEADS as usize;
+    let kv = head * KV_HEADS as usize;
+    let vector = |rng: &mut Rng, n: usize| rng.tensor(1, n, 0.1).flatten_all().unwrap();
+    match architecture {
+        "qwen2" => vec![
+            (format!("{p}.attn_q.bias"), f32(vector(rng, HIDDEN))),
+            (format!("{p}.attn_k.bias"), f32(vector(rng, kv))),
+            (format!("{p}.attn_v.bias"), f32(vector(rng, kv))),
+        ],
+        "qwen3" => {
+            let ones = || Tensor::ones(head, candle_core::DType::F32, &Device::Cpu).unwrap();
+            vec![
+                (format!("{p}.attn_q_norm.weight"), f32(ones())),
+                (format!("{p}.attn_k_norm.weight"), f32(ones())),
+            ]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// A tiny model in a fresh temporary directory (kept alive by the returned guard).
