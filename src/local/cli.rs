@@ -4,6 +4,7 @@ use super::{files, list_models, Engine, EngineOptions, Event, GenerateRequest, M
 use futures_util::StreamExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Settings for `edgechat chat`.
 #[derive(Debug, Clone)]
@@ -30,18 +31,22 @@ pub async fn chat(options: ChatOptions) -> Result<(), String> {
     .map_err(|e| missing_hint(e.to_string(), &options.model))?;
     let mut history: Vec<Message> =
         options.system.iter().map(|s| Message::new(Role::System, s)).collect();
+    // One listener for the whole session: a Ctrl-C between two polls is kept, not lost.
+    let mut interrupts =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
     if let Some(prompt) = &options.prompt {
         history.push(Message::new(Role::User, prompt));
-        answer(&engine, &options, &history).await?;
+        answer(&engine, &options, &history, &mut interrupts).await?;
         return Ok(());
     }
-    converse(&engine, &options, history).await
+    converse(&engine, &options, history, &mut interrupts).await
 }
 
 async fn converse(
     engine: &Engine,
     options: &ChatOptions,
     start: Vec<Message>,
+    interrupts: &mut Signal,
 ) -> Result<(), String> {
     let info = engine.info();
     eprintln!(
@@ -54,7 +59,7 @@ async fn converse(
         eprint!("> ");
         let line = tokio::select! {
             line = lines.recv() => line,
-            _ = tokio::signal::ctrl_c() => { eprintln!("\n(Ctrl-D or /quit leaves)"); continue; }
+            _ = interrupts.recv() => { eprintln!("\n(Ctrl-D or /quit leaves)"); continue; }
         };
         let Some(line) = line else { break };
         match line.trim() {
@@ -67,7 +72,7 @@ async fn converse(
             }
             text => history.push(Message::new(Role::User, text)),
         }
-        let reply = answer(engine, options, &history).await?;
+        let reply = answer(engine, options, &history, interrupts).await?;
         history.push(Message::new(Role::Assistant, reply));
     }
     Ok(())
@@ -78,6 +83,7 @@ async fn answer(
     engine: &Engine,
     options: &ChatOptions,
     history: &[Message],
+    interrupts: &mut Signal,
 ) -> Result<String, String> {
     let request = GenerateRequest {
         messages: history.to_vec(),
@@ -94,7 +100,7 @@ async fn answer(
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
-            _ = tokio::signal::ctrl_c() => { eprint!(" [stopped]"); break; }
+            _ = interrupts.recv() => { eprint!(" [stopped]"); break; }
         };
         match event {
             Some(Ok(Event::Delta(d))) => {
