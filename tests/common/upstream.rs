@@ -64,6 +64,9 @@ impl Upstream {
         let shared = (script, requests.clone(), client_gone.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Without it Nagle holds each frame after the first until the client's
+                // delayed ACK (~40 ms an answer).
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
@@ -154,7 +157,10 @@ fn stream_body(act: Act, gone: Arc<Notify>) -> Body {
                         gone.notify_one();
                         return;
                     }
-                    tokio::time::sleep(gap).await;
+                    // Even a zero sleep waits for the timer's next tick.
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
+                    }
                 }
                 let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]});
                 let usage = json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}});
