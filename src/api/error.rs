@@ -216,7 +216,7 @@ impl ApiError {
             }
             ApiError::TokensLimited(d) => {
                 headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
-                token_limit_headers(headers, d, face);
+                limit_headers(headers, d, face, Metered::Tokens);
             }
             ApiError::Job(JobError::UserLimit(_) | JobError::QueueFull(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -360,32 +360,41 @@ fn openai_validation(errors: &[FieldError]) -> serde_json::Value {
     json!({ "error": { "message": message, "type": "invalid_request_error", "param": param, "code": null } })
 }
 
-/// `RateLimit-*` (IETF draft) on every limited response, plus OpenAI's names on `/v1`.
-/// Like `rate_limit_headers`, for the token budget (`x-ratelimit-*-tokens` on `/v1`).
-pub fn token_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
-    let reset = header_secs(d.reset);
-    headers.insert("ratelimit-limit", d.limit.into());
-    headers.insert("ratelimit-remaining", d.remaining.into());
-    headers.insert("ratelimit-reset", reset.into());
-    if face == Face::OpenAi {
-        headers.insert("x-ratelimit-limit-tokens", d.limit.into());
-        headers.insert("x-ratelimit-remaining-tokens", d.remaining.into());
-        if let Ok(v) = HeaderValue::from_str(&format!("{reset}s")) {
-            headers.insert("x-ratelimit-reset-tokens", v);
-        }
-    }
+/// `RateLimit-*` (IETF draft) on every limited response, plus OpenAI's
+/// `x-ratelimit-*-requests` on `/v1`.
+pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
+    limit_headers(headers, d, face, Metered::Requests);
 }
 
-pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face) {
+/// What a limit counts, as OpenAI's header names say it.
+#[derive(Clone, Copy)]
+enum Metered {
+    Requests,
+    Tokens,
+}
+
+fn limit_headers(headers: &mut HeaderMap, d: &Decision, face: Face, metered: Metered) {
     let reset = header_secs(d.reset);
     headers.insert("ratelimit-limit", d.limit.into());
     headers.insert("ratelimit-remaining", d.remaining.into());
     headers.insert("ratelimit-reset", reset.into());
     if face == Face::OpenAi {
-        headers.insert("x-ratelimit-limit-requests", d.limit.into());
-        headers.insert("x-ratelimit-remaining-requests", d.remaining.into());
+        let [limit, remaining, reset_name] = match metered {
+            Metered::Requests => [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            Metered::Tokens => [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        };
+        headers.insert(limit, d.limit.into());
+        headers.insert(remaining, d.remaining.into());
         if let Ok(v) = HeaderValue::from_str(&format!("{reset}s")) {
-            headers.insert("x-ratelimit-reset-requests", v);
+            headers.insert(reset_name, v);
         }
     }
 }

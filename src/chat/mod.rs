@@ -162,10 +162,9 @@ impl Chat {
             .ok_or_else(|| ChatError::UnknownModel(model.clone()))?;
         let history = self.history(input)?;
         let persist = self.persist(input, save);
-        if provider == ProviderName::Local {
+        let Some(remote) = self.remotes.get(provider) else {
             return self.start_local(input, history, None, persist);
-        }
-        let remote = self.remotes.get(provider);
+        };
         let max_tokens = self.max_tokens(input);
         let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
         let messages =

@@ -115,11 +115,12 @@ impl Remotes {
         })
     }
 
-    /// The provider named; `Local` is not remote and is never asked for here.
-    pub(super) fn get(&self, name: ProviderName) -> &RemoteProvider {
+    /// The remote provider named; `None` for the local model.
+    pub(super) fn get(&self, name: ProviderName) -> Option<&RemoteProvider> {
         match name {
-            ProviderName::Huggingface => &self.huggingface,
-            _ => &self.openai,
+            ProviderName::Openai => Some(&self.openai),
+            ProviderName::Huggingface => Some(&self.huggingface),
+            ProviderName::Local => None,
         }
     }
 
