@@ -287,8 +287,8 @@ fn a_tokenizer_json_beside_the_model_wins() {
 }
 
 #[tokio::test]
-async fn qwen2_and_qwen3_files_load_and_generate_deterministically() {
-    for architecture in ["qwen2", "qwen3"] {
+async fn qwen2_qwen3_and_gemma3_files_load_and_generate_deterministically() {
+    for architecture in ["qwen2", "qwen3", "gemma3"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{architecture}.gguf"));
         write_tiny_model(&path, &Tiny { architecture, ..Tiny::default() });

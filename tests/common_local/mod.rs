@@ -134,6 +134,10 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         (format!("{arch}.attention.key_length"), Value::U32(HIDDEN as u32 / HEADS)),
         (format!("{arch}.attention.value_length"), Value::U32(HIDDEN as u32 / HEADS)),
+        // gemma3 alternates sliding-window and global layers; a window shorter than the
+        // context makes the tiny model exercise both.
+        (format!("{arch}.attention.sliding_window"), Value::U32(CONTEXT / 2)),
+        (format!("{arch}.attention.sliding_window_type"), Value::U32(2)),
         ("tokenizer.ggml.model".into(), string("gpt2")),
         ("tokenizer.ggml.pre".into(), string("smollm")),
         ("tokenizer.ggml.tokens".into(), strings(tokens.clone())),
@@ -153,7 +157,8 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
     gguf_file::write(&mut file, &metadata, &tensors).unwrap();
 }
 
-/// What a family adds to llama's layer: qwen2's attention biases, qwen3's q/k norms.
+/// What a family adds to llama's layer: qwen2's attention biases, qwen3's q/k norms, and
+/// gemma3's q/k norms plus its norms after attention and feed-forward.
 fn family_tensors(architecture: &str, p: &str, rng: &mut Rng) -> Vec<(String, QTensor)> {
     let f32 = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
     let head = HIDDEN / HEADS as usize;
@@ -165,12 +170,17 @@ fn family_tensors(architecture: &str, p: &str, rng: &mut Rng) -> Vec<(String, QT
             (format!("{p}.attn_k.bias"), f32(vector(rng, kv))),
             (format!("{p}.attn_v.bias"), f32(vector(rng, kv))),
         ],
-        "qwen3" => {
-            let ones = || Tensor::ones(head, candle_core::DType::F32, &Device::Cpu).unwrap();
-            vec![
-                (format!("{p}.attn_q_norm.weight"), f32(ones())),
-                (format!("{p}.attn_k_norm.weight"), f32(ones())),
-            ]
+        "qwen3" | "gemma3" => {
+            let ones = |n| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let mut extra = vec![
+                (format!("{p}.attn_q_norm.weight"), f32(ones(head))),
+                (format!("{p}.attn_k_norm.weight"), f32(ones(head))),
+            ];
+            if architecture == "gemma3" {
+                extra.push((format!("{p}.post_attention_norm.weight"), f32(ones(HIDDEN))));
+                extra.push((format!("{p}.post_ffw_norm.weight"), f32(ones(HIDDEN))));
+            }
+            extra
         }
         _ => Vec::new(),
     }
