@@ -21,6 +21,17 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 
+# The systemd test checks the unit with systemd-analyze.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing systemd (for systemd-analyze) for the unit-file test" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+    else
+        echo "the unit-file test needs systemd-analyze: sudo apt-get install systemd" >&2
+    fi
+fi
+
 # The OpenAPI fuzz test runs schemathesis.
 if ! command -v st >/dev/null 2>&1; then
     echo "installing schemathesis for the OpenAPI fuzz test" >&2

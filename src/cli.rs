@@ -7,11 +7,13 @@ use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
 use crate::store::StoreError;
+use crate::systemd;
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// edgechat: a complete AI chat service in one binary.
 ///
@@ -226,7 +228,21 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         running.scheme,
         running.addr
     );
+    // The store is open, the listener bound and the local model loaded: tell systemd.
+    let notifier = systemd::Notifier::from_env().map(Arc::new);
+    let watchdog = notifier.as_ref().map(|n| {
+        n.notify(&format!("READY=1\nSTATUS=serving on {}://{}", running.scheme, running.addr));
+        tokio::spawn(n.clone().keep_alive(running.store().clone()))
+    });
     server::termination().await;
+    if let Some(n) = &notifier {
+        n.notify("STOPPING=1\nSTATUS=draining connections");
+    }
+    // systemd stops watching once the unit is stopping; the task must not outlive the store.
+    if let Some(w) = watchdog {
+        w.abort();
+        let _ = w.await;
+    }
     tokio::select! {
         cut = running.shutdown() => tracing::info!(cut_off_connections = cut, "stopped"),
         // An operator who signals twice wants out now; committed data is safe either way.
