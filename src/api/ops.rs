@@ -41,6 +41,14 @@ pub fn routes(r: &mut Routes) {
         handler(openapi),
         doc("This document").media("application/json"),
     );
+    r.add(
+        Method::GET,
+        "/metrics",
+        handler(metrics),
+        doc("Prometheus metrics (loopback clients, or a bearer token when metrics.token is set)")
+            .media(crate::metrics::CONTENT_TYPE)
+            .errors(&[401, 403, 404]),
+    );
     r.add(Method::GET, "/docs", handler(docs), doc("Interactive API explorer").media("text/html"));
     r.add(
         Method::GET,
@@ -111,6 +119,51 @@ async fn ready(app: Arc<App>, _req: Req) -> Answer {
         false => ("not_ready", StatusCode::SERVICE_UNAVAILABLE),
     };
     Ok(json(code, &Readiness { status, storage, providers, reasons }))
+}
+
+async fn metrics(app: Arc<App>, req: Req) -> Answer {
+    let c = &app.config.metrics;
+    if !c.enabled {
+        return Err(ApiError::RouteNotFound);
+    }
+    match &c.token {
+        Some(token) => {
+            let sent = req.parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let sent = sent.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+            if !token.matches(sent) {
+                return Err(crate::auth::AuthError::Unauthenticated("metrics token").into());
+            }
+        }
+        None if !req.peer.ip().to_canonical().is_loopback() => {
+            return Err(ApiError::Forbidden(
+                "metrics are served to loopback clients only; set metrics.token to scrape from elsewhere",
+            ));
+        }
+        None => {}
+    }
+    read_states(&app);
+    Ok(bytes(StatusCode::OK, crate::metrics::CONTENT_TYPE, crate::metrics::encode()))
+}
+
+/// Sets the metrics that are states, not events, to their values now.
+fn read_states(app: &App) {
+    use crate::metrics::{set, Reading};
+    for p in app.chat.status() {
+        let name = p.provider.as_str();
+        set(Reading::ProviderUp(name, p.state == "up"));
+        set(Reading::CircuitOpen(name, p.state == "circuit_open"));
+    }
+    if let Some((waiting, active)) = app.chat.local_queue() {
+        set(Reading::LocalQueue("waiting", waiting));
+        set(Reading::LocalQueue("active", active));
+    }
+    match app.store.job_counts() {
+        Ok(counts) => counts.into_iter().for_each(|(s, n)| set(Reading::Jobs(s.as_str(), n))),
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot read job counts"),
+    }
+    if let Ok(meta) = std::fs::metadata(app.store.path()) {
+        set(Reading::StoreBytes(meta.len()));
+    }
 }
 
 async fn openapi(app: Arc<App>, _req: Req) -> Answer {

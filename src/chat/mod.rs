@@ -141,6 +141,11 @@ impl Chat {
         out
     }
 
+    /// The local model's requests (waiting, running), when one is loaded.
+    pub fn local_queue(&self) -> Option<(usize, usize)> {
+        self.local.as_ref().map(|l| l.engine.queue_depth())
+    }
+
     /// Starts answering: resolves the model, builds the context, and returns once the
     /// provider (or the fallback) has produced its first event.
     pub async fn start(&self, input: &ChatInput) -> Result<Reply, ChatError> {
@@ -240,6 +245,9 @@ impl Chat {
         fallback: Option<Fallback>,
         persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
+        if let Some(f) = &fallback {
+            crate::metrics::fallback(f.from.as_str(), f.reason);
+        }
         let Some(local) = &self.local else {
             let why = "no local model is loaded (fetch one with `bash models/fetch-default.sh`)";
             return Err(ChatError::Unavailable { provider: ProviderName::Local, why: why.into() });

@@ -142,13 +142,23 @@ impl Reply {
             }
             Ok(Event::Finish { reason, usage }) => {
                 self.done = true;
-                Some(self.finish(reason, usage).await.map(Step::Done))
+                let done = self.finish(reason, usage).await;
+                let tokens = done
+                    .as_ref()
+                    .map_or((0, 0), |c| (c.usage.prompt_tokens, c.usage.completion_tokens));
+                self.count(if done.is_ok() { "ok" } else { "error" }, tokens);
+                Some(done.map(Step::Done))
             }
             Err(e) => {
                 self.done = true;
+                self.count("error", (0, 0));
                 Some(Err(e))
             }
         }
+    }
+
+    fn count(&self, outcome: &'static str, tokens: (u32, u32)) {
+        crate::metrics::chat_answer(self.who.provider.as_str(), &self.who.model, outcome, tokens);
     }
 
     /// Runs the answer to its end.

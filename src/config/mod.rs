@@ -29,6 +29,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub local: LocalConfig,
     pub providers: ProvidersConfig,
@@ -181,6 +182,21 @@ pub struct CorsConfig {
 impl Default for CorsConfig {
     fn default() -> Self {
         CorsConfig { allowed_origins: Vec::new(), max_age_secs: 600 }
+    }
+}
+
+/// `GET /metrics`: on by default for loopback scrapers; a token opens it to others.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// When set, scrapers from any address must send `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true, token: None }
     }
 }
 

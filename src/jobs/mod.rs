@@ -14,6 +14,7 @@
 use crate::chat::{turn, Chat, ChatError, SeedAnswer, SeedRequest};
 use crate::clock::{now_ms, Millis};
 use crate::config::JobsConfig;
+use crate::metrics;
 use crate::store::{
     CancelOutcome, Job, JobStats, QueueLimits, Refusal, Settlement, Store, StoreError,
 };
@@ -146,6 +147,7 @@ impl Jobs {
     pub async fn cancel(&self, user: Uuid, id: Uuid) -> Result<Job, JobError> {
         match self.store.cancel_job(user, id, now_ms()).await {
             Ok(CancelOutcome::Cancelled(job)) => {
+                metrics::job_finished("cancelled");
                 let signal =
                     self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
                 if let Some(signal) = signal {
@@ -237,6 +239,10 @@ impl Jobs {
         if let Some(how) = outcome {
             match self.store.settle_job(job.id, job.attempts, how, now_ms()).await {
                 Ok(Some(done)) => {
+                    match done.state.is_finished() {
+                        true => metrics::job_finished(done.state.as_str()),
+                        false => metrics::job_retried(),
+                    }
                     tracing::info!(job = %job.id, state = done.state.as_str(), attempts = done.attempts, "job settled")
                 }
                 Ok(None) => {

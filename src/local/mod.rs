@@ -160,6 +160,11 @@ impl Engine {
         Ok(Engine { inner: Arc::new(inner) })
     }
 
+    /// Requests (waiting in the queue, in the running batch) right now.
+    pub fn queue_depth(&self) -> (usize, usize) {
+        self.inner.queue.depth()
+    }
+
     /// The model file's facts.
     pub fn info(&self) -> &ModelInfo {
         &self.inner.info

@@ -8,7 +8,9 @@ use super::tokenizer::TextTokenizer;
 use super::{Event, FinishReason, LocalError, Usage};
 use candle_core::Device;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Prompt tokens run per step: long prompts are cut so the other sequences keep streaming.
@@ -31,6 +33,8 @@ pub(crate) struct Queue {
     state: Mutex<QueueState>,
     wake: Condvar,
     max_waiting: usize,
+    /// Sequences in the running batch, as the generation thread last left it.
+    active: AtomicUsize,
 }
 
 struct QueueState {
@@ -41,7 +45,7 @@ struct QueueState {
 impl Queue {
     pub fn new(max_waiting: usize) -> Self {
         let state = QueueState { waiting: VecDeque::new(), shutdown: false };
-        Queue { state: Mutex::new(state), wake: Condvar::new(), max_waiting }
+        Queue { state: Mutex::new(state), wake: Condvar::new(), max_waiting, active: 0.into() }
     }
 
     /// Adds a job at the back, or refuses it when `max_waiting` are already waiting.
@@ -56,6 +60,12 @@ impl Queue {
         state.waiting.push_back(job);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Requests (waiting, in the running batch), for the metrics.
+    pub fn depth(&self) -> (usize, usize) {
+        let waiting = self.state.lock().unwrap_or_else(|p| p.into_inner()).waiting.len();
+        (waiting, self.active.load(Ordering::Relaxed))
     }
 
     pub fn shutdown(&self) {
@@ -98,7 +108,9 @@ pub(crate) fn run(
     device.clone().with_context(|| {
         let mut active: Vec<Sequence> = Vec::new();
         while queue.admit(&mut active, max_batch, &base) {
+            queue.active.store(active.len(), Ordering::Relaxed);
             active.retain_mut(|s| s.step(&tokenizer, &device));
+            queue.active.store(active.len(), Ordering::Relaxed);
         }
     });
 }
@@ -112,6 +124,8 @@ struct Sequence {
     /// How many of `tokens` are already in the KV cache.
     cached: usize,
     generated: usize,
+    /// Time in decode steps, for the tokens/s metric.
+    decode_time: Duration,
     sampler: Sampler,
     text: TextStream,
 }
@@ -121,7 +135,16 @@ impl Sequence {
         let sampler = Sampler::new(job.params, job.seed);
         let text = TextStream::new(job.stop.clone());
         let tokens = job.prompt.clone();
-        Sequence { weights: base.fresh(), job, tokens, cached: 0, generated: 0, sampler, text }
+        Sequence {
+            weights: base.fresh(),
+            job,
+            tokens,
+            cached: 0,
+            generated: 0,
+            decode_time: Duration::ZERO,
+            sampler,
+            text,
+        }
     }
 
     /// Advances by one forward pass; `false` when this sequence is finished or abandoned.
@@ -139,6 +162,13 @@ impl Sequence {
                     prompt_tokens: self.job.prompt.len(),
                     completion_tokens: self.generated,
                 };
+                // The first token comes out of the prefill; the rest are decode steps.
+                let decoded = self.generated.saturating_sub(1);
+                if decoded > 0 && !self.decode_time.is_zero() {
+                    crate::metrics::local_decode_rate(
+                        decoded as f64 / self.decode_time.as_secs_f64(),
+                    );
+                }
                 let _ = self.job.reply.send(Ok(Event::Done { finish_reason: reason, usage }));
                 false
             }
@@ -155,8 +185,18 @@ impl Sequence {
         device: &Device,
     ) -> Result<Option<FinishReason>, LocalError> {
         let end = (self.cached + PREFILL_CHUNK).min(self.tokens.len());
+        let started = Instant::now();
         let mut logits =
             self.weights.forward(&self.tokens[self.cached..end], self.cached, device)?;
+        let took = started.elapsed();
+        let phase = match self.cached < self.job.prompt.len() {
+            true => "prefill",
+            false => {
+                self.decode_time += took;
+                "decode"
+            }
+        };
+        crate::metrics::local_forward(phase, end - self.cached, took);
         self.cached = end;
         if self.cached < self.tokens.len() {
             return Ok(None); // more prompt to read first

@@ -157,6 +157,15 @@ fn ms(t: Millis) -> u64 {
     t.max(0) as u64
 }
 
+fn counts(
+    table: &impl ReadableTable<&'static str, u64>,
+) -> Result<Vec<(JobState, u64)>, StoreError> {
+    JobState::ALL
+        .into_iter()
+        .map(|state| Ok((state, table.get(state.as_str())?.map_or(0, |v| v.value()))))
+        .collect()
+}
+
 /// Reads a job, or `NotFound`.
 fn load(tx: &WriteTransaction, id: Uuid) -> Result<Job, StoreError> {
     get(&tx.open_table(tables::JOBS)?, "jobs", id.as_u128())?.ok_or(StoreError::NotFound)
@@ -444,6 +453,11 @@ impl Store {
 
     /// The queue's figures: counts, the oldest wait, what finished since `since`, the running
     /// jobs and the latest failures.
+    /// Jobs in each state (one small table: cheap enough for every metrics scrape).
+    pub fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        self.read(|tx| counts(&tx.open_table(tables::JOB_COUNTS)?))
+    }
+
     pub fn job_stats(
         &self,
         now: Millis,
@@ -451,11 +465,7 @@ impl Store {
         recent: usize,
     ) -> Result<JobStats, StoreError> {
         self.read(|tx| {
-            let counts_table = tx.open_table(tables::JOB_COUNTS)?;
-            let mut counts = Vec::new();
-            for state in JobState::ALL {
-                counts.push((state, counts_table.get(state.as_str())?.map_or(0, |v| v.value())));
-            }
+            let counts = counts(&tx.open_table(tables::JOB_COUNTS)?)?;
             let jobs = tx.open_table(tables::JOBS)?;
             let mut oldest_queued_ms = None;
             for row in tx.open_table(tables::JOBS_QUEUED)?.iter()? {

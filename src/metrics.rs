@@ -1,0 +1,278 @@
+//! Process-wide Prometheus metrics. Events are counted where they happen (the HTTP frame, the
+//! chat service, the job workers, the generation thread) through the functions here; values
+//! that are states rather than events (queue depths, breaker states, the file's size) are read
+//! by `GET /metrics` when it is scraped and set with [`set`] just before encoding.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteOnly {
+    method: String,
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChatLabels {
+    provider: &'static str,
+    model: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    provider: &'static str,
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    from: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Named {
+    name: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabel {
+    provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+
+struct Metrics {
+    registry: Registry,
+    http_requests: Family<RouteLabels, Counter>,
+    http_seconds: Family<RouteOnly, Histogram>,
+    chat_requests: Family<ChatLabels, Counter>,
+    chat_tokens: Family<TokenLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
+    local_tokens: Family<Named, Counter>,
+    local_seconds: Family<Named, Counter<f64, AtomicU64>>,
+    local_decode_rate: F64Gauge,
+    jobs_finished: Family<Named, Counter>,
+    jobs_retried: Counter,
+    provider_up: Family<ProviderLabel, Gauge>,
+    circuit_open: Family<ProviderLabel, Gauge>,
+    jobs: Family<StateLabel, Gauge>,
+    local_queue: Family<StateLabel, Gauge>,
+    store_bytes: Gauge,
+}
+
+/// A state value read at scrape time.
+pub enum Reading {
+    /// Whether the provider can answer now.
+    ProviderUp(&'static str, bool),
+    /// Whether the provider's circuit breaker is open.
+    CircuitOpen(&'static str, bool),
+    /// Background jobs in a state (queued, running, succeeded, failed, cancelled).
+    Jobs(&'static str, u64),
+    /// Local-model requests `waiting` in the queue or `active` in the batch.
+    LocalQueue(&'static str, usize),
+    /// The redb file's size.
+    StoreBytes(u64),
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut r = Registry::with_prefix("edgechat");
+    let http_requests = Family::default();
+    r.register(
+        "http_requests",
+        "HTTP requests by route template and status",
+        http_requests.clone(),
+    );
+    let http_seconds = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
+        Histogram::new(exponential_buckets(0.0005, 2.5, 14))
+    });
+    r.register(
+        "http_request_duration_seconds",
+        "Time to the response head (the first byte of a stream)",
+        http_seconds.clone(),
+    );
+    let chat_requests = Family::default();
+    r.register(
+        "chat_requests",
+        "Chat answers by provider, model and outcome",
+        chat_requests.clone(),
+    );
+    let chat_tokens = Family::default();
+    r.register(
+        "chat_tokens",
+        "Tokens of finished chat answers (prompt, completion)",
+        chat_tokens.clone(),
+    );
+    let fallbacks = Family::default();
+    r.register(
+        "chat_fallbacks",
+        "Answers the local model gave instead of a remote provider",
+        fallbacks.clone(),
+    );
+    let local_tokens = Family::default();
+    r.register(
+        "local_tokens",
+        "Tokens the local model ran, by phase (prefill, decode)",
+        local_tokens.clone(),
+    );
+    let local_seconds = Family::default();
+    r.register(
+        "local_forward_seconds",
+        "Time in the local model's forward passes, by phase",
+        local_seconds.clone(),
+    );
+    let local_decode_rate = F64Gauge::default();
+    r.register(
+        "local_decode_tokens_per_second",
+        "Decode speed of the last finished local generation",
+        local_decode_rate.clone(),
+    );
+    let jobs_finished = Family::default();
+    r.register(
+        "jobs_finished",
+        "Background jobs reaching a final state, by state",
+        jobs_finished.clone(),
+    );
+    let jobs_retried = Counter::default();
+    r.register("jobs_retried", "Failed job attempts that were queued again", jobs_retried.clone());
+    let provider_up = Family::default();
+    r.register("provider_up", "1 when the provider can answer now", provider_up.clone());
+    let circuit_open = Family::default();
+    r.register(
+        "circuit_breaker_open",
+        "1 while the provider's circuit is open",
+        circuit_open.clone(),
+    );
+    let jobs = Family::default();
+    r.register("jobs", "Background jobs by state", jobs.clone());
+    let local_queue = Family::default();
+    r.register(
+        "local_queue",
+        "Local-model requests waiting or in the running batch",
+        local_queue.clone(),
+    );
+    let store_bytes = Gauge::default();
+    r.register_with_unit(
+        "store_size",
+        "Size of the redb file",
+        prometheus_client::registry::Unit::Bytes,
+        store_bytes.clone(),
+    );
+    Metrics {
+        registry: r,
+        http_requests,
+        http_seconds,
+        chat_requests,
+        chat_tokens,
+        fallbacks,
+        local_tokens,
+        local_seconds,
+        local_decode_rate,
+        jobs_finished,
+        jobs_retried,
+        provider_up,
+        circuit_open,
+        jobs,
+        local_queue,
+        store_bytes,
+    }
+});
+
+/// Counts one HTTP response; `route` is the matched template (`-` when none matched).
+pub fn http_request(method: &str, route: &'static str, status: u16, elapsed: Duration) {
+    let m = &*METRICS;
+    let method = method.to_string();
+    m.http_requests.get_or_create(&RouteLabels { method: method.clone(), route, status }).inc();
+    m.http_seconds.get_or_create(&RouteOnly { method, route }).observe(elapsed.as_secs_f64());
+}
+
+/// Counts one finished (`ok`) or failed (`error`) chat answer and, when finished, its tokens.
+pub fn chat_answer(provider: &'static str, model: &str, outcome: &'static str, tokens: (u32, u32)) {
+    let m = &*METRICS;
+    let model = model.to_string();
+    m.chat_requests.get_or_create(&ChatLabels { provider, model: model.clone(), outcome }).inc();
+    for (kind, n) in [("prompt", tokens.0), ("completion", tokens.1)] {
+        if n > 0 {
+            let labels = TokenLabels { provider, model: model.clone(), kind };
+            m.chat_tokens.get_or_create(&labels).inc_by(n.into());
+        }
+    }
+}
+
+/// Counts an answer that fell back from `from` to the local model.
+pub fn fallback(from: &'static str, reason: &'static str) {
+    METRICS.fallbacks.get_or_create(&FallbackLabels { from, reason }).inc();
+}
+
+/// Records one forward pass of the local model over `tokens` tokens.
+pub fn local_forward(phase: &'static str, tokens: usize, elapsed: Duration) {
+    let m = &*METRICS;
+    m.local_tokens.get_or_create(&Named { name: phase }).inc_by(tokens as u64);
+    m.local_seconds.get_or_create(&Named { name: phase }).inc_by(elapsed.as_secs_f64());
+}
+
+/// Records the decode speed of a generation that just finished.
+pub fn local_decode_rate(tokens_per_second: f64) {
+    METRICS.local_decode_rate.set(tokens_per_second);
+}
+
+/// Counts a job reaching `state` (succeeded, failed, cancelled).
+pub fn job_finished(state: &'static str) {
+    METRICS.jobs_finished.get_or_create(&Named { name: state }).inc();
+}
+
+/// Counts a failed attempt that was queued again.
+pub fn job_retried() {
+    METRICS.jobs_retried.inc();
+}
+
+/// Sets a scrape-time value.
+pub fn set(reading: Reading) {
+    let m = &*METRICS;
+    let flag = |b: bool| i64::from(b);
+    let _ = match reading {
+        Reading::ProviderUp(provider, up) => {
+            m.provider_up.get_or_create(&ProviderLabel { provider }).set(flag(up))
+        }
+        Reading::CircuitOpen(provider, open) => {
+            m.circuit_open.get_or_create(&ProviderLabel { provider }).set(flag(open))
+        }
+        Reading::Jobs(state, n) => m.jobs.get_or_create(&StateLabel { state }).set(n as i64),
+        Reading::LocalQueue(state, n) => {
+            m.local_queue.get_or_create(&StateLabel { state }).set(n as i64)
+        }
+        Reading::StoreBytes(n) => m.store_bytes.set(n as i64),
+    };
+}
+
+/// Everything in the OpenMetrics text format.
+pub fn encode() -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    out
+}
+
+/// The media type of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
