@@ -6,7 +6,7 @@ use crate::control::{self, Command, Reply};
 use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
-use crate::store::StoreError;
+use crate::store::{self, Store, StoreError};
 use crate::systemd;
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal};
@@ -50,6 +50,14 @@ enum Cmd {
     /// List and fetch local model files
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Write a consistent copy of the database to PATH, while the server runs or not
+    Backup {
+        /// Where the copy goes; must not exist yet
+        path: PathBuf,
+    },
+    /// Replace the database with the backup at PATH (stop the server first); the replaced
+    /// file is kept beside it
+    Restore { path: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -165,11 +173,52 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         // The local model needs no configuration or data directory.
         Cmd::Chat(args) => chat(args).await,
+        Cmd::Backup { path } => backup(configured()?.0, path, &env).await,
+        Cmd::Restore { path } => {
+            let data_dir = configured()?.0.data_dir(env.state_directory.as_deref());
+            let replaced = tokio::task::spawn_blocking(move || store::restore(&path, &data_dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            match replaced {
+                Some(old) => {
+                    println!("restored; the previous database is kept at {}", old.display())
+                }
+                None => println!("restored"),
+            }
+            Ok(())
+        }
         Cmd::Model(ModelCommand::List { dir }) => local::cli::list(&dir),
         Cmd::Model(ModelCommand::Pull { repo, file, dir }) => {
             local::cli::pull(&repo, &file, &dir).await
         }
     }
+}
+
+/// Backs up through the running server's control socket, or directly when none runs.
+async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), String> {
+    let data_dir = config.data_dir(env.state_directory.as_deref());
+    if !data_dir.join(store::FILE_NAME).exists() {
+        return Err(format!("no database in {}", data_dir.display()));
+    }
+    // The server runs elsewhere: a relative path would land in its working directory.
+    let path = std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dir = data_dir.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || Store::open(&dir)).await.map_err(|e| e.to_string())?;
+    let bytes = match opened {
+        Ok(store) => control::backup(&store, path.clone()).await?,
+        Err(StoreError::AlreadyInUse { .. }) => {
+            match control::send(&data_dir, &Command::Backup { path: path.clone() }).await? {
+                Reply::Backup(bytes) => bytes,
+                Reply::Error(message) => return Err(message),
+                _ => return Err("unexpected reply from the server".into()),
+            }
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    println!("backed up to {} ({bytes} bytes)", path.display());
+    Ok(())
 }
 
 async fn chat(args: ChatArgs) -> Result<(), String> {
@@ -283,6 +332,7 @@ async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(),
     };
     match reply {
         Reply::Error(message) => return Err(message),
+        Reply::Backup(_) => return Err("unexpected reply from the server".into()),
         Reply::User(u) => {
             let state = if u.disabled { "disabled" } else { "active" };
             let role = if u.is_admin { "admin" } else { "user" };

@@ -40,6 +40,20 @@ pub enum Command {
         username: String,
         disabled: bool,
     },
+    /// A consistent copy of the database, written by the server to `path` (absolute).
+    Backup {
+        path: PathBuf,
+    },
+}
+
+impl Command {
+    /// How long the client waits for the answer: a backup copies the whole file.
+    fn timeout(&self) -> std::time::Duration {
+        match self {
+            Command::Backup { .. } => std::time::Duration::from_secs(3600),
+            _ => IO_TIMEOUT,
+        }
+    }
 }
 
 /// A user as the CLI prints it.
@@ -59,6 +73,8 @@ pub struct UserRow {
 pub enum Reply {
     User(UserRow),
     Users(Vec<UserRow>),
+    /// The backup's size in bytes.
+    Backup(u64),
     Error(String),
 }
 
@@ -92,8 +108,18 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
                 Err(e) => Err(e.to_string()),
             }
         }
+        Command::Backup { path } => backup(store, path).await.map(Reply::Backup),
     };
     result.unwrap_or_else(Reply::Error)
+}
+
+/// Copies the database to `path` off the async threads.
+pub async fn backup(store: &Store, path: PathBuf) -> Result<u64, String> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.backup(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 async fn create_user(auth: &Auth, reg: Registration, admin: bool) -> Result<Reply, String> {
@@ -157,9 +183,10 @@ pub async fn send(data_dir: &Path, command: &Command) -> Result<Reply, String> {
     line.push('\n');
     write.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    tokio::time::timeout(IO_TIMEOUT, BufReader::new(read).read_line(&mut answer))
+    let limit = command.timeout();
+    tokio::time::timeout(limit, BufReader::new(read).read_line(&mut answer))
         .await
-        .map_err(|_| format!("the server did not answer within {IO_TIMEOUT:?}"))?
+        .map_err(|_| format!("the server did not answer within {limit:?}"))?
         .map_err(|e| e.to_string())?;
     serde_json::from_str(&answer).map_err(|e| format!("bad reply from the server: {e}"))
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 /// What the process environment adds to the config (passed in, so tests need not set it).
@@ -79,6 +79,7 @@ pub struct Running {
     pub data_dir: PathBuf,
     store: Store,
     control: JoinHandle<()>,
+    housekeeping: (Arc<Notify>, JoinHandle<()>),
     jobs: Arc<Jobs>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<usize>,
@@ -91,6 +92,9 @@ impl Running {
         let _ = self.stop.send(());
         let cut = self.task.await.unwrap_or(0);
         self.jobs.shutdown().await;
+        // Told, not aborted: a purge in flight finishes its write before the store closes.
+        self.housekeeping.0.notify_one();
+        let _ = self.housekeeping.1.await;
         self.control.abort();
         // Awaiting the aborted task drops its handles on the store before we return.
         let _ = self.control.await;
@@ -164,6 +168,9 @@ pub async fn start(
         .map_err(|source| StartError::Control { path: data_dir.join(control::SOCKET), source })?;
     let chat = Arc::new(chat_service(&config, env, store.clone()).await?);
     let jobs = Jobs::start(store.clone(), chat.clone(), config.jobs.clone()).await?;
+    let stop_housekeeping = Arc::new(Notify::new());
+    let housekeeping =
+        (stop_housekeeping.clone(), tokio::spawn(purge_tokens(store.clone(), stop_housekeeping)));
     let app = App::new(config, store.clone(), auth, chat, jobs.clone(), routes);
     let (stop, stopped) = oneshot::channel::<()>();
     let service = app.service();
@@ -175,7 +182,43 @@ pub async fn start(
         drop(app);
         cut
     });
-    Ok(Running { addr, scheme, certificate, data_dir, store, control, jobs, stop, task })
+    Ok(Running {
+        addr,
+        scheme,
+        certificate,
+        data_dir,
+        store,
+        control,
+        housekeeping,
+        jobs,
+        stop,
+        task,
+    })
+}
+
+/// Deletes expired refresh tokens every ten minutes, a batch per transaction, until `stop`.
+async fn purge_tokens(store: Store, stop: Arc<Notify>) {
+    const BATCH: usize = 1000;
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.notified() => return,
+        }
+        loop {
+            match store.purge_expired_refresh_tokens(crate::clock::now_ms(), BATCH).await {
+                Ok(n) if n == BATCH => continue,
+                Ok(n) => {
+                    tracing::debug!(purged = n, "expired refresh tokens deleted");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging expired refresh tokens failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Starts the default routes.

@@ -221,7 +221,35 @@ impl Store {
         self.write(move |tx| {
             tx.open_table(tables::REFRESH_TOKENS)?
                 .insert(hash.as_slice(), encode(&record).as_slice())?;
-            Ok(())
+            index_expiry(tx, &hash, expires_at)
+        })
+        .await
+    }
+
+    /// Deletes up to `limit` refresh tokens that expired before `now`; returns how many.
+    /// Revoked families stay (a few bytes each) so a stolen token never comes back to life.
+    pub async fn purge_expired_refresh_tokens(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let mut by_expiry = tx.open_table(tables::REFRESH_BY_EXPIRY)?;
+            let mut tokens = tx.open_table(tables::REFRESH_TOKENS)?;
+            let mut expired = Vec::new();
+            for row in by_expiry.range::<(u64, &[u8])>(..(now.max(0) as u64, &[][..]))? {
+                let key = row?.0;
+                let (at, hash) = key.value();
+                expired.push((at, hash.to_vec()));
+                if expired.len() == limit {
+                    break;
+                }
+            }
+            for (at, hash) in &expired {
+                by_expiry.remove((*at, hash.as_slice()))?;
+                tokens.remove(hash.as_slice())?;
+            }
+            Ok(expired.len())
         })
         .await
     }
@@ -260,6 +288,8 @@ impl Store {
             let next =
                 RefreshRecord { expires_at: new_expires_at, rotated: false, ..record.clone() };
             tokens.insert(new.as_slice(), encode(&next).as_slice())?;
+            drop(tokens);
+            index_expiry(tx, &new, new_expires_at)?;
             Ok(RotateOutcome::Rotated { user_id: record.user_id })
         })
         .await
@@ -288,6 +318,27 @@ impl Store {
         })
         .await
     }
+}
+
+/// Files a refresh token under its expiry so the purge finds it without a scan.
+fn index_expiry(
+    tx: &redb::WriteTransaction,
+    hash: &[u8],
+    expires_at: Millis,
+) -> Result<(), StoreError> {
+    tx.open_table(tables::REFRESH_BY_EXPIRY)?.insert((expires_at.max(0) as u64, hash), ())?;
+    Ok(())
+}
+
+/// Schema 1 → 2: index every stored refresh token by its expiry.
+pub(super) fn migrate_refresh_expiry(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let tokens = tx.open_table(tables::REFRESH_TOKENS)?;
+    for row in tokens.iter()? {
+        let (hash, record) = row?;
+        let record: RefreshRecord = decode("refresh_tokens", record.value())?;
+        index_expiry(tx, hash.value(), record.expires_at)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -339,5 +390,26 @@ mod tests {
             store.rotate_refresh_token([5; 32], [6; 32], 50, 100).await.unwrap(),
             RotateOutcome::Invalid
         );
+    }
+
+    #[tokio::test]
+    async fn expired_refresh_tokens_are_purged_in_batches_rotated_ones_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let user = Uuid::now_v7();
+        store.insert_refresh_token([1; 32], user, 100).await.unwrap();
+        store.insert_refresh_token([2; 32], user, 120).await.unwrap();
+        store.rotate_refresh_token([1; 32], [3; 32], 10, 300).await.unwrap();
+        assert_eq!(store.purge_expired_refresh_tokens(100, 10).await.unwrap(), 0);
+        assert_eq!(store.purge_expired_refresh_tokens(200, 1).await.unwrap(), 1);
+        assert_eq!(store.purge_expired_refresh_tokens(200, 10).await.unwrap(), 1);
+        assert!(
+            !store.has_refresh_token(&[1; 32]).unwrap()
+                && !store.has_refresh_token(&[2; 32]).unwrap()
+        );
+        // The rotated-to token lives on until its own expiry.
+        assert!(store.has_refresh_token(&[3; 32]).unwrap());
+        assert_eq!(store.purge_expired_refresh_tokens(301, 10).await.unwrap(), 1);
+        assert!(!store.has_refresh_token(&[3; 32]).unwrap());
     }
 }

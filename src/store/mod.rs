@@ -6,11 +6,13 @@
 //! (redb's immediate durability), so a caller may acknowledge it to a client at once.
 
 mod accounts;
+mod backup;
 mod conversations;
 mod jobs;
 mod tables;
 
 pub use accounts::{ApiKeyRecord, NewUser, RotateOutcome, User};
+pub use backup::restore;
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,
 };
@@ -22,7 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The schema this build writes; a file with a higher number was written by a newer edgechat.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// One step per version: `MIGRATIONS[n - 1]` turns a version-`n` file into version `n + 1`,
+/// inside the transaction that opens the file (all steps commit together, or none).
+const MIGRATIONS: [Migration; 1] = [accounts::migrate_refresh_expiry];
+
+type Migration = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
 
 /// The file name inside the data directory.
 pub const FILE_NAME: &str = "edgechat.redb";
@@ -141,28 +149,39 @@ impl Store {
         Ok(())
     }
 
+    /// Refuses a newer file; brings an older one up to `SCHEMA_VERSION`; stamps a new one.
     fn check_schema(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
-        {
-            let mut meta = tx.open_table(tables::META)?;
-            let found = meta.get("schema_version")?.map(|v| v.value());
-            match found {
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::NewerSchema {
-                        path: self.path.clone(),
-                        found: v,
-                        supported: SCHEMA_VERSION,
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                }
+        let found = tx.open_table(tables::META)?.get("schema_version")?.map(|v| v.value());
+        let from = match found {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::NewerSchema {
+                    path: self.path.clone(),
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                });
             }
-        }
+            Some(0) => {
+                return Err(StoreError::Db("schema_version 0 is not an edgechat file".into()))
+            }
+            Some(v) => v,
+            None => SCHEMA_VERSION,
+        };
         tables::create_all(&tx)?;
+        for (step, migrate) in MIGRATIONS.iter().enumerate().skip(from as usize - 1) {
+            migrate(&tx)?;
+            tracing::info!(path = %self.path.display(), from = step + 1, to = step + 2, "migrated the schema");
+        }
+        tx.open_table(tables::META)?.insert("schema_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The schema version of the open file (always `SCHEMA_VERSION` once opened).
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            Ok(tx.open_table(tables::META)?.get("schema_version")?.map_or(0, |v| v.value()))
+        })
     }
 
     /// Runs `f` in one write transaction on the blocking pool and returns after the commit.

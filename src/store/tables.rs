@@ -25,6 +25,9 @@ pub const API_KEYS_BY_USER: TableDefinition<(u128, u128), ()> =
     TableDefinition::new("api_keys_by_user");
 /// SHA-256 of a refresh token → `RefreshRecord`.
 pub const REFRESH_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("refresh_tokens");
+/// (expires_at ms, SHA-256 of a refresh token) → (): tokens by expiry, for the purge (schema 2).
+pub const REFRESH_BY_EXPIRY: TableDefinition<(u64, &[u8]), ()> =
+    TableDefinition::new("refresh_by_expiry");
 /// family id → when it was revoked (ms): every token of the family is dead.
 pub const REVOKED_FAMILIES: TableDefinition<u128, i64> = TableDefinition::new("revoked_families");
 /// conversation id → `Conversation`.
@@ -59,6 +62,7 @@ pub fn create_all(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(API_KEY_BY_HASH)?;
     tx.open_table(API_KEYS_BY_USER)?;
     tx.open_table(REFRESH_TOKENS)?;
+    tx.open_table(REFRESH_BY_EXPIRY)?;
     tx.open_table(REVOKED_FAMILIES)?;
     tx.open_table(CONVERSATIONS)?;
     tx.open_table(CONVERSATIONS_BY_USER)?;
