@@ -10,14 +10,15 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-# The /docs test drives a real headless Chromium.
-if ! command -v chromium >/dev/null 2>&1; then
+# The /docs and chat-page tests drive a real headless Chromium (the chat page's through
+# chromedriver, which must match Chromium's version: Debian ships both from one source).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing chromium for the browser tests" >&2
+        echo "installing chromium and chromium-driver for the browser tests" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
     else
-        echo "the browser tests need Chromium: sudo apt-get install chromium" >&2
+        echo "the browser tests need Chromium: sudo apt-get install chromium chromium-driver" >&2
     fi
 fi
 

@@ -13,6 +13,7 @@ mod openai;
 pub mod openapi;
 mod ops;
 mod tasks;
+mod web;
 
 pub use error::{ApiError, Face};
 pub use extract::Req;
@@ -76,6 +77,7 @@ impl Routes {
 pub fn routes() -> Routes {
     let mut r = Routes::default();
     ops::routes(&mut r);
+    web::routes(&mut r);
     auth::routes(&mut r);
     conversations::routes(&mut r);
     chat::routes(&mut r);
