@@ -119,7 +119,8 @@ pub struct Services {
 pub async fn services(config: &Config, env: &Environment) -> Result<Services, StartError> {
     let data_dir = config.data_dir(env.state_directory.as_deref());
     let dir = data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+    let cache = config.storage.cache_mb << 20;
+    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, cache))
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
     let secret = jwt_secret(config, &data_dir, env)?;

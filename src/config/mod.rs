@@ -108,11 +108,19 @@ pub struct TlsConfig {
     pub self_signed: bool,
 }
 
-/// Where the redb file and generated secrets live.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+/// Where the redb file and generated secrets live, and how much of it stays in memory.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: Option<PathBuf>,
+    /// redb's page cache; its own default (1 GiB) would let RSS grow with the file.
+    pub cache_mb: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: None, cache_mb: 64 }
+    }
 }
 
 /// Token lifetimes, JWT claims and password hashing concurrency.

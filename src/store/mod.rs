@@ -32,6 +32,9 @@ const MIGRATIONS: [Migration; 1] = [accounts::migrate_refresh_expiry];
 
 type Migration = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
 
+/// The page cache of `Store::open` (the server uses `storage.cache_mb`).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// The file name inside the data directory.
 pub const FILE_NAME: &str = "edgechat.redb";
 
@@ -110,14 +113,21 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) `dir/edgechat.redb`, checks its schema and creates missing tables.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like `open`, keeping at most `cache_bytes` of the file's pages in memory.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         private_dir(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StoreError::AlreadyInUse { path: path.clone() }
-            }
-            other => StoreError::Db(format!("{}: {other}", path.display())),
-        })?;
+        let db = redb::Builder::new().set_cache_size(cache_bytes).create(&path).map_err(
+            |e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::AlreadyInUse { path: path.clone() }
+                }
+                other => StoreError::Db(format!("{}: {other}", path.display())),
+            },
+        )?;
         // Password hashes and emails: readable by the server's user only.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
