@@ -279,6 +279,7 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     }
     config.validate().map_err(|e| e.to_string())?;
     init_logging(&config);
+    let mut signals = server::Termination::install();
     let running = server::start_default(config, env).await.map_err(|e| e.to_string())?;
     println!("data directory: {}", running.data_dir.display());
     if let Some((path, fingerprint)) = &running.certificate {
@@ -297,11 +298,11 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         n.notify(&format!("READY=1\nSTATUS=serving on {}://{}", running.scheme, running.addr));
         tokio::spawn(n.clone().keep_alive(running.store().clone()))
     });
-    server::termination().await;
+    signals.next().await;
     if let Some(n) = &notifier {
         n.notify("STOPPING=1\nSTATUS=draining connections");
     }
-    // systemd stops watching once the unit is stopping; the task must not outlive the store.
+    // systemd stops watching once the unit is stopping.
     if let Some(w) = watchdog {
         w.abort();
         let _ = w.await;
@@ -309,7 +310,7 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     tokio::select! {
         cut = running.shutdown() => tracing::info!(cut_off_connections = cut, "stopped"),
         // An operator who signals twice wants out now; committed data is safe either way.
-        _ = server::termination() => return Err("second signal: stopped without draining".into()),
+        _ = signals.next() => return Err("second signal: stopped without draining".into()),
     }
     Ok(())
 }

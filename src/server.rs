@@ -333,17 +333,30 @@ fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Sec
     Ok(secret)
 }
 
-/// Resolves when the process receives SIGTERM or SIGINT.
-pub async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        // Without signal handlers the server can still be stopped by SIGKILL; never exit early.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment this is made: make it before announcing that
+/// the server listens, or a signal sent right after the announcement kills the process
+/// without draining.
+pub struct Termination(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Termination {
+    /// Installs the handlers (inside the runtime).
+    pub fn install() -> Termination {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => Termination(Some((term, int))),
+            _ => Termination(None),
+        }
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        let Some((term, int)) = &mut self.0 else {
+            // Without handlers the server can still be stopped by SIGKILL; never exit early.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
