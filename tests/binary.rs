@@ -284,3 +284,44 @@ async fn jwt_secret_from_systemd_credentials() {
     let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
     assert!(jsonwebtoken::decode::<Value>(token, &key, &v).is_ok());
 }
+
+#[test]
+fn health_command_probes_the_configured_server() {
+    let (_keep, dir) = data_dir();
+    let probe = |listen: &str, env: &[(&str, &str)], args: &[&str]| {
+        let out = command(&dir)
+            .env("EDGECHAT_SERVER__LISTEN", listen)
+            .envs(env.iter().copied())
+            .arg("health")
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let server = Binary::spawn(&dir, &[], &[]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap();
+    assert_eq!(probe(&addr, &[], &[]), (true, String::new()));
+    // A wildcard listen address is probed over loopback.
+    assert!(probe(&format!("0.0.0.0:{port}"), &[], &[]).0);
+    let url = format!("{}/health", server.base);
+    assert!(probe("127.0.0.1:1", &[], &["--url", &url]).0, "--url wins over the config");
+    let (ok, err) = probe(&addr, &[], &["--url", &format!("{}/nowhere", server.base)]);
+    assert!(!ok && err.contains("404"), "{err}");
+    drop(server);
+    let (ok, err) = probe(&addr, &[], &[]);
+    assert!(!ok && err.contains(&format!("http://{addr}/health")), "{err}");
+
+    // With TLS on (the config's switch, which both commands read), the probe speaks HTTPS to
+    // the self-signed certificate without trusting it.
+    let tls = [("EDGECHAT_TLS__SELF_SIGNED", "true")];
+    let server = Binary::spawn(&dir, &[], &tls);
+    let addr = server.base.trim_start_matches("https://").to_string();
+    assert!(probe(&addr, &tls, &[]).0);
+    assert!(!probe(&addr, &[], &[]).0, "plain HTTP to an HTTPS server is not healthy");
+    let (ok, err) = probe(&addr, &[], &["--url", &format!("{}/health", server.base)]);
+    assert!(
+        !ok && err.to_lowercase().contains("certificate"),
+        "an explicit URL is verified: {err}"
+    );
+}
