@@ -9,8 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -199,10 +200,31 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// Distinct model labels kept; clients name models, so past this many the rest count as
+/// `other` rather than growing the registry without bound.
+const MAX_MODELS: usize = 64;
+
+static MODELS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+/// The label for `model`: itself while fewer than `MAX_MODELS` have been seen, else `other`.
+fn model_label(model: &str) -> String {
+    let mut seen = MODELS.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.contains(model) || (seen.len() < MAX_MODELS && seen.insert(model.to_string())) {
+        model.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
 /// Counts one HTTP response; `route` is the matched template (`-` when none matched).
 pub fn http_request(method: &str, route: &'static str, status: u16, elapsed: Duration) {
     let m = &*METRICS;
-    let method = method.to_string();
+    // Clients may send any token as a method; only the standard ones get their own series.
+    let method = match method {
+        "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+        _ => "OTHER",
+    }
+    .to_string();
     m.http_requests.get_or_create(&RouteLabels { method: method.clone(), route, status }).inc();
     m.http_seconds.get_or_create(&RouteOnly { method, route }).observe(elapsed.as_secs_f64());
 }
@@ -210,7 +232,7 @@ pub fn http_request(method: &str, route: &'static str, status: u16, elapsed: Dur
 /// Counts one finished (`ok`) or failed (`error`) chat answer and, when finished, its tokens.
 pub fn chat_answer(provider: &'static str, model: &str, outcome: &'static str, tokens: (u32, u32)) {
     let m = &*METRICS;
-    let model = model.to_string();
+    let model = model_label(model);
     m.chat_requests.get_or_create(&ChatLabels { provider, model: model.clone(), outcome }).inc();
     for (kind, n) in [("prompt", tokens.0), ("completion", tokens.1)] {
         if n > 0 {
@@ -276,3 +298,18 @@ pub fn encode() -> String {
 
 /// The media type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_stop_growing_at_the_cap() {
+        for i in 0..MAX_MODELS * 2 {
+            let label = model_label(&format!("org/model-{i}"));
+            assert!(label == format!("org/model-{i}") || label == "other");
+        }
+        assert_eq!(MODELS.lock().unwrap().len(), MAX_MODELS);
+        assert_eq!(model_label("org/never-seen"), "other");
+    }
+}
