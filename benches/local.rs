@@ -3,7 +3,9 @@
 //! llama.cpp on the same file and threads: `bash benches/llama-bench.sh`.
 //!
 //! Environment: `EDGECHAT_BENCH_MODEL` (default models/SmolLM2-135M-Instruct.Q4_1.gguf),
-//! `EDGECHAT_BENCH_THREADS` (default: all cores), `EDGECHAT_BENCH_RUNS` (default 3).
+//! `EDGECHAT_BENCH_THREADS` (default: all cores), `EDGECHAT_BENCH_RUNS` (default 3),
+//! `EDGECHAT_BENCH_ALLOCATOR=default` to keep glibc's own mmap threshold instead of the
+//! binary's (`cli::tune_allocator`).
 
 use edgechat::local::{Engine, EngineOptions, GenerateRequest, Message, Role};
 use std::path::PathBuf;
@@ -23,6 +25,9 @@ fn main() {
     if !model.exists() {
         eprintln!("{} is missing: run `bash models/fetch-default.sh`", model.display());
         std::process::exit(1);
+    }
+    if std::env::var("EDGECHAT_BENCH_ALLOCATOR").as_deref() != Ok("default") {
+        edgechat::cli::tune_allocator();
     }
     let threads = std::env::var("EDGECHAT_BENCH_THREADS").ok().and_then(|t| t.parse().ok());
     let runs: usize =

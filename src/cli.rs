@@ -153,7 +153,7 @@ enum ConfigCommand {
 /// Runs the command line; the binary's `main` is just this.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    fixed_mmap_threshold();
+    tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
@@ -164,12 +164,14 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Fixes glibc's mmap threshold, as the binary does before anything allocates.
+///
 /// glibc raises its mmap threshold each time a large block is freed, so after the first
 /// password hash (19 MiB) every later one comes from a per-thread heap that keeps the memory:
 /// under mixed load that held RSS at ~640 MB instead of ~260 MB (`cargo bench --bench soak`).
 /// A fixed 4 MiB threshold keeps such blocks in mmap, returned to the system when freed, while
 /// the model's smaller per-token buffers still come from the heap.
-fn fixed_mmap_threshold() {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
     unsafe {
