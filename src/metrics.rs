@@ -16,14 +16,14 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    method: String,
+    method: &'static str,
     route: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteOnly {
-    method: String,
+    method: &'static str,
     route: &'static str,
 }
 
@@ -97,82 +97,23 @@ pub enum Reading {
     StoreBytes(u64),
 }
 
+/// Registers `metric` under `name` and hands it back for the `Metrics` field.
+fn add<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut r = Registry::with_prefix("edgechat");
-    let http_requests = Family::default();
-    r.register(
-        "http_requests",
-        "HTTP requests by route template and status",
-        http_requests.clone(),
-    );
+    let mut registry = Registry::with_prefix("edgechat");
+    let r = &mut registry;
     let http_seconds = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
         Histogram::new(exponential_buckets(0.0005, 2.5, 14))
     });
-    r.register(
-        "http_request_duration_seconds",
-        "Time to the response head (the first byte of a stream)",
-        http_seconds.clone(),
-    );
-    let chat_requests = Family::default();
-    r.register(
-        "chat_requests",
-        "Chat answers by provider, model and outcome",
-        chat_requests.clone(),
-    );
-    let chat_tokens = Family::default();
-    r.register(
-        "chat_tokens",
-        "Tokens of finished chat answers (prompt, completion)",
-        chat_tokens.clone(),
-    );
-    let fallbacks = Family::default();
-    r.register(
-        "chat_fallbacks",
-        "Answers the local model gave instead of a remote provider",
-        fallbacks.clone(),
-    );
-    let local_tokens = Family::default();
-    r.register(
-        "local_tokens",
-        "Tokens the local model ran, by phase (prefill, decode)",
-        local_tokens.clone(),
-    );
-    let local_seconds = Family::default();
-    r.register(
-        "local_forward_seconds",
-        "Time in the local model's forward passes, by phase",
-        local_seconds.clone(),
-    );
-    let local_decode_rate = F64Gauge::default();
-    r.register(
-        "local_decode_tokens_per_second",
-        "Decode speed of the last finished local generation",
-        local_decode_rate.clone(),
-    );
-    let jobs_finished = Family::default();
-    r.register(
-        "jobs_finished",
-        "Background jobs reaching a final state, by state",
-        jobs_finished.clone(),
-    );
-    let jobs_retried = Counter::default();
-    r.register("jobs_retried", "Failed job attempts that were queued again", jobs_retried.clone());
-    let provider_up = Family::default();
-    r.register("provider_up", "1 when the provider can answer now", provider_up.clone());
-    let circuit_open = Family::default();
-    r.register(
-        "circuit_breaker_open",
-        "1 while the provider's circuit is open",
-        circuit_open.clone(),
-    );
-    let jobs = Family::default();
-    r.register("jobs", "Background jobs by state", jobs.clone());
-    let local_queue = Family::default();
-    r.register(
-        "local_queue",
-        "Local-model requests waiting or in the running batch",
-        local_queue.clone(),
-    );
     let store_bytes = Gauge::default();
     r.register_with_unit(
         "store_size",
@@ -181,22 +122,83 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         store_bytes.clone(),
     );
     Metrics {
-        registry: r,
-        http_requests,
-        http_seconds,
-        chat_requests,
-        chat_tokens,
-        fallbacks,
-        local_tokens,
-        local_seconds,
-        local_decode_rate,
-        jobs_finished,
-        jobs_retried,
-        provider_up,
-        circuit_open,
-        jobs,
-        local_queue,
+        http_requests: add(
+            r,
+            "http_requests",
+            "HTTP requests by route template and status",
+            Family::default(),
+        ),
+        http_seconds: add(
+            r,
+            "http_request_duration_seconds",
+            "Time to the response head (the first byte of a stream)",
+            http_seconds,
+        ),
+        chat_requests: add(
+            r,
+            "chat_requests",
+            "Chat answers by provider, model and outcome",
+            Family::default(),
+        ),
+        chat_tokens: add(
+            r,
+            "chat_tokens",
+            "Tokens of finished chat answers (prompt, completion)",
+            Family::default(),
+        ),
+        fallbacks: add(
+            r,
+            "chat_fallbacks",
+            "Answers the local model gave instead of a remote provider",
+            Family::default(),
+        ),
+        local_tokens: add(
+            r,
+            "local_tokens",
+            "Tokens the local model ran, by phase (prefill, decode)",
+            Family::default(),
+        ),
+        local_seconds: add(
+            r,
+            "local_forward_seconds",
+            "Time in the local model's forward passes, by phase",
+            Family::default(),
+        ),
+        local_decode_rate: add(
+            r,
+            "local_decode_tokens_per_second",
+            "Decode speed of the last finished local generation",
+            F64Gauge::default(),
+        ),
+        jobs_finished: add(
+            r,
+            "jobs_finished",
+            "Background jobs reaching a final state, by state",
+            Family::default(),
+        ),
+        jobs_retried: add(
+            r,
+            "jobs_retried",
+            "Failed job attempts that were queued again",
+            Counter::default(),
+        ),
+        provider_up: add(r, "provider_up", "1 when the provider can answer now", Family::default()),
+        circuit_open: add(
+            r,
+            "circuit_breaker_open",
+            "1 while the provider's circuit is open",
+            Family::default(),
+        ),
+        jobs: add(r, "jobs", "Background jobs by state", Family::default()),
+        local_queue: add(
+            r,
+            "local_queue",
+            "Local-model requests waiting or in the running batch",
+            Family::default(),
+        ),
         store_bytes,
+        // Last: every `add` above borrows it.
+        registry,
     }
 });
 
@@ -221,11 +223,16 @@ pub fn http_request(method: &str, route: &'static str, status: u16, elapsed: Dur
     let m = &*METRICS;
     // Clients may send any token as a method; only the standard ones get their own series.
     let method = match method {
-        "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
         _ => "OTHER",
-    }
-    .to_string();
-    m.http_requests.get_or_create(&RouteLabels { method: method.clone(), route, status }).inc();
+    };
+    m.http_requests.get_or_create(&RouteLabels { method, route, status }).inc();
     m.http_seconds.get_or_create(&RouteOnly { method, route }).observe(elapsed.as_secs_f64());
 }
 
