@@ -92,7 +92,16 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
         assert!(Instant::now() < deadline, "job did not finish: {j}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = scrape(&s).await;
+    // The job's state is committed before its counter moves: wait for the counter too.
+    let finished = "edgechat_jobs_finished_total{name=succeeded}";
+    let after = loop {
+        let m = scrape(&s).await;
+        if value(&m, finished) > value(&before, finished) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the finished job was never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
 
     let route = "edgechat_http_requests_total{method=POST,route=/v1/chat/completions,status=200}";
     assert_eq!(grew(&before, &after, route), 1.0);
@@ -109,7 +118,7 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
     assert_eq!(grew(&before, &after, fell), 1.0);
     assert!(grew(&before, &after, "edgechat_local_tokens_total{name=decode}") >= 2.0);
     assert!(value(&after, "edgechat_local_decode_tokens_per_second{}") > 0.0);
-    assert_eq!(grew(&before, &after, "edgechat_jobs_finished_total{name=succeeded}"), 1.0);
+    assert_eq!(grew(&before, &after, finished), 1.0);
     assert!(value(&after, "edgechat_jobs{state=succeeded}") >= 1.0);
     assert_eq!(value(&after, "edgechat_provider_up{provider=openai}"), 1.0);
     assert_eq!(value(&after, "edgechat_provider_up{provider=huggingface}"), 0.0);
