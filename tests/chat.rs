@@ -20,8 +20,9 @@ fn openai_at(c: &mut Config, upstream: &Upstream) {
     p.base_url = upstream.base.clone();
     p.api_key = Some(Secret::new("sk-test"));
     p.attempts = 1;
-    p.first_byte_timeout_ms = 300;
-    p.idle_timeout_ms = 300;
+    // Short enough for the stall tests, long enough for a loaded 2-core machine.
+    p.first_byte_timeout_ms = 2_000;
+    p.idle_timeout_ms = 2_000;
     p.breaker_failures = 100;
 }
 

@@ -288,7 +288,7 @@ async fn a_stall_mid_stream_times_out_within_the_idle_limit() {
             drain(client(TGI, &s.base, 3, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!(text, "first");
         assert_eq!(last, Some(Err(ProviderError::Timeout(Phase::Idle))));
-        assert!(t.elapsed() < Duration::from_millis(2000), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     })
     .await
 }

@@ -53,7 +53,7 @@ async fn answers_stream_with_usage_and_finish_reason() {
 
 #[tokio::test]
 async fn a_slow_stream_within_the_idle_limit_completes() {
-    let s = Upstream::start(vec![answer(vec!["a", "b", "c", "d"], 300)]).await;
+    let s = Upstream::start(vec![answer(vec!["a", "b", "c", "d"], 150)]).await;
     let (text, last) =
         drain(client(OPENAI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "abcd");
@@ -136,7 +136,7 @@ async fn the_breaker_opens_and_skips_the_upstream() {
     }
     let t = Instant::now();
     assert_eq!(c.chat(&request()).await.err(), Some(ProviderError::CircuitOpen));
-    assert!(t.elapsed() < Duration::from_millis(50));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(s.hits(), 2, "an open circuit sends nothing");
 }
 
@@ -155,10 +155,8 @@ async fn no_key_or_nothing_listening_fail_fast_with_their_reason() {
     .unwrap();
     assert_eq!(c.chat(&request()).await.err(), Some(ProviderError::NotConfigured));
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
-    let c = client(OPENAI, &format!("http://127.0.0.1:{port}/v1"), 2, breaker());
+    // Port 1 (tcpmux) is privileged and unused: nothing listens there.
+    let c = client(OPENAI, "http://127.0.0.1:1/v1", 2, breaker());
     let err = c.chat(&request()).await.err().unwrap();
     assert!(matches!(err, ProviderError::Connect(_)), "{err:?}");
     assert_eq!(err.reason(), "unreachable");

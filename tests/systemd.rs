@@ -27,19 +27,14 @@ fn wait_for(socket: &UnixDatagram, wanted: &str, within: Duration) -> Vec<String
     seen
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_comes_once_serving_with_the_model_loaded_then_watchdog_then_stopping() {
     let model = common_local::default_model();
     let (_guard, dir) = common::data_dir();
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    let port = free_port();
     let mut child = command(&dir)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .env("EDGECHAT_AUTH__JWT_SECRET", JWT_SECRET)
         .env("EDGECHAT_LOCAL__MODEL", &model)
@@ -57,9 +52,14 @@ async fn ready_comes_once_serving_with_the_model_loaded_then_watchdog_then_stopp
         tokio::task::spawn_blocking(move || wait_for(&socket, "READY=1", Duration::from_secs(60)))
     };
     let ready = ready.await.unwrap();
+    // The STATUS= line that comes with READY=1 names the address the server bound.
+    let status = ready.last().unwrap();
+    let Some((_, base)) = status.split_once("STATUS=serving on ") else {
+        panic!("no serving address in {ready:?}")
+    };
+    let base = base.split_whitespace().next().unwrap().to_string();
     // At READY=1 the server answers at once, and the local model is already up.
     let client = common::client();
-    let base = format!("http://127.0.0.1:{port}");
     let health = client.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let readiness: serde_json::Value =
@@ -68,7 +68,7 @@ async fn ready_comes_once_serving_with_the_model_loaded_then_watchdog_then_stopp
     let local =
         readiness["providers"].as_array().unwrap().iter().find(|p| p["provider"] == "local");
     assert_eq!(local.map(|p| p["state"].as_str()), Some(Some("up")), "{readiness}");
-    assert!(ready.last().unwrap().contains("STATUS=serving on http://127.0.0.1:"), "{ready:?}");
+    assert!(base.starts_with("http://127.0.0.1:"), "{ready:?}");
 
     // The watchdog keeps being fed (every 200 ms for WATCHDOG_USEC = 400 ms).
     let pings = {
