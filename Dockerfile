@@ -12,6 +12,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY assets assets
 COPY benches benches
+COPY crates crates
 COPY src src
 # Downloaded crates and the target directory persist between builds as BuildKit caches, so a
 # change to src/ recompiles edgechat alone, not candle and the rest.

@@ -595,6 +595,10 @@ fn the_build_stage_gets_its_inputs() {
     for bench in manifest["bench"].as_array().unwrap() {
         inputs.push(format!("benches/{}.rs", bench["name"].as_str().unwrap()));
     }
+    for member in manifest["workspace"]["members"].as_array().unwrap() {
+        let member = member.as_str().unwrap();
+        inputs.extend([format!("{member}/Cargo.toml"), format!("{member}/src/lib.rs")]);
+    }
     inputs.extend(included_files(Path::new("src")));
     let workdir = build.workdir();
     let copies = build.copies();

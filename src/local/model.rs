@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{
     quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
 };
+use edgechat_llama::Llama;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +18,9 @@ pub(crate) const SUPPORTED: &str = "llama, qwen2, qwen3, gemma3";
 /// be cloned: its one model (and cache) is shared, so it runs one sequence at a time.
 #[derive(Clone)]
 pub(crate) enum Weights {
+    /// Our own pass (the `edgechat-llama` crate): llama files on the CPU.
+    Native(Llama),
+    /// candle-transformers' llama: GPUs, the variants ours does not cover, and the reference.
     Llama(quantized_llama::ModelWeights),
     Qwen2(Arc<Mutex<quantized_qwen2::ModelWeights>>),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -31,7 +35,9 @@ impl Weights {
         let trained = gguf.u32(&format!("{architecture}.context_length")).unwrap_or(0) as usize;
         let GgufFile { path, content, mut reader } = gguf;
         let r = &mut reader;
+        let native = device.is_cpu() && Llama::covers(&content) && !candle_llama_wanted();
         let loaded = guard(|| match architecture.as_str() {
+            "llama" if native => Ok(Some((Weights::Native(Llama::load(&content, r)?), trained))),
             "llama" => Ok(Some((
                 Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, r, device)?),
                 cap(trained, quantized_llama::MAX_SEQ_LEN),
@@ -76,6 +82,7 @@ impl Weights {
     pub fn fresh(&self) -> Self {
         let mut w = self.clone();
         match &mut w {
+            Weights::Native(m) => m.clear(),
             Weights::Llama(m) => m.clear_kv_cache(),
             Weights::Qwen2(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clear_kv_cache(),
             Weights::Qwen3(m) => m.clear_kv_cache(),
@@ -93,14 +100,15 @@ impl Weights {
         device: &Device,
     ) -> Result<Vec<f32>, LocalError> {
         guard(|| {
-            let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+            let input = || Tensor::new(tokens, device)?.unsqueeze(0);
             let logits = match self {
-                Weights::Llama(m) => m.forward(&input, pos)?,
+                Weights::Native(m) => return m.forward(tokens, pos),
+                Weights::Llama(m) => m.forward(&input()?, pos)?,
                 Weights::Qwen2(m) => {
-                    m.lock().unwrap_or_else(|p| p.into_inner()).forward(&input, pos)?
+                    m.lock().unwrap_or_else(|p| p.into_inner()).forward(&input()?, pos)?
                 }
-                Weights::Qwen3(m) => m.forward(&input, pos)?,
-                Weights::Gemma3(m) => m.forward(&input, pos)?,
+                Weights::Qwen3(m) => m.forward(&input()?, pos)?,
+                Weights::Gemma3(m) => m.forward(&input()?, pos)?,
             };
             logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
         })
@@ -110,11 +118,17 @@ impl Weights {
 
 fn ctx_key(w: &Weights) -> &'static str {
     match w {
-        Weights::Llama(_) => "llama.context_length",
+        Weights::Native(_) | Weights::Llama(_) => "llama.context_length",
         Weights::Qwen2(_) => "qwen2.context_length",
         Weights::Qwen3(_) => "qwen3.context_length",
         Weights::Gemma3(_) => "gemma3.context_length",
     }
+}
+
+/// `EDGECHAT_CANDLE_LLAMA=1` runs llama files through candle-transformers' model instead of
+/// ours: for comparing the two (`cargo bench --bench local`), or to rule ours out.
+fn candle_llama_wanted() -> bool {
+    std::env::var_os("EDGECHAT_CANDLE_LLAMA").is_some_and(|v| v == "1")
 }
 
 fn cap(trained: usize, implemented: usize) -> usize {
