@@ -52,13 +52,12 @@ impl Dims {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Queries, keys and values.
+    qkv: Fused,
     o: Linear,
     ffn_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
+    /// The gate and up projections.
+    gate_up: Fused,
     down: Linear,
 }
 
@@ -105,13 +104,10 @@ impl Llama {
             let mut w = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
             layers.push(Layer {
                 attn_norm: vector(w("attn_norm")?)?,
-                q: Linear::new(Arc::new(w("attn_q")?))?,
-                k: Linear::new(Arc::new(w("attn_k")?))?,
-                v: Linear::new(Arc::new(w("attn_v")?))?,
+                qkv: Fused::new(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?,
                 o: Linear::new(Arc::new(w("attn_output")?))?,
                 ffn_norm: vector(w("ffn_norm")?)?,
-                gate: Linear::new(Arc::new(w("ffn_gate")?))?,
-                up: Linear::new(Arc::new(w("ffn_up")?))?,
+                gate_up: Fused::new(vec![w("ffn_gate")?, w("ffn_up")?])?,
                 down: Linear::new(Arc::new(w("ffn_down")?))?,
             });
         }
@@ -159,17 +155,14 @@ impl Llama {
 impl Layer {
     fn forward(&self, x: &mut [f32], kv: &mut Kv, rope: &Rope, d: Dims) -> Result<()> {
         let h = rms_norm(x, &self.attn_norm, d.eps);
-        let mut q = self.q.forward(&h)?;
-        let mut k = self.k.forward(&h)?;
-        let v = self.v.forward(&h)?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] = self.qkv.forward(&h)?.try_into().expect("three");
         rope.apply(&mut q, d.head_dim);
         rope.apply(&mut k, d.head_dim);
         kv.k.extend_from_slice(&k);
         kv.v.extend_from_slice(&v);
         add(x, &self.o.forward(&attention(&q, kv, d))?);
         let h = rms_norm(x, &self.ffn_norm, d.eps);
-        let mut gate = self.gate.forward(&h)?;
-        let up = self.up.forward(&h)?;
+        let [mut gate, up]: [Vec<f32>; 2] = self.gate_up.forward(&h)?.try_into().expect("two");
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
@@ -266,6 +259,50 @@ impl Linear {
                 matmul.forward(&x)?.flatten_all()?.to_vec1()
             }
         }
+    }
+}
+
+/// Matrices that read the same input. Where all are Q4_1 they are stacked into one, which
+/// costs one pass over the worker pool instead of one each.
+enum Fused {
+    Stacked { matrix: Q41Matrix, widths: Vec<usize> },
+    Apart(Vec<Linear>),
+}
+
+impl Fused {
+    fn new(parts: Vec<QTensor>) -> Result<Self> {
+        let parts: Vec<Linear> =
+            parts.into_iter().map(|t| Linear::new(Arc::new(t))).collect::<Result<_>>()?;
+        let q41: Vec<&Q41Matrix> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Q41(m) => Some(m),
+                Linear::Candle { .. } => None,
+            })
+            .collect();
+        match (q41.len() == parts.len()).then(|| Q41Matrix::stack(&q41)).flatten() {
+            Some(matrix) => {
+                Ok(Fused::Stacked { matrix, widths: q41.iter().map(|m| m.rows()).collect() })
+            }
+            None => Ok(Fused::Apart(parts)),
+        }
+    }
+
+    /// Each matrix's output, in the order given.
+    fn forward(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let (matrix, widths) = match self {
+            Fused::Apart(parts) => return parts.iter().map(|p| p.forward(x)).collect(),
+            Fused::Stacked { matrix, widths } => (matrix, widths),
+        };
+        let out = matrix.matmul(x);
+        let mut parts: Vec<Vec<f32>> = Vec::with_capacity(widths.len());
+        let mut offset = 0;
+        for &w in widths {
+            let part = out.chunks_exact(matrix.rows()).flat_map(|row| &row[offset..offset + w]);
+            parts.push(part.copied().collect());
+            offset += w;
+        }
+        Ok(parts)
     }
 }
 

@@ -60,6 +60,21 @@ impl Q41Matrix {
         Some(Q41Matrix { n, k, blocks })
     }
 
+    /// Output rows; the inputs per row are the `k` it was made with.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// One matrix whose outputs are those of `parts` in turn; `None` unless all have the same `k`.
+    pub fn stack(parts: &[&Q41Matrix]) -> Option<Self> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let blocks = parts.iter().flat_map(|p| p.blocks.iter().copied()).collect();
+        Some(Q41Matrix { n: parts.iter().map(|p| p.n).sum(), k, blocks })
+    }
+
     /// `x` (`m × k`, row-major) times this matrix transposed: `m × n`.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
@@ -120,6 +135,7 @@ fn quantize(x: &[f32]) -> Quantized {
 }
 
 /// Dot products of one weight row with up to `ROW_TILE` activation rows of `nb` blocks each.
+#[inline(always)]
 fn dot_tile(w: &[Block], rows: &[Quantized], nb: usize) -> [f32; ROW_TILE] {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     {
@@ -150,31 +166,43 @@ fn scalar_dot_tile(w: &[Block], rows: &[Quantized], nb: usize) -> [f32; ROW_TILE
     out
 }
 
+/// Compiled only when the whole build targets AVX2 and FMA (x86-64-v3), so these need no
+/// `#[target_feature]` of their own and inline into the pool's loop like plain code.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx2 {
     use super::{Block, Quantized, ROW_TILE};
     use std::arch::x86_64::*;
 
-    /// Unpacks a block's 32 nibbles, expands them once, and multiplies them into every row.
-    #[target_feature(enable = "avx2,fma")]
+    /// A block's 32 nibbles as bytes, in activation order (low nibbles first).
+    #[inline(always)]
+    unsafe fn unpack(b: &Block) -> __m256i {
+        let mask = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(b.qs.as_ptr().cast());
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// `Σ q·y` of one block pair, as eight partial sums in floats.
+    #[inline(always)]
+    unsafe fn block_dot(q: __m256i, a: &Quantized) -> __m256 {
+        let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
+        let pairs = _mm256_maddubs_epi16(q, y);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// Unpacks each weight block once and multiplies it into every activation row.
+    #[inline(always)]
     pub(super) unsafe fn dot_tile(w: &[Block], rows: &[Quantized], nb: usize) -> [f32; ROW_TILE] {
         let n_rows = rows.len() / nb;
-        let mask = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); ROW_TILE];
         let mut mins = [0f32; ROW_TILE];
         for (i, b) in w.iter().enumerate() {
-            let raw = _mm_loadu_si128(b.qs.as_ptr().cast());
-            let lo = _mm_and_si128(raw, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let q = _mm256_set_m128i(hi, lo);
+            let q = unpack(b);
             let (d, m) = (b.d.to_f32(), b.m.to_f32());
             for r in 0..n_rows {
                 let a = &rows[r * nb + i];
-                let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
-                let pairs = _mm256_maddubs_epi16(q, y);
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a.d), acc[r]);
+                acc[r] = _mm256_fmadd_ps(block_dot(q, a), _mm256_set1_ps(d * a.d), acc[r]);
                 mins[r] += m * a.s;
             }
         }
@@ -185,7 +213,7 @@ mod avx2 {
         out
     }
 
-    #[target_feature(enable = "avx2")]
+    #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
