@@ -1,7 +1,7 @@
 //! Reading a GGUF file's header: metadata, tensor list, and the facts `model list` shows.
 
 use super::LocalError;
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -87,19 +87,7 @@ impl GgufFile {
 }
 
 /// Integer metadata comes in any width; token ids and counts fit in u32.
-pub(crate) fn value_u32(v: &Value) -> Option<u32> {
-    match v {
-        Value::U8(x) => Some(u32::from(*x)),
-        Value::U16(x) => Some(u32::from(*x)),
-        Value::U32(x) => Some(*x),
-        Value::U64(x) => u32::try_from(*x).ok(),
-        Value::I8(x) => u32::try_from(*x).ok(),
-        Value::I16(x) => u32::try_from(*x).ok(),
-        Value::I32(x) => u32::try_from(*x).ok(),
-        Value::I64(x) => u32::try_from(*x).ok(),
-        _ => None,
-    }
-}
+pub(crate) use edgechat_llama::value_u32;
 
 /// Reads the header of every `.gguf` in `dir`, sorted by name; unreadable files are listed
 /// with their error so `model list` shows them rather than hiding them.

@@ -317,8 +317,9 @@ fn dims(content: &Content) -> Result<Dims> {
     Ok(Dims { hidden, heads, kv_heads, head_dim: hidden / heads, eps })
 }
 
-/// Integer metadata comes in any width.
-fn value_u32(v: &Value) -> Option<u32> {
+/// GGUF integer metadata as u32, whatever width the file stored it in (token ids and counts
+/// fit); edgechat's GGUF reader uses it too.
+pub fn value_u32(v: &Value) -> Option<u32> {
     match v {
         Value::U8(x) => Some(u32::from(*x)),
         Value::U16(x) => Some(u32::from(*x)),
