@@ -101,9 +101,8 @@ impl Store {
 pub fn restore(source: &Path, data_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
     super::private_dir(data_dir).map_err(|e| io(data_dir, e))?;
     let live = data_dir.join(FILE_NAME);
-    if live.exists() {
-        // Opening takes the file's lock: this fails while a server holds it.
-        drop(Store::open(data_dir)?);
+    if live.exists() && locked_elsewhere(&live)? {
+        return Err(StoreError::AlreadyInUse { path: live });
     }
     let incoming = beside(&live, ".restoring");
     std::fs::copy(source, &incoming).map_err(|e| io(source, e))?;
@@ -122,6 +121,21 @@ pub fn restore(source: &Path, data_dir: &Path) -> Result<Option<PathBuf>, StoreE
     std::fs::rename(&incoming, &live).map_err(|e| io(&live, e))?;
     sync_dir(&live)?;
     Ok(replaced)
+}
+
+/// Whether a process has the file open as a database: redb holds `flock(LOCK_EX)` on it while
+/// open. Probing the lock rather than opening the database lets a corrupt file be replaced.
+fn locked_elsewhere(path: &Path) -> Result<bool, StoreError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    // SAFETY: a lock request on a descriptor we own; closing `file` releases it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(false);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+        e => Err(io(path, e)),
+    }
 }
 
 /// A backup must be a redb file holding an edgechat schema this build can read.
@@ -185,5 +199,18 @@ mod tests {
         let err = restore(&junk, dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a redb database"), "{err}");
         assert!(!dir.path().join("edgechat.redb.restoring").exists());
+    }
+
+    #[test]
+    fn restore_replaces_a_corrupt_live_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let backup = dir.path().join("b.redb");
+        Store::open(&dir.path().join("old")).unwrap().backup(&backup).unwrap();
+        let live = dir.path().join(FILE_NAME);
+        std::fs::write(&live, b"torn by a failing disk").unwrap();
+        assert!(Store::open(dir.path()).is_err(), "the live file is unreadable");
+        let replaced = restore(&backup, dir.path()).unwrap().expect("the old file is kept");
+        assert_eq!(std::fs::read(replaced).unwrap(), b"torn by a failing disk");
+        assert_eq!(Store::open(dir.path()).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
     }
 }
