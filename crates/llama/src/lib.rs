@@ -37,6 +37,7 @@ struct Net {
 
 #[derive(Clone, Copy)]
 struct Dims {
+    vocab: usize,
     hidden: usize,
     heads: usize,
     kv_heads: usize,
@@ -88,27 +89,44 @@ impl Llama {
             && u("llama.rope.dimension_count").unwrap_or(head_dim) == head_dim
     }
 
-    /// Reads every tensor the pass needs; call [`Llama::covers`] first.
+    /// Reads every tensor the pass needs, each checked against the shape the metadata implies
+    /// (a wrong one would otherwise fail deep inside a matmul); call [`Llama::covers`] first.
     pub fn load<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Self> {
         let dims = dims(content)?;
-        let mut tensor = |name: &str| content.tensor(reader, name, &Device::Cpu);
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let norm = vector(tensor("output_norm.weight")?)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => Linear::new(Arc::new(t))?,
-            Err(_) => Linear::new(embed.clone())?,
+        let (h, kv, ffn) =
+            (dims.hidden, dims.kv_width(), usize_meta(content, "llama.feed_forward_length")?);
+        let mut tensor = |name: &str, shape: &[usize]| -> Result<QTensor> {
+            let t = content.tensor(reader, name, &Device::Cpu)?;
+            match t.shape().dims() == shape {
+                true => Ok(t),
+                false => bail!(
+                    "`{name}` has shape {:?}; the metadata implies {shape:?}",
+                    t.shape().dims()
+                ),
+            }
         };
-        let blocks = value_u32(meta(content, "llama.block_count")?).unwrap_or(0) as usize;
+        let embed = Arc::new(tensor("token_embd.weight", &[dims.vocab, h])?);
+        let norm = vector(tensor("output_norm.weight", &[h])?)?;
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => Linear::new(Arc::new(tensor("output.weight", &[dims.vocab, h])?))?,
+            false => Linear::new(embed.clone())?,
+        };
+        let blocks = usize_meta(content, "llama.block_count")?;
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
-            let mut w = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
+            let mut w =
+                |part: &str, shape: &[usize]| tensor(&format!("blk.{i}.{part}.weight"), shape);
             layers.push(Layer {
-                attn_norm: vector(w("attn_norm")?)?,
-                qkv: Fused::new(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?,
-                o: Linear::new(Arc::new(w("attn_output")?))?,
-                ffn_norm: vector(w("ffn_norm")?)?,
-                gate_up: Fused::new(vec![w("ffn_gate")?, w("ffn_up")?])?,
-                down: Linear::new(Arc::new(w("ffn_down")?))?,
+                attn_norm: vector(w("attn_norm", &[h])?)?,
+                qkv: Fused::new(vec![
+                    w("attn_q", &[h, h])?,
+                    w("attn_k", &[kv, h])?,
+                    w("attn_v", &[kv, h])?,
+                ])?,
+                o: Linear::new(Arc::new(w("attn_output", &[h, h])?))?,
+                ffn_norm: vector(w("ffn_norm", &[h])?)?,
+                gate_up: Fused::new(vec![w("ffn_gate", &[ffn, h])?, w("ffn_up", &[ffn, h])?])?,
+                down: Linear::new(Arc::new(w("ffn_down", &[h, ffn])?))?,
             });
         }
         let base = match content.metadata.get("llama.rope.freq_base") {
@@ -131,7 +149,7 @@ impl Llama {
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let net = &*self.net;
         let d = net.dims;
-        let vocab = net.embed.shape().dims2()?.0;
+        let vocab = d.vocab;
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("token {t} is outside the vocabulary of {vocab}")
         }
@@ -307,14 +325,21 @@ impl Fused {
 }
 
 fn dims(content: &Content) -> Result<Dims> {
-    let u = |key: &str| -> Result<usize> {
-        let v = meta(content, key)?;
-        value_u32(v).map(|n| n as usize).ok_or_else(|| msg(format!("`{key}` is not an integer")))
-    };
+    let u = |key: &str| usize_meta(content, key);
     let (hidden, heads) = (u("llama.embedding_length")?, u("llama.attention.head_count")?);
     let kv_heads = u("llama.attention.head_count_kv").unwrap_or(heads);
     let eps = meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
-    Ok(Dims { hidden, heads, kv_heads, head_dim: hidden / heads, eps })
+    let Some(embed) = content.tensor_infos.get("token_embd.weight") else {
+        bail!("no `token_embd.weight` tensor")
+    };
+    let vocab = embed.shape.dims().first().copied().unwrap_or(0);
+    let Some(head_dim) = hidden.checked_div(heads) else { bail!("no attention heads") };
+    Ok(Dims { vocab, hidden, heads, kv_heads, head_dim, eps })
+}
+
+fn usize_meta(content: &Content, key: &str) -> Result<usize> {
+    let v = meta(content, key)?;
+    value_u32(v).map(|n| n as usize).ok_or_else(|| msg(format!("`{key}` is not an integer")))
 }
 
 /// GGUF integer metadata as u32, whatever width the file stored it in (token ids and counts
@@ -447,6 +472,33 @@ mod tests {
     fn the_default_model_matches_candles_llama() {
         let prompt = [1, 9690, 198, 2683, 314, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198];
         agree(&default_model(), &prompt, 8, 0.08);
+    }
+
+    #[test]
+    fn a_tensor_of_the_wrong_shape_is_named() {
+        use candle_core::quantized::gguf_file;
+        let (dir, path) = tiny_model();
+        let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+        let content = Content::read(&mut file).unwrap();
+        let mut tensors = Vec::new();
+        for name in content.tensor_infos.keys() {
+            let t = match name.as_str() {
+                "blk.1.attn_k.weight" => {
+                    let zeros = Tensor::zeros((8, 64), candle_core::DType::F32, &Device::Cpu);
+                    QTensor::quantize(&zeros.unwrap(), GgmlDType::Q4_1).unwrap()
+                }
+                _ => content.tensor(&mut file, name, &Device::Cpu).unwrap(),
+            };
+            tensors.push((name.as_str(), t));
+        }
+        let metadata: Vec<_> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<_> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        let bad = dir.path().join("bad.gguf");
+        gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &metadata, &tensors).unwrap();
+        let mut file = std::io::BufReader::new(std::fs::File::open(&bad).unwrap());
+        let content = Content::read(&mut file).unwrap();
+        let err = Llama::load(&content, &mut file).err().expect("refused").to_string();
+        assert!(err.contains("`blk.1.attn_k.weight` has shape [8, 64]"), "{err}");
     }
 
     #[test]
