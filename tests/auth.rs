@@ -114,7 +114,7 @@ async fn wrong_password_and_unknown_user_are_the_same_401() {
     s.register("erin").await;
     let mut bodies = Vec::new();
     let mut times = [Vec::new(), Vec::new()];
-    for round in 0..5 {
+    for round in 0..7 {
         for (i, name) in ["erin", "nobody-here"].into_iter().enumerate() {
             let t = std::time::Instant::now();
             let r = s
@@ -129,12 +129,15 @@ async fn wrong_password_and_unknown_user_are_the_same_401() {
         }
     }
     assert_eq!(bodies[0], bodies[1]);
-    // Both paths run one argon2 verification: their fastest times within a factor of two of
-    // each other (the minimum, because load on a shared machine only ever adds time).
-    let fastest = |v: &Vec<std::time::Duration>| v.iter().min().unwrap().as_secs_f64();
-    let (known, unknown) = (fastest(&times[0]), fastest(&times[1]));
+    // Both paths run one argon2 verification. Skipping it would answer ~100× sooner; a shared
+    // machine moves single samples by 2× or more, so compare medians with room to spare.
+    let median = |v: &mut Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    let (known, unknown) = (median(&mut times[0]), median(&mut times[1]));
     assert!(
-        unknown > known / 2.0 && unknown < known * 2.0,
+        unknown > known / 4.0 && unknown < known * 4.0,
         "known {known:.4}s unknown {unknown:.4}s"
     );
     s.stop().await;
