@@ -72,21 +72,14 @@ struct Kv {
 impl Llama {
     /// Whether this pass covers the file: plain llama blocks with RoPE over whole heads.
     pub fn covers(content: &Content) -> bool {
-        let u = |key: &str| content.metadata.get(key).and_then(value_u32);
-        let (Some(hidden), Some(heads)) =
-            (u("llama.embedding_length"), u("llama.attention.head_count"))
-        else {
-            return false;
-        };
-        let kv_heads = u("llama.attention.head_count_kv").unwrap_or(heads);
-        let head_dim = hidden.checked_div(heads).unwrap_or(0);
+        let u = |key: &str| usize_meta(content, key).ok();
+        let Ok(d) = dims(content) else { return false };
         u("llama.expert_count").unwrap_or(0) == 0
-            && heads > 0
-            && kv_heads > 0
-            && heads % kv_heads == 0
-            && head_dim * heads == hidden
-            && head_dim % 2 == 0
-            && u("llama.rope.dimension_count").unwrap_or(head_dim) == head_dim
+            && d.kv_heads > 0
+            && d.heads % d.kv_heads == 0
+            && d.head_dim * d.heads == d.hidden
+            && d.head_dim % 2 == 0
+            && u("llama.rope.dimension_count").unwrap_or(d.head_dim) == d.head_dim
     }
 
     /// Reads every tensor the pass needs, each checked against the shape the metadata implies
