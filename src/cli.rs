@@ -6,6 +6,7 @@ use crate::control::{self, Command, Reply};
 use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
+use crate::signals::{self, Signals};
 use crate::store::{self, Store, StoreError};
 use crate::systemd;
 use clap::{Args, Parser, Subcommand};
@@ -333,7 +334,7 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     }
     config.validate().map_err(|e| e.to_string())?;
     init_logging(&config);
-    let mut signals = server::Termination::install();
+    let mut signals = Signals::install();
     let running = server::start_default(config, env).await.map_err(|e| e.to_string())?;
     println!("data directory: {}", running.data_dir.display());
     if let Some((path, fingerprint)) = &running.certificate {
@@ -352,7 +353,9 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         n.notify(&format!("READY=1\nSTATUS=serving on {}://{}", running.scheme, running.addr));
         tokio::spawn(n.clone().keep_alive(running.store().clone()))
     });
-    signals.next().await;
+    while signals.next().await == signals::Request::Reload {
+        running.reload();
+    }
     if let Some(n) = &notifier {
         n.notify("STOPPING=1\nSTATUS=draining connections");
     }
@@ -364,7 +367,7 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     tokio::select! {
         cut = running.shutdown() => tracing::info!(cut_off_connections = cut, "stopped"),
         // An operator who signals twice wants out now; committed data is safe either way.
-        _ = signals.next() => return Err("second signal: stopped without draining".into()),
+        _ = signals.next_stop() => return Err("second signal: stopped without draining".into()),
     }
     Ok(())
 }

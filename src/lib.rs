@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
+pub mod signals;
 pub mod store;
 pub mod systemd;

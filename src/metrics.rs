@@ -81,6 +81,13 @@ struct Metrics {
     jobs: Family<StateLabel, Gauge>,
     local_queue: Family<StateLabel, Gauge>,
     store_bytes: Gauge,
+    connections: Family<StateLabel, Gauge>,
+    connections_ended: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// A state value read at scrape time.
@@ -95,6 +102,11 @@ pub enum Reading {
     LocalQueue(&'static str, usize),
     /// The redb file's size.
     StoreBytes(u64),
+    /// HTTP connections `open`, or refused and `held` before being closed.
+    Connections(&'static str, usize),
+    /// HTTP connections ended by the server for a reason (`refused`, `idle`,
+    /// `header_timeout`, `evicted`) since start: a running total the transport keeps.
+    ConnectionsEnded(&'static str, u64),
 }
 
 /// Registers `metric` under `name` and hands it back for the `Metrics` field.
@@ -197,6 +209,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             Family::default(),
         ),
         store_bytes,
+        connections: add(
+            r,
+            "http_connections",
+            "HTTP connections open, and refused ones held before they are closed",
+            Family::default(),
+        ),
+        connections_ended: add(
+            r,
+            "http_connections_ended",
+            "HTTP connections the server refused or closed, by reason",
+            Family::default(),
+        ),
         // Last: every `add` above borrows it.
         registry,
     }
@@ -292,6 +316,13 @@ pub fn set(reading: Reading) {
             m.local_queue.get_or_create(&StateLabel { state }).set(n as i64)
         }
         Reading::StoreBytes(n) => m.store_bytes.set(n as i64),
+        Reading::Connections(state, n) => {
+            m.connections.get_or_create(&StateLabel { state }).set(n as i64)
+        }
+        Reading::ConnectionsEnded(reason, total) => {
+            let counter = m.connections_ended.get_or_create(&ReasonLabel { reason });
+            counter.inc_by(total.saturating_sub(counter.get())) as i64
+        }
     };
 }
 

@@ -77,6 +77,7 @@ pub struct Running {
     pub certificate: Option<(PathBuf, String)>,
     /// Where the data lives.
     pub data_dir: PathBuf,
+    tls: Option<tls::Reloader>,
     store: Store,
     control: JoinHandle<()>,
     housekeeping: (Arc<Notify>, JoinHandle<()>),
@@ -100,6 +101,28 @@ impl Running {
         let _ = self.control.await;
         let _ = std::fs::remove_file(self.data_dir.join(control::SOCKET));
         cut
+    }
+
+    /// Reloads what can change without dropping a connection (`SIGHUP`): the TLS certificate
+    /// and key. Says what it did in the log; a failed reload keeps what is in use.
+    pub fn reload(&self) {
+        let Some(tls) = &self.tls else {
+            tracing::info!("reload: nothing to reload (no TLS); other settings need a restart");
+            return;
+        };
+        let path = tls.cert_path().display();
+        match tls.reload() {
+            Ok(fingerprint) => tracing::info!(
+                certificate = %path,
+                sha256 = %fingerprint,
+                "reload: TLS certificate and key reloaded; other settings need a restart"
+            ),
+            Err(e) => tracing::error!(
+                certificate = %path,
+                error = %e,
+                "reload: TLS certificate NOT reloaded, the previous one stays in use"
+            ),
+        }
     }
 
     /// The server's store, for tests and embedders that write what the API only reads.
@@ -151,6 +174,7 @@ pub async fn start(
         (_, _, true) => Some(tls::self_signed(&data_dir)?),
         _ => None,
     };
+    raise_open_file_limit(config.server.max_connections);
     let addr = config.server.listen;
     let listener =
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
@@ -158,12 +182,15 @@ pub async fn start(
     let s = &config.server;
     let limits = Limits {
         max_connections: s.max_connections,
+        max_connections_per_address: s.max_connections_per_address,
         handshake_timeout: Duration::from_secs(s.handshake_timeout_secs),
         header_read_timeout: Duration::from_secs(s.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(s.idle_timeout_secs),
         http2_max_concurrent_streams: s.http2_max_concurrent_streams,
         shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
     };
     let certificate = tls.as_ref().map(|t| (t.cert_path.clone(), t.fingerprint.clone()));
+    let reloader = tls.as_ref().map(|t| t.reloader.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     let control = control::listen(&data_dir, store.clone(), auth.clone())
         .map_err(|source| StartError::Control { path: data_dir.join(control::SOCKET), source })?;
@@ -188,6 +215,7 @@ pub async fn start(
         scheme,
         certificate,
         data_dir,
+        tls: reloader,
         store,
         control,
         housekeeping,
@@ -195,6 +223,33 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+/// Raises the soft open-file limit to the hard one: every connection is a descriptor, and the
+/// usual soft limit (1,024) is below what `server.max_connections` (with the refused
+/// connections the transport holds) and the store and model need. Warns when even the hard
+/// limit is too low.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let wanted = http::descriptors_needed(max_connections) + 256;
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            wanted,
+            "the open-file limit is below 5 × server.max_connections + 256: raise LimitNOFILE \
+             (systemd) or `ulimit -n`, or lower server.max_connections"
+        );
+    }
 }
 
 /// Deletes expired refresh tokens every ten minutes, a batch per transaction, until `stop`.
@@ -331,32 +386,4 @@ fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Sec
         .map_err(|source| StartError::Secret { path: path.clone(), source })?;
     tracing::info!(path = %path.display(), "generated a JWT signing secret");
     Ok(secret)
-}
-
-/// SIGTERM and SIGINT, caught from the moment this is made: make it before announcing that
-/// the server listens, or a signal sent right after the announcement kills the process
-/// without draining.
-pub struct Termination(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
-
-impl Termination {
-    /// Installs the handlers (inside the runtime).
-    pub fn install() -> Termination {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(term), Ok(int)) => Termination(Some((term, int))),
-            _ => Termination(None),
-        }
-    }
-
-    /// Resolves at the next SIGTERM or SIGINT.
-    pub async fn next(&mut self) {
-        let Some((term, int)) = &mut self.0 else {
-            // Without handlers the server can still be stopped by SIGKILL; never exit early.
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    }
 }

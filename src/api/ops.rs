@@ -148,6 +148,7 @@ async fn metrics(app: Arc<App>, req: Req) -> Answer {
 /// Sets the metrics that are states, not events, to their values now.
 fn read_states(app: &App) {
     use crate::metrics::{set, Reading};
+    use std::sync::atomic::Ordering::Relaxed;
     for p in app.chat.status() {
         let name = p.provider.as_str();
         set(Reading::ProviderUp(name, p.state == "up"));
@@ -163,6 +164,17 @@ fn read_states(app: &App) {
     }
     if let Ok(meta) = std::fs::metadata(app.store.path()) {
         set(Reading::StoreBytes(meta.len()));
+    }
+    let c = crate::http::connection_stats();
+    set(Reading::Connections("open", c.open.load(Relaxed)));
+    set(Reading::Connections("held", c.held.load(Relaxed)));
+    for (reason, total) in [
+        ("refused", &c.refused),
+        ("idle", &c.idle),
+        ("header_timeout", &c.header_timeout),
+        ("evicted", &c.evicted),
+    ] {
+        set(Reading::ConnectionsEnded(reason, total.load(Relaxed)));
     }
 }
 

@@ -76,7 +76,12 @@ impl Default for JobsConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
+    /// Per IPv4 address or IPv6 /64, so that one client cannot take every slot.
+    pub max_connections_per_address: usize,
+    /// From a request head's first byte to its last.
     pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout_secs: u64,
     pub handshake_timeout_secs: u64,
     pub body_read_timeout_secs: u64,
     pub max_body_bytes: usize,
@@ -89,7 +94,9 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_connections: 1024,
+            max_connections_per_address: 256,
             header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
             body_read_timeout_secs: 30,
             max_body_bytes: 1024 * 1024,
@@ -278,7 +285,9 @@ impl Config {
         let s = &self.server;
         let positive = [
             ("server.max_connections", s.max_connections as u64),
+            ("server.max_connections_per_address", s.max_connections_per_address as u64),
             ("server.header_read_timeout_secs", s.header_read_timeout_secs),
+            ("server.idle_timeout_secs", s.idle_timeout_secs),
             ("server.handshake_timeout_secs", s.handshake_timeout_secs),
             ("server.body_read_timeout_secs", s.body_read_timeout_secs),
             ("server.max_body_bytes", s.max_body_bytes as u64),

@@ -2,16 +2,20 @@
 //!
 //! Limits, in the order a connection meets them: a connection permit taken *before* `accept`
 //! (so a flood waits in the kernel's backlog instead of costing us memory), a deadline on the
-//! TLS handshake and on reading the first bytes that tell HTTP/1.1 from HTTP/2, then hyper's
-//! header-read timeout (which needs `TokioTimer`, or it silently does nothing).
+//! TLS handshake and on reading the first bytes that tell HTTP/1.1 from HTTP/2, the cap per
+//! address group, then the registry's idle and header deadlines (`conns`). hyper's own
+//! header-read timeout is off: it also runs while a keep-alive connection waits for its next
+//! request, so it would cut idle connections at the header deadline.
 
+use super::conns::{Close, ConnState, InFlight, Lease, Policy, Registry};
 use super::response::Body;
+use super::stream::Tracked;
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -20,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -37,11 +41,19 @@ pub type Service = Arc<
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections one IPv4 address (or IPv6 /64) may hold at once.
+    pub max_connections_per_address: usize,
     pub handshake_timeout: Duration,
+    /// How long an HTTP/1 request head may take to arrive, from its first byte.
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight is kept (HTTP/1 keep-alive, HTTP/2).
+    pub idle_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
 }
+
+/// How long a connection told to close (idle, evicted) may take to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -56,7 +68,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> usize {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let registry = Registry::new(Policy {
+        max_connections: limits.max_connections,
+        per_address: limits.max_connections_per_address,
+        idle: limits.idle_timeout,
+        header_read: limits.header_read_timeout,
+        tarpit: limits.handshake_timeout,
+    });
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -75,19 +93,26 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Ok(lease) = registry.admit(peer) else {
+            // Past the per-address cap: held unread, then closed, before any handshake.
+            registry.tarpit(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let (tls, service, watcher) = (tls.clone(), service.clone(), graceful.watcher());
+        let (tls, service) = (tls.clone(), service.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, tls, limits, service, watcher).await {
+            if let Err(e) = connection(stream, peer, tls, limits, service, &lease).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(lease);
             drop(permit);
         });
     }
     drop(listener);
-    let open = graceful.count();
+    let open = registry.open();
     tracing::info!(open_connections = open, "stopped accepting; draining");
-    match tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await {
+    registry.shut_down();
+    match tokio::time::timeout(limits.shutdown_grace, registry.drained()).await {
         Ok(()) => 0,
         Err(_) => {
             tracing::warn!(grace = ?limits.shutdown_grace, "grace period over; closing the rest");
@@ -102,7 +127,7 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     limits: Limits,
     service: Service,
-    watcher: Watcher,
+    lease: &Lease,
 ) -> io::Result<()> {
     let deadline = limits.handshake_timeout;
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "handshake or preface timed out");
@@ -116,14 +141,14 @@ async fn connection(
             } else {
                 tokio::time::timeout(deadline, sniff(&mut tls)).await.map_err(|_| timed_out())??
             };
-            serve_io(Prefixed::new(prefix, tls), h2, peer, limits, service, watcher).await
+            serve_io(tls, prefix, h2, peer, limits, service, lease).await
         }
         None => {
             let mut stream = stream;
             let (h2, prefix) = tokio::time::timeout(deadline, sniff(&mut stream))
                 .await
                 .map_err(|_| timed_out())??;
-            serve_io(Prefixed::new(prefix, stream), h2, peer, limits, service, watcher).await
+            serve_io(stream, prefix, h2, peer, limits, service, lease).await
         }
     }
 }
@@ -146,23 +171,29 @@ async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(bool, Vec<u8>)> 
     Ok((buf[..len] == H2_PREFACE[..], buf[..len].to_vec()))
 }
 
+/// Runs hyper on the connection until it ends or the registry's deadlines say it should close.
 async fn serve_io<S>(
-    io: Prefixed<S>,
+    io: S,
+    prefix: Vec<u8>,
     h2: bool,
     peer: SocketAddr,
     limits: Limits,
     service: Service,
-    watcher: Watcher,
+    lease: &Lease,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (state, policy) = (&lease.state, lease.policy());
+    state.set_h2(h2);
+    let io = TokioIo::new(Tracked::new(prefix, io, state.clone(), h2));
+    let counted = state.clone();
     let svc = service_fn(move |req| {
+        let guard = counted.request_started();
         let fut = service(req, peer);
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move { Ok::<_, Infallible>(fut.await.map(|body| Counted { body, _guard: guard })) }
     });
-    let io = TokioIo::new(io);
-    let result = if h2 {
+    if h2 {
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.http2_max_concurrent_streams)
@@ -170,74 +201,75 @@ where
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
             .serve_connection(io, svc);
-        watcher.watch(conn).await
+        drive(conn, state, policy, |c| c.graceful_shutdown()).await
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(64 * 1024)
             .serve_connection(io, svc);
-        watcher.watch(conn).await
+        drive(conn, state, policy, |c| c.graceful_shutdown()).await
+    }
+}
+
+/// Polls a hyper connection until it ends; when the registry says to close it, a slow head is
+/// cut at once and anything else is shut down gracefully (HTTP/2 GOAWAY, HTTP/1 close after
+/// the response in flight), with a bounded wait unless the server is draining.
+async fn drive<C, E>(
+    conn: C,
+    state: &ConnState,
+    policy: &Policy,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> io::Result<()>
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::pin!(conn);
+    let why = tokio::select! {
+        r = conn.as_mut() => return r.map_err(io::Error::other),
+        why = state.closing(policy) => why,
     };
-    result.map_err(io::Error::other)
-}
-
-/// A stream that first replays the bytes `sniff` consumed.
-struct Prefixed<S> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Prefixed { prefix, pos: 0, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.pos < self.prefix.len() {
-            let n = (self.prefix.len() - self.pos).min(buf.remaining());
-            buf.put_slice(&self.prefix[self.pos..self.pos + n]);
-            self.pos += n;
-            return Poll::Ready(Ok(()));
+    why.count();
+    match why {
+        Close::HeaderTimeout => {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request head timed out"))
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Close::Idle | Close::Evicted | Close::Shutdown => graceful(conn.as_mut()),
+    }
+    if why == Close::Shutdown {
+        // The server's grace period bounds this.
+        return conn.await.map_err(io::Error::other);
+    }
+    match tokio::time::timeout(CLOSE_GRACE, conn).await {
+        Ok(r) => r.map_err(io::Error::other),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "close did not complete")),
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
+/// A response body that keeps its request counted as in flight until hyper drops it.
+struct Counted {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

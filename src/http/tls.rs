@@ -1,13 +1,17 @@
 //! rustls server configuration: from PEM files, or a self-signed certificate made once and
-//! kept in the data directory so that clients can pin it across restarts.
+//! kept in the data directory so that clients can pin it across restarts. The certificate can
+//! be replaced while serving (`Reloader`, on `SIGHUP`), so a renewed one needs no restart.
 
 use crate::secret::write_private_file;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
 
 /// Why TLS could not be set up; each names the file involved.
@@ -31,10 +35,69 @@ pub struct Tls {
     pub cert_path: PathBuf,
     /// SHA-256 of the leaf certificate's DER, as `AB:CD:…`.
     pub fingerprint: String,
+    /// Swaps the certificate under the running acceptor (`SIGHUP`).
+    pub reloader: Reloader,
+}
+
+/// The certificate the acceptor presents, replaceable while connections are served: the
+/// handshakes after a reload get the new one, the connections already open keep theirs.
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// Re-reads the certificate and key files into the running acceptor.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    current: Arc<Current>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+impl Reloader {
+    /// Loads both files again; on any error the certificate in use stays. Returns the new
+    /// leaf's fingerprint.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let (key, fingerprint) = certified_key(&self.cert_path, &self.key_path)?;
+        *self.current.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        Ok(fingerprint)
+    }
+
+    /// The certificate file, for log lines.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
 }
 
 /// Loads a certificate chain and private key from PEM files.
 pub fn from_pem(cert_path: &Path, key_path: &Path) -> Result<Tls, TlsError> {
+    let (key, fingerprint) = certified_key(cert_path, key_path)?;
+    let current = Arc::new(Current(RwLock::new(Arc::new(key))));
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(current.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let reloader = Reloader { current, cert_path: cert_path.into(), key_path: key_path.into() };
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        cert_path: cert_path.into(),
+        fingerprint,
+        reloader,
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its key, checked to belong together, and the leaf's fingerprint.
+fn certified_key(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, String), TlsError> {
     let pem_err = |path: &Path| {
         let path = path.to_path_buf();
         move |e: rustls_pki_types::pem::Error| TlsError::Pem { path, message: e.to_string() }
@@ -46,19 +109,9 @@ pub fn from_pem(cert_path: &Path, key_path: &Path) -> Result<Tls, TlsError> {
     let leaf = certs.first().ok_or_else(|| TlsError::NoCertificate { path: cert_path.into() })?;
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_err(key_path))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+    let key = CertifiedKey::from_der(certs, key, &provider())
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Tls {
-        acceptor: TlsAcceptor::from(Arc::new(config)),
-        cert_path: cert_path.into(),
-        fingerprint,
-    })
+    Ok((key, fingerprint))
 }
 
 /// Uses `dir/tls/{cert,key}.pem`, generating them on first use for localhost and loopback.
