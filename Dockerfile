@@ -50,7 +50,8 @@ ENV EDGECHAT_DATA_DIR=/data \
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
-# GET /health over loopback; https when TLS is configured (EDGECHAT_TLS__SELF_SIGNED=true or
+# GET /ready over loopback: unhealthy when the server does not answer or its store cannot
+# write (a full /data volume); https when TLS is configured (EDGECHAT_TLS__SELF_SIGNED=true or
 # tls.cert_file/key_file), whose certificate the probe does not need to trust.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["edgechat", "health"]

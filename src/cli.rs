@@ -60,13 +60,14 @@ enum Cmd {
     /// Replace the database with the backup at PATH (stop the server first); the replaced
     /// file is kept beside it
     Restore { path: PathBuf },
-    /// Exit 0 when the server answers GET /health with 200 (for container health checks)
+    /// Exit 0 when the server answers and its store can write: GET /ready, whose storage
+    /// must be "ok" (chat providers do not count); for container health checks
     Health(HealthArgs),
 }
 
 #[derive(Debug, Args)]
 struct HealthArgs {
-    /// What to probe [default: /health at server.listen over loopback, https when TLS is
+    /// What to probe [default: /ready at server.listen over loopback, https when TLS is
     /// configured, its certificate not verified]
     #[arg(long, value_name = "URL")]
     url: Option<String>,
@@ -250,8 +251,11 @@ async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), 
     Ok(())
 }
 
-/// `GET /health` on the server this configuration describes (or on `--url`). It asks whether
-/// our own server on loopback is alive, not who it is, so that probe skips certificate checks.
+/// `GET /ready` on the server this configuration describes (or on `--url`): healthy when it
+/// answers 200, or 503 with `storage: "ok"` (no chat provider up: a restart would not bring one
+/// back). A store that cannot write (a full disk) is unhealthy, so it shows in `docker ps`.
+/// It asks whether our own server on loopback is alive, not who it is, so that probe skips
+/// certificate checks.
 async fn health(config: Config, args: HealthArgs) -> Result<(), String> {
     let own = args.url.is_none();
     let url = args.url.unwrap_or_else(|| {
@@ -264,7 +268,7 @@ async fn health(config: Config, args: HealthArgs) -> Result<(), String> {
         }
         let t = &config.tls;
         let tls = t.self_signed || (t.cert_file.is_some() && t.key_file.is_some());
-        format!("{}://{addr}/health", if tls { "https" } else { "http" })
+        format!("{}://{addr}/ready", if tls { "https" } else { "http" })
     });
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -283,10 +287,15 @@ async fn health(config: Config, args: HealthArgs) -> Result<(), String> {
         message
     })?;
     let status = answer.status();
-    if status != reqwest::StatusCode::OK {
-        return Err(format!("{url} answered {status}"));
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    let reasons = body.get("reasons").map(|r| r.to_string()).unwrap_or_default();
+    match (status.as_u16(), body["storage"].as_str()) {
+        (200, _) | (503, Some("ok")) => println!("{url}: {status} {reasons}"),
+        (_, Some(storage)) => {
+            return Err(format!("{url} answered {status}: storage {storage} {reasons}"))
+        }
+        _ => return Err(format!("{url} answered {status}")),
     }
-    println!("{url}: {status}");
     Ok(())
 }
 

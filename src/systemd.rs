@@ -54,11 +54,15 @@ impl Notifier {
 
     /// Pings the watchdog for as long as the runtime schedules this task and the store both
     /// reads and takes its write lock within one interval; a wedged process stops pinging and
-    /// systemd restarts it.
+    /// systemd restarts it. A store that cannot write because the disk is full is not wedged:
+    /// it recovers by itself once there is room, and a restart would not make any. So the
+    /// pings go on (`Store::heartbeat` checks its recovery is moving instead), and the
+    /// trouble shows in `STATUS=` (`systemctl status`) and in one log line.
     pub async fn keep_alive(self: std::sync::Arc<Self>, store: Store) {
         let Some(every) = self.watchdog_interval() else { return };
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut degraded = false;
         loop {
             ticks.tick().await;
             let probe = {
@@ -66,7 +70,16 @@ impl Notifier {
                 tokio::task::spawn_blocking(move || store.heartbeat())
             };
             match tokio::time::timeout(every, probe).await {
-                Ok(Ok(Ok(()))) => self.notify("WATCHDOG=1"),
+                Ok(Ok(Ok(()))) => {
+                    let status = store.writable().err();
+                    let ping = match (&status, degraded) {
+                        (Some(e), _) => format!("WATCHDOG=1\nSTATUS=degraded: {e}"),
+                        (None, true) => "WATCHDOG=1\nSTATUS=serving; storage writable again".into(),
+                        (None, false) => "WATCHDOG=1".into(),
+                    };
+                    degraded = status.is_some();
+                    self.notify(&ping);
+                }
                 Ok(Ok(Err(e))) => tracing::error!(error = %e, "watchdog: store check failed"),
                 Ok(Err(e)) => tracing::error!(error = %e, "watchdog: store check panicked"),
                 Err(_) => tracing::error!(?every, "watchdog: store check took too long"),

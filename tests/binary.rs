@@ -310,7 +310,7 @@ fn health_command_probes_the_configured_server() {
     assert!(!ok && err.contains("404"), "{err}");
     drop(server);
     let (ok, err) = probe(&addr, &[], &[]);
-    assert!(!ok && err.contains(&format!("http://{addr}/health")), "{err}");
+    assert!(!ok && err.contains(&format!("http://{addr}/ready")), "{err}");
 
     // With TLS on (the config's switch, which both commands read), the probe speaks HTTPS to
     // the self-signed certificate without trusting it.

@@ -120,6 +120,9 @@ impl ApiError {
             kind,
             code,
         };
+        if let Some(shape) = self.store_error().and_then(storage_shape) {
+            return shape;
+        }
         match self {
             E::Validation(_) => s(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -187,10 +190,23 @@ impl ApiError {
         }
     }
 
-    /// The response for `face`; server-side failures are logged with their cause first.
+    /// The store error inside, whichever service passed it up.
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            ApiError::Store(e)
+            | ApiError::Chat(ChatError::Store(e))
+            | ApiError::Job(JobError::Store(e))
+            | ApiError::Auth(AuthError::Store(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The response for `face`; server-side failures are logged with their cause first
+    /// (except a store refusing writes: it logged that once, not once per request).
     pub fn into_response(self, face: Face) -> Response<Body> {
         let shape = self.shape();
-        if shape.status.is_server_error() {
+        let refused = self.store_error().is_some_and(StoreError::is_unavailable);
+        if shape.status.is_server_error() && !refused {
             tracing::error!(error = %self, cause = ?self, "request failed");
         }
         let body = match (&self, face) {
@@ -215,6 +231,10 @@ impl ApiError {
     }
 
     fn add_headers(&self, headers: &mut HeaderMap, face: Face) {
+        if self.store_error().and_then(storage_shape).is_some() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(STORAGE_RETRY_SECS));
+            return;
+        }
         match self {
             ApiError::Auth(AuthError::TooManyFailures(d)) | ApiError::RateLimited(d) => {
                 headers.insert(header::RETRY_AFTER, header_secs(d.retry_after).into());
@@ -241,6 +261,32 @@ impl ApiError {
             _ => {}
         }
     }
+}
+
+/// When to retry a write the store refused: about its reopen backoff (once there is room).
+const STORAGE_RETRY_SECS: &str = "5";
+
+/// A store that cannot write now: `507` when the disk is full (only an operator can fix
+/// that), `503` otherwise (the store is reopening the file); both with `Retry-After`. The
+/// client learns what happened, never where the data lives.
+fn storage_shape(e: &StoreError) -> Option<Shape> {
+    let (status, message, code) = match e {
+        StoreError::DiskFull { .. } | StoreError::Io(crate::store::IoFailure::DiskFull) => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "Insufficient storage: the disk holding the server's data directory is full, so \
+             nothing can be saved. The operator must free space on that disk; writes then \
+             resume by themselves, without a restart. Reading still works.",
+            "insufficient_storage",
+        ),
+        StoreError::Unavailable { .. } | StoreError::Io(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Storage is temporarily unavailable after an I/O error and is being reopened; \
+             retry shortly",
+            "storage_unavailable",
+        ),
+        _ => return None,
+    };
+    Some(Shape { status, message: message.into(), kind: "server_error", code: Some(code) })
 }
 
 fn chat_shape(e: &ChatError) -> Shape {

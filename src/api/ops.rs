@@ -72,7 +72,7 @@ pub struct Health {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     status: &'static str,
-    /// `ok`, or what is wrong with the database file.
+    /// `ok`; `disk_full` (readable, writes refused until there is room); `unavailable`.
     storage: String,
     /// Each provider's state: `up`, `circuit_open`, `not_configured` or `not_loaded`.
     providers: Vec<ProviderOut>,
@@ -98,13 +98,7 @@ async fn health(app: Arc<App>, _req: Req) -> Answer {
 }
 
 async fn ready(app: Arc<App>, _req: Req) -> Answer {
-    let (storage, mut reasons) = match app.store.check() {
-        Ok(()) => ("ok".to_string(), Vec::new()),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: storage check failed");
-            ("unavailable".to_string(), vec!["storage is not readable".to_string()])
-        }
-    };
+    let (storage, mut reasons) = storage_readiness(&app.store);
     let providers: Vec<ProviderOut> = app
         .chat
         .status()
@@ -119,6 +113,28 @@ async fn ready(app: Arc<App>, _req: Req) -> Answer {
         false => ("not_ready", StatusCode::SERVICE_UNAVAILABLE),
     };
     Ok(json(code, &Readiness { status, storage, providers, reasons }))
+}
+
+/// `/ready`'s word on the store: `ok`, `disk_full` (readable, writes refused until an operator
+/// frees space) or `unavailable` (not readable, or reopening after an I/O error), with the
+/// reason in words that name no path.
+fn storage_readiness(store: &crate::store::Store) -> (String, Vec<String>) {
+    use crate::store::StoreError;
+    let (storage, reason) = match store.check().and_then(|()| store.writable()) {
+        Ok(()) => return ("ok".into(), Vec::new()),
+        Err(StoreError::DiskFull { .. }) => (
+            "disk_full",
+            "storage cannot be written: the disk holding the data directory is full; free space there (writes resume by themselves)",
+        ),
+        Err(StoreError::Unavailable { .. }) => {
+            ("unavailable", "storage cannot be written: reopening the database after an I/O error")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: storage check failed");
+            ("unavailable", "storage is not readable")
+        }
+    };
+    (storage.into(), vec![reason.into()])
 }
 
 async fn metrics(app: Arc<App>, req: Req) -> Answer {

@@ -19,6 +19,7 @@ use crate::store::{
     CancelOutcome, Job, JobStats, QueueLimits, Refusal, Settlement, Store, StoreError,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -29,6 +30,10 @@ use uuid::Uuid;
 const GROUP_MAX: usize = 256;
 /// Finished jobs deleted per retention transaction.
 const PURGE_BATCH: usize = 500;
+/// While the store refuses writes, workers look again after these waits (doubling), and at
+/// once when it lets writes in again.
+const PAUSE_FIRST: Duration = Duration::from_secs(1);
+const PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Why a job could not be accepted or changed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,8 @@ pub struct Jobs {
     /// half-way (their blocking write would outlive the task and keep the file open).
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Workers are waiting for the store to take writes again (logged once per pause).
+    paused: AtomicBool,
 }
 
 /// Resolves once `stop` is set.
@@ -92,6 +99,7 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
         });
         let mut tasks = vec![tokio::spawn(jobs.clone().group_commit(rx))];
         for _ in 0..jobs.config.workers {
@@ -196,9 +204,12 @@ impl Jobs {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "enqueue failed");
+                    // A store refusing writes has said so once; each caller gets its answer.
+                    if !e.is_unavailable() {
+                        tracing::error!(error = %e, "enqueue failed");
+                    }
                     for ack in acks {
-                        let _ = ack.send(Err(StoreError::Db(e.to_string())));
+                        let _ = ack.send(Err(e.clone()));
                     }
                 }
             }
@@ -208,10 +219,19 @@ impl Jobs {
     /// One worker: claim, run, settle; sleep until woken or the next job is due.
     async fn work(self: Arc<Self>) {
         let lease = Duration::from_secs(self.config.lease_secs).as_millis() as Millis;
+        let mut pause = PAUSE_FIRST;
         while !*self.stop.borrow() {
             let now = now_ms();
-            match self.store.claim_job(now, now + lease).await {
+            let claimed = self.store.claim_job(now, now + lease).await;
+            if claimed.is_ok() {
+                pause = PAUSE_FIRST;
+                if self.paused.swap(false, Ordering::AcqRel) {
+                    tracing::info!("job workers resumed: storage takes writes again");
+                }
+            }
+            match claimed {
                 Ok(Some(job)) => self.run(job).await,
+                Err(e) if e.is_unavailable() => self.pause(&e, &mut pause).await,
                 Ok(None) => {
                     let due = self.store.next_job_due().ok().flatten();
                     let wait = due.map_or(1_000, |t| (t - now_ms()).clamp(10, 1_000));
@@ -228,6 +248,23 @@ impl Jobs {
                 }
             }
         }
+    }
+
+    /// Waits while the store refuses writes (a full disk): until it takes them again, or
+    /// `pause` at most (doubling up to `PAUSE_MAX`: a backstop, not a poll), or shutdown. One
+    /// log line per pause for the whole service, not one per worker or attempt.
+    async fn pause(&self, e: &StoreError, pause: &mut Duration) {
+        if !self.paused.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %e, "job workers paused until storage takes writes again");
+        }
+        tokio::select! {
+            _ = self.store.writable_again() => {}
+            _ = tokio::time::sleep(*pause) => {}
+            _ = stopped(self.stop.subscribe()) => return,
+        }
+        *pause = (*pause * 2).min(PAUSE_MAX);
+        // Whatever woke us, never retry in a tight loop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// Runs one attempt to its end, its cancellation, the loss of its lease, or shutdown.
@@ -274,6 +311,9 @@ impl Jobs {
             match self.store.renew_lease(job.id, job.attempts, until).await {
                 Ok(true) => {}
                 Ok(false) => return None,
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(job = %job.id, error = %e, "renewing a lease failed")
+                }
                 Err(e) => tracing::warn!(job = %job.id, error = %e, "renewing a lease failed"),
             }
         }
@@ -307,13 +347,17 @@ impl Jobs {
         }
     }
 
-    /// Rescues expired leases and deletes old finished jobs, in small transactions.
+    /// Rescues expired leases and deletes old finished jobs, in small transactions; skips its
+    /// turn while the store refuses writes (the store logged that once).
     async fn housekeeping(self: Arc<Self>) {
         let every = Duration::from_secs(self.config.lease_secs.clamp(1, 60));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stopped(self.stop.subscribe()) => return,
+            }
+            if self.store.writable().is_err() {
+                continue;
             }
             match self.store.rescue_jobs(now_ms()).await {
                 Ok(0) => {}

@@ -4,49 +4,55 @@
 //! that never blocks writers) and written into a fresh file, which comes out compacted and
 //! cleanly closed. It appears under its final name only once complete and synced.
 
-use super::{tables, Store, StoreError, FILE_NAME, SCHEMA_VERSION};
+use super::{tables, Store, StoreError, Wait, FILE_NAME, SCHEMA_VERSION};
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::{Path, PathBuf};
 
-/// Copies one table; returns its name.
+/// Copies one table; returns its name. Errors writing the copy name `dest`; errors reading
+/// the live file pass through as the store's own (and mark it failed when they are I/O).
 fn copy<K: redb::Key + 'static, V: redb::Value + 'static>(
     from: &ReadTransaction,
     to: &WriteTransaction,
+    dest: &Path,
     table: TableDefinition<K, V>,
 ) -> Result<String, StoreError> {
     let source = from.open_table(table)?;
-    let mut target = to.open_table(table)?;
+    let mut target = to.open_table(table).map_err(|e| io(dest, e))?;
     for row in source.iter()? {
         let (k, v) = row?;
-        target.insert(k.value(), v.value())?;
+        target.insert(k.value(), v.value()).map_err(|e| io(dest, e))?;
     }
     Ok(redb::TableHandle::name(&table).to_string())
 }
 
 /// Copies every table this build knows; returns their names (a test checks none is missed).
-fn copy_all(from: &ReadTransaction, to: &WriteTransaction) -> Result<Vec<String>, StoreError> {
+fn copy_all(
+    from: &ReadTransaction,
+    to: &WriteTransaction,
+    dest: &Path,
+) -> Result<Vec<String>, StoreError> {
     use tables::*;
     Ok(vec![
-        copy(from, to, META)?,
-        copy(from, to, USERS)?,
-        copy(from, to, USER_BY_NAME)?,
-        copy(from, to, USER_BY_EMAIL)?,
-        copy(from, to, API_KEYS)?,
-        copy(from, to, API_KEY_BY_HASH)?,
-        copy(from, to, API_KEYS_BY_USER)?,
-        copy(from, to, REFRESH_TOKENS)?,
-        copy(from, to, REFRESH_BY_EXPIRY)?,
-        copy(from, to, REVOKED_FAMILIES)?,
-        copy(from, to, CONVERSATIONS)?,
-        copy(from, to, CONVERSATIONS_BY_USER)?,
-        copy(from, to, MESSAGES)?,
-        copy(from, to, JOBS)?,
-        copy(from, to, JOBS_QUEUED)?,
-        copy(from, to, JOBS_RUNNING)?,
-        copy(from, to, JOBS_FINISHED)?,
-        copy(from, to, JOBS_BY_USER)?,
-        copy(from, to, JOBS_ACTIVE_BY_USER)?,
-        copy(from, to, JOB_COUNTS)?,
+        copy(from, to, dest, META)?,
+        copy(from, to, dest, USERS)?,
+        copy(from, to, dest, USER_BY_NAME)?,
+        copy(from, to, dest, USER_BY_EMAIL)?,
+        copy(from, to, dest, API_KEYS)?,
+        copy(from, to, dest, API_KEY_BY_HASH)?,
+        copy(from, to, dest, API_KEYS_BY_USER)?,
+        copy(from, to, dest, REFRESH_TOKENS)?,
+        copy(from, to, dest, REFRESH_BY_EXPIRY)?,
+        copy(from, to, dest, REVOKED_FAMILIES)?,
+        copy(from, to, dest, CONVERSATIONS)?,
+        copy(from, to, dest, CONVERSATIONS_BY_USER)?,
+        copy(from, to, dest, MESSAGES)?,
+        copy(from, to, dest, JOBS)?,
+        copy(from, to, dest, JOBS_QUEUED)?,
+        copy(from, to, dest, JOBS_RUNNING)?,
+        copy(from, to, dest, JOBS_FINISHED)?,
+        copy(from, to, dest, JOBS_BY_USER)?,
+        copy(from, to, dest, JOBS_ACTIVE_BY_USER)?,
+        copy(from, to, dest, JOB_COUNTS)?,
     ])
 }
 
@@ -68,21 +74,26 @@ fn sync_dir(path: &Path) -> Result<(), StoreError> {
 
 impl Store {
     /// Writes a consistent copy of the whole database to `dest` (which must not exist yet)
-    /// while the server keeps serving; returns the copy's size in bytes. Blocking.
+    /// while the server keeps serving; returns the copy's size in bytes. Blocking. Refused,
+    /// with the store's own message, while the store cannot write (a full disk): its file is
+    /// then readable only where redb's page cache still holds it, so the copy could not finish.
     pub fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
+        self.writable()?;
         if dest.exists() {
             return Err(io(dest, "already exists; choose a new name"));
         }
         let partial = beside(dest, ".partial");
         let _ = std::fs::remove_file(&partial);
         let result = (|| {
-            let snapshot = self.db.begin_read()?;
             let copy = Database::create(&partial).map_err(|e| io(&partial, e))?;
             std::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .map_err(|e| io(&partial, e))?;
-            let tx = copy.begin_write()?;
-            copy_all(&snapshot, &tx)?;
-            tx.commit()?;
+            self.shared.with_db(Wait::Block, |db| {
+                let snapshot = db.begin_read()?;
+                let tx = copy.begin_write().map_err(|e| io(&partial, e))?;
+                copy_all(&snapshot, &tx, &partial)?;
+                tx.commit().map_err(|e| io(&partial, e))
+            })?;
             drop(copy);
             std::fs::rename(&partial, dest).map_err(|e| io(dest, e))?;
             sync_dir(dest)?;
@@ -166,12 +177,17 @@ mod tests {
     fn a_backup_copies_every_table_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("live")).unwrap();
-        let tx = store.db.begin_read().unwrap();
-        let mut listed: Vec<String> =
-            tx.list_tables().unwrap().map(|t| t.name().to_string()).collect();
-        let out = Database::create(dir.path().join("scratch.redb")).unwrap();
-        let w = out.begin_write().unwrap();
-        let mut copied = copy_all(&tx, &w).unwrap();
+        let scratch = dir.path().join("scratch.redb");
+        let (mut listed, mut copied) = store
+            .shared
+            .with_db(Wait::Block, |db| {
+                let tx = db.begin_read()?;
+                let listed: Vec<String> = tx.list_tables()?.map(|t| t.name().to_string()).collect();
+                let out = Database::create(&scratch)?;
+                let w = out.begin_write()?;
+                Ok((listed, copy_all(&tx, &w, &scratch)?))
+            })
+            .unwrap();
         listed.sort();
         copied.sort();
         assert_eq!(copied, listed, "a table was added without adding it to copy_all");
