@@ -11,7 +11,9 @@ mod conversations;
 mod jobs;
 mod tables;
 
-pub use accounts::{ApiKeyRecord, NewUser, RotateOutcome, User};
+pub use accounts::{
+    AccountChange, ApiKeyRecord, DeletedUser, NewUser, RotateOutcome, User, UserChange,
+};
 pub use backup::restore;
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,
