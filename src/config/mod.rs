@@ -505,6 +505,12 @@ mod tests {
         assert!(e.contains("EDGECHAT_SERVER_LISTEN"), "a typo is named, not ignored: {e}");
         let e = load_text("[log]\nlevel = \"=[\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("log.level"), "{e}");
+        let e = load_text("[auth]\nregistration = \"maybe\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("auth.registration"), "{e}");
+        let c = load_text("", &[("EDGECHAT_AUTH__REGISTRATION", "closed")]).unwrap();
+        assert_eq!(c.auth.registration, RegistrationMode::Closed);
+        let e = load_text("[rate_limit]\nlogin_slowdown_ms = 60000\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("rate_limit.login_slowdown_ms"), "{e}");
     }
 
     #[test]
