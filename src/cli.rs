@@ -144,6 +144,24 @@ enum UserCommand {
     Disable { username: String },
     /// Re-enable a disabled account
     Enable { username: String },
+    /// Set a new password, read from stdin (prompted on a terminal); ends the account's sessions
+    ResetPassword { username: String },
+    /// Delete an account with its conversations, API keys, sessions and background jobs (not
+    /// the last admin)
+    Delete {
+        username: String,
+        /// Confirm: the account's data cannot be brought back (but from a backup)
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Make an account an administrator
+    GrantAdmin { username: String },
+    /// Take administrator rights away (not from the last admin)
+    RevokeAdmin { username: String },
+    /// List an account's API keys (the keys themselves are never stored)
+    Keys { username: String },
+    /// Revoke one of an account's API keys at once
+    RevokeKey { username: String, key_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +421,19 @@ async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(),
         UserCommand::List => Command::ListUsers,
         UserCommand::Disable { username } => Command::SetDisabled { username, disabled: true },
         UserCommand::Enable { username } => Command::SetDisabled { username, disabled: false },
+        UserCommand::ResetPassword { username } => {
+            let password = read_password()?;
+            check_password(password.expose())?;
+            Command::ResetPassword { username, password }
+        }
+        UserCommand::Delete { username, yes } => match yes {
+            true => Command::DeleteUser { username },
+            false => return Err(format!("this deletes {username} and all their data; add --yes")),
+        },
+        UserCommand::GrantAdmin { username } => Command::SetAdmin { username, admin: true },
+        UserCommand::RevokeAdmin { username } => Command::SetAdmin { username, admin: false },
+        UserCommand::Keys { username } => Command::ListKeys { username },
+        UserCommand::RevokeKey { username, key_id } => Command::RevokeKey { username, key_id },
     };
     let reply = match server::services(&config, env).await {
         Ok(s) => control::execute(command, &s.store, &s.auth).await,
@@ -411,24 +442,7 @@ async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(),
         }
         Err(e) => return Err(e.to_string()),
     };
-    match reply {
-        Reply::Error(message) => return Err(message),
-        Reply::Backup(_) => return Err("unexpected reply from the server".into()),
-        Reply::User(u) => {
-            let state = if u.disabled { "disabled" } else { "active" };
-            let role = if u.is_admin { "admin" } else { "user" };
-            println!("{} {} ({role}, {state})", u.username, u.id);
-        }
-        Reply::Users(users) => {
-            println!("{:<36}  {:<24}  {:<5}  {:<8}  email", "id", "username", "admin", "disabled");
-            for u in users {
-                println!(
-                    "{:<36}  {:<24}  {:<5}  {:<8}  {}",
-                    u.id, u.username, u.is_admin, u.disabled, u.email
-                );
-            }
-        }
-    }
+    println!("{}", reply.render()?);
     Ok(())
 }
 

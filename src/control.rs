@@ -6,10 +6,12 @@
 //! which is also what makes `user disable` take effect at once on a live server.
 //! The protocol is one JSON line each way.
 
-use crate::auth::{check_email, check_password, check_username, Auth, Registration};
+use crate::auth::{
+    check_email, check_password, check_username, Actor, Auth, AuthError, Registration,
+};
 use crate::clock::rfc3339;
 use crate::secret::Secret;
-use crate::store::{Store, StoreError, User};
+use crate::store::{ApiKeyRecord, DeletedUser, Store, StoreError, User};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,27 @@ pub enum Command {
     Backup {
         path: PathBuf,
     },
+    /// A new password; the user's sessions (refresh tokens) end.
+    ResetPassword {
+        username: String,
+        #[serde(serialize_with = "expose")]
+        password: Secret,
+    },
+    /// The user and everything they own, in one transaction.
+    DeleteUser {
+        username: String,
+    },
+    SetAdmin {
+        username: String,
+        admin: bool,
+    },
+    ListKeys {
+        username: String,
+    },
+    RevokeKey {
+        username: String,
+        key_id: String,
+    },
 }
 
 impl Command {
@@ -67,6 +90,26 @@ pub struct UserRow {
     pub created_at: String,
 }
 
+/// An API key as the CLI prints it (never the key itself, which is not stored).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+/// A deleted user and what went with them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeletedRow {
+    pub user: UserRow,
+    pub conversations: u64,
+    pub messages: u64,
+    pub api_keys: u64,
+    pub refresh_tokens: u64,
+    pub jobs: u64,
+}
+
 /// What a command answers.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,7 +118,57 @@ pub enum Reply {
     Users(Vec<UserRow>),
     /// The backup's size in bytes.
     Backup(u64),
+    Keys(Vec<KeyRow>),
+    Deleted(DeletedRow),
+    /// Done; the text says what was done.
+    Done(String),
     Error(String),
+}
+
+impl Reply {
+    /// What `edgechat user …` prints for this reply, or the error it exits with.
+    pub fn render(self) -> Result<String, String> {
+        let text = match self {
+            Reply::Error(message) => return Err(message),
+            Reply::Backup(bytes) => format!("backed up ({bytes} bytes)"),
+            Reply::User(u) => {
+                let state = if u.disabled { "disabled" } else { "active" };
+                let role = if u.is_admin { "admin" } else { "user" };
+                format!("{} {} ({role}, {state})", u.username, u.id)
+            }
+            Reply::Users(users) => {
+                let mut out = format!(
+                    "{:<36}  {:<24}  {:<5}  {:<8}  email",
+                    "id", "username", "admin", "disabled"
+                );
+                for u in users {
+                    out += &format!(
+                        "\n{:<36}  {:<24}  {:<5}  {:<8}  {}",
+                        u.id, u.username, u.is_admin, u.disabled, u.email
+                    );
+                }
+                out
+            }
+            Reply::Keys(keys) => {
+                let mut out =
+                    format!("{:<36}  {:<20}  {:<20}  name", "id", "created", "last used");
+                for k in keys {
+                    let used = k.last_used_at.as_deref().unwrap_or("never");
+                    // Names from before they had to be printable may hold control characters.
+                    let name = k.name.escape_debug();
+                    out += &format!("\n{:<36}  {:<20}  {:<20}  {name}", k.id, k.created_at, used);
+                }
+                out
+            }
+            Reply::Deleted(d) => format!(
+                "deleted {} {} with {} conversations ({} messages), {} API keys, {} sessions and {} background jobs",
+                d.user.username, d.user.id, d.conversations, d.messages, d.api_keys,
+                d.refresh_tokens, d.jobs
+            ),
+            Reply::Done(text) => text,
+        };
+        Ok(text)
+    }
 }
 
 impl From<&User> for UserRow {
@@ -109,8 +202,89 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
             }
         }
         Command::Backup { path } => backup(store, path).await.map(Reply::Backup),
+        Command::ResetPassword { username, password } => {
+            reset_password(auth, &username, password).await
+        }
+        Command::DeleteUser { username } => delete_user(auth, &username).await,
+        Command::SetAdmin { username, admin } => set_admin(auth, &username, admin).await,
+        Command::ListKeys { username } => list_keys(auth, &username),
+        Command::RevokeKey { username, key_id } => revoke_key(auth, &username, &key_id).await,
     };
     result.unwrap_or_else(Reply::Error)
+}
+
+/// An operator's message for an auth failure, naming the user where it helps.
+fn explain(e: AuthError, username: &str) -> String {
+    match e {
+        AuthError::UserNotFound => format!("no user named {username}"),
+        AuthError::LastAdmin => format!(
+            "{username} is the last active admin; grant admin to another account first              (edgechat user grant-admin NAME)"
+        ),
+        other => other.to_string(),
+    }
+}
+
+async fn reset_password(auth: &Auth, username: &str, password: Secret) -> Result<Reply, String> {
+    check_password(password.expose())?;
+    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let user = auth.reset_password(id, &password).await.map_err(|e| explain(e, username))?;
+    Ok(Reply::User(UserRow::from(&user)))
+}
+
+async fn delete_user(auth: &Auth, username: &str) -> Result<Reply, String> {
+    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let deleted = auth.delete_user(Actor::Operator, id).await.map_err(|e| explain(e, username))?;
+    Ok(Reply::Deleted(DeletedRow::from(&deleted)))
+}
+
+async fn set_admin(auth: &Auth, username: &str, admin: bool) -> Result<Reply, String> {
+    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let user = auth
+        .change_access(Actor::Operator, id, Some(admin), None)
+        .await
+        .map_err(|e| explain(e, username))?;
+    Ok(Reply::User(UserRow::from(&user)))
+}
+
+fn list_keys(auth: &Auth, username: &str) -> Result<Reply, String> {
+    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let keys = auth.user_api_keys(id).map_err(|e| explain(e, username))?;
+    Ok(Reply::Keys(keys.iter().map(KeyRow::from).collect()))
+}
+
+async fn revoke_key(auth: &Auth, username: &str, key_id: &str) -> Result<Reply, String> {
+    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let not_found = || format!("{username} has no API key {key_id}");
+    let key = uuid::Uuid::parse_str(key_id).map_err(|_| not_found())?;
+    match auth.revoke_api_key(id, key).await {
+        Ok(()) => Ok(Reply::Done(format!("revoked API key {key} of {username}"))),
+        Err(AuthError::KeyNotFound) => Err(not_found()),
+        Err(e) => Err(explain(e, username)),
+    }
+}
+
+impl From<&ApiKeyRecord> for KeyRow {
+    fn from(k: &ApiKeyRecord) -> Self {
+        KeyRow {
+            id: k.id.to_string(),
+            name: k.name.clone(),
+            created_at: rfc3339(k.created_at),
+            last_used_at: k.last_used_at.map(rfc3339),
+        }
+    }
+}
+
+impl From<&DeletedUser> for DeletedRow {
+    fn from(d: &DeletedUser) -> Self {
+        DeletedRow {
+            user: UserRow::from(&d.user),
+            conversations: d.conversations,
+            messages: d.messages,
+            api_keys: d.api_keys,
+            refresh_tokens: d.refresh_tokens,
+            jobs: d.jobs,
+        }
+    }
 }
 
 /// Copies the database to `path` off the async threads.

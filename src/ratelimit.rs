@@ -5,6 +5,7 @@
 //! behind this small type, so a shared backend can replace it when edgechat runs on several boxes.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,11 @@ impl Limiter {
         shard.tats.insert(key.to_string(), tat);
     }
 
+    /// Drops what `key` has used, as if it had never been seen.
+    pub fn forget(&self, key: &str) {
+        self.shard(key).lock().unwrap_or_else(|p| p.into_inner()).tats.remove(key);
+    }
+
     fn decide(&self, key: &str, take: bool, at: Instant) -> Decision {
         let now = at.saturating_duration_since(self.epoch);
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
@@ -139,6 +145,46 @@ impl Shard {
         }
         self.tats.len() < SHARD_KEYS
     }
+}
+
+/// The block of addresses one client is counted by: an IPv4 address as is (also when
+/// IPv4-mapped), an IPv6 address by its /64, the smallest block one subscriber is usually given,
+/// so that walking through the addresses of one's own block does not reset a limit. Shared by
+/// the rate limits and the transport's connection caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressGroup {
+    V4(std::net::Ipv4Addr),
+    V6Prefix([u16; 4]),
+}
+
+impl AddressGroup {
+    /// The group `ip` belongs to.
+    pub fn of(ip: IpAddr) -> AddressGroup {
+        match ip {
+            IpAddr::V4(v4) => AddressGroup::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressGroup::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    AddressGroup::V6Prefix([s[0], s[1], s[2], s[3]])
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for AddressGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddressGroup::V4(v4) => v4.fmt(f),
+            AddressGroup::V6Prefix([a, b, c, d]) => write!(f, "{a:x}:{b:x}:{c:x}:{d:x}::/64"),
+        }
+    }
+}
+
+/// The limiter key of a client address: its [`AddressGroup`].
+pub fn address_key(ip: IpAddr) -> String {
+    AddressGroup::of(ip).to_string()
 }
 
 /// Whole seconds for a header, rounded up, at least 1 when anything is left.
@@ -214,6 +260,25 @@ mod tests {
         });
         let t0 = Instant::now();
         assert!(l.decide("a", true, t0).allowed);
+    }
+
+    #[test]
+    fn forget_gives_a_key_its_burst_back() {
+        let l = limiter(1, 60, 1);
+        assert!(l.check("k").allowed);
+        assert!(!l.peek("k").allowed);
+        l.forget("k");
+        assert!(l.peek("k").allowed);
+    }
+
+    #[test]
+    fn addresses_key_by_ipv4_or_ipv6_slash_64() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("127.0.0.2"), "127.0.0.2");
+        assert_eq!(key("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:1:2:3"), key("2001:db8:1:2::9"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 
     #[test]

@@ -2,14 +2,13 @@
 //! app, bind the listener (with TLS when asked) and serve until told to stop.
 
 use crate::api::{self, App, Routes};
-use crate::auth::{generate_jwt_secret, Auth, AuthSettings, Jwt};
+use crate::auth::{generate_jwt_secret, Auth, AuthSettings};
 use crate::chat::{Chat, Keys, LocalModel};
 use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig};
 use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::jobs::Jobs;
 use crate::local::{Engine, EngineOptions, LocalError};
-use crate::ratelimit::{Limiter, Quota};
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -147,18 +146,7 @@ pub async fn services(config: &Config, env: &Environment) -> Result<Services, St
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
     let secret = jwt_secret(config, &data_dir, env)?;
-    let a = &config.auth;
-    let q = config.rate_limit.failed_logins_per_username;
-    let settings = AuthSettings {
-        jwt: Jwt::new(&secret, &a.issuer, &a.audience, a.access_token_ttl_secs),
-        refresh_ttl_secs: a.refresh_token_ttl_secs,
-        max_concurrent_hashes: a.max_concurrent_hashes,
-        failed_logins: Limiter::new(Quota {
-            requests: q.requests,
-            period: Duration::from_secs(q.per_secs),
-            burst: q.burst,
-        }),
-    };
+    let settings = AuthSettings::from_config(config, &secret);
     Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
 
@@ -179,6 +167,9 @@ pub async fn start(
     let listener =
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    if let Some(warning) = crate::auth::registration_warning(&config.auth, addr) {
+        tracing::warn!("{warning}");
+    }
     let s = &config.server;
     let limits = Limits {
         max_connections: s.max_connections,

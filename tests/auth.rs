@@ -321,35 +321,145 @@ async fn api_keys_are_shown_once_work_and_die_when_revoked() {
 }
 
 #[tokio::test]
-async fn failed_logins_are_limited_per_username_whether_or_not_it_exists() {
-    let s = TestServer::start(|c| {
-        c.rate_limit.failed_logins_per_username =
-            edgechat::config::QuotaConfig { requests: 1, per_secs: 3600, burst: 3 };
-    })
-    .await;
-    s.register("kate").await;
-    for name in ["kate", "ghost"] {
-        for _ in 0..3 {
-            let r = s
-                .post("/auth/login", &json!({"username": name, "password": "wrong-password"}), None)
-                .await;
-            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
-        }
-        let r = s
-            .post("/auth/login", &json!({"username": name, "password": "password-kate"}), None)
-            .await;
-        assert_eq!(
-            r.status(),
-            StatusCode::TOO_MANY_REQUESTS,
-            "{name}: even the right password waits"
-        );
-        let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!(retry > 0 && retry <= 3600, "{retry}");
-        assert_eq!(r.headers()["ratelimit-limit"], "3");
+async fn api_key_names_are_printable_text_of_at_most_100_characters() {
+    let s = TestServer::start(|_| {}).await;
+    let jwt = s.user("nina").await;
+    let bad = [
+        "nul\u{0}byte",
+        "<img src=x onerror=alert(1)>",
+        "a<b",
+        "line\nbreak",
+        "tab\there",
+        "escape\u{1b}[31m",
+        "zero\u{200b}width",
+        "right\u{202e}left",
+        "\u{a0}",
+        &"k".repeat(101),
+        "",
+    ];
+    for name in bad {
+        let r = s.post("/auth/api-keys", &json!({"name": name}), Some(&jwt)).await;
+        let (status, b) = detail(r).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{name:?}");
+        assert_eq!(b["detail"][0]["loc"], json!(["body", "name"]), "{name:?}: {b}");
     }
-    // Other usernames are unaffected.
+    let keys: Value = s.get("/auth/api-keys", Some(&jwt)).await.json().await.unwrap();
+    assert_eq!(keys, json!([]), "nothing was stored");
+    let hundred = "k".repeat(100);
+    for (sent, kept) in [
+        ("  CI: deploy (prod) & more ", "CI: deploy (prod) & more"),
+        ("clé 日本 🔑", "clé 日本 🔑"),
+        (&hundred, &hundred),
+    ] {
+        let r = s.post("/auth/api-keys", &json!({"name": sent}), Some(&jwt)).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{sent}");
+        assert_eq!(r.json::<Value>().await.unwrap()["name"], *kept, "trimmed");
+    }
+    s.stop().await;
+}
+
+/// A client whose connections come from `ip` (any 127.x address is loopback on Linux), so the
+/// server sees it as a different address.
+fn client_from(ip: &str) -> reqwest::Client {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    reqwest::Client::builder().no_proxy().local_address(ip).build().unwrap()
+}
+
+async fn login_from(
+    c: &reqwest::Client,
+    s: &TestServer,
+    name: &str,
+    password: &str,
+) -> reqwest::Response {
+    let body = json!({"username": name, "password": password});
+    c.post(s.url("/auth/login")).json(&body).send().await.unwrap()
+}
+
+fn login_limits(c: &mut edgechat::config::Config) {
+    let q = |burst| edgechat::config::QuotaConfig { requests: 1, per_secs: 3600, burst };
+    c.rate_limit.failed_logins_per_address_and_username = q(3);
+    c.rate_limit.failed_logins_per_address = q(5);
+    c.rate_limit.failed_logins_per_username = q(2);
+    c.rate_limit.login_slowdown_ms = 300;
+}
+
+#[tokio::test]
+async fn a_guesser_is_throttled_while_the_real_user_gets_in_from_another_address() {
+    let s = TestServer::start(login_limits).await;
+    s.register("kate").await;
+    let (attacker, owner) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
+    // The attack: 25 wrong passwords in a row from 127.0.0.2, while kate signs in from
+    // 127.0.0.3 five times.
+    let attack = {
+        let (url, attacker) = (s.url("/auth/login"), attacker.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..25 {
+                let body = json!({"username": "kate", "password": format!("guess-{i}")});
+                let r = attacker.post(&url).json(&body).send().await.unwrap();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                answers.push((r.status(), retry));
+            }
+            answers
+        })
+    };
+    for _ in 0..5 {
+        let r = login_from(&owner, &s, "kate", "password-kate").await;
+        assert_eq!(r.status(), StatusCode::OK, "the right password from a clean address gets in");
+    }
+    let answers = attack.await.unwrap();
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| s.as_u16()).collect();
+    assert_eq!(statuses[..3], [401, 401, 401], "{statuses:?}");
+    assert!(statuses[3..].iter().all(|s| *s == 429), "the guesser is throttled: {statuses:?}");
+    for (_, retry) in &answers[3..] {
+        let secs: u64 = retry.as_deref().expect("429 says when").parse().unwrap();
+        assert!((1..=3600).contains(&secs), "{secs}");
+    }
+    // Kate has failures from elsewhere: her logins are slowed, never refused. The attacker's
+    // address is refused even with the right password, so a refusal never confirms a guess.
+    let t = std::time::Instant::now();
+    assert_eq!(login_from(&owner, &s, "kate", "password-kate").await.status(), StatusCode::OK);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(300));
+    let r = login_from(&attacker, &s, "kate", "password-kate").await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn failures_count_per_address_for_every_name_and_refusals_look_the_same() {
+    let s = TestServer::start(login_limits).await;
+    s.register("kate").await;
     s.register("liam").await;
-    s.login("liam").await;
+    let guesser = client_from("127.0.0.4");
+    // Five failures from one address over names that exist, do not, or cannot exist.
+    for name in ["kate", "liam", "ghost", "x", "phantom"] {
+        let r = login_from(&guesser, &s, name, "wrong-password").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
+    }
+    // Now the address is refused for any name, known or not, with the same answer.
+    let mut bodies = Vec::new();
+    for name in ["kate", "ghost", "newname"] {
+        let r = login_from(&guesser, &s, name, "password-kate").await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{name}");
+        assert!(
+            r.headers().contains_key("retry-after") && r.headers().contains_key("ratelimit-limit")
+        );
+        bodies.push(r.text().await.unwrap());
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    assert!(bodies[0].contains("Too many failed logins"), "{}", bodies[0]);
+    // Another address is not affected, and neither are the users.
+    let other = client_from("127.0.0.5");
+    assert_eq!(login_from(&other, &s, "liam", "password-liam").await.status(), StatusCode::OK);
+    // An unknown name from a fresh address answers like a wrong password: 401, same body.
+    let (a, b) = (client_from("127.0.0.6"), client_from("127.0.0.7"));
+    let unknown = login_from(&a, &s, "ghost", "wrong-password").await;
+    let wrong = login_from(&b, &s, "kate", "wrong-password").await;
+    assert_eq!(
+        (unknown.status(), wrong.status()),
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(unknown.text().await.unwrap(), wrong.text().await.unwrap());
     s.stop().await;
 }
 

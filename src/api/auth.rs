@@ -3,8 +3,11 @@
 use super::error::FieldError;
 use super::extract::{from_value, Checks, Encoded};
 use super::{handler, ApiError, App, Doc, Req, Routes};
-use crate::auth::{check_email, check_password, check_username, Registration, TokenPair};
+use crate::auth::{
+    check_email, check_key_name, check_password, check_username, Registration, TokenPair,
+};
 use crate::clock::rfc3339;
+use crate::config::RegistrationMode;
 use crate::http::{empty, json, Body};
 use crate::secret::Secret;
 use crate::store::{ApiKeyRecord, User};
@@ -21,13 +24,16 @@ pub fn routes(r: &mut Routes) {
         Method::POST,
         "/auth/register",
         handler(register),
-        doc("Create an account").body::<RegisterRequest>().json::<UserOut>(200).errors(&[409]),
+        doc("Create an account (403 when auth.registration is closed)")
+            .body::<RegisterRequest>()
+            .json::<UserOut>(200)
+            .errors(&[403, 409]),
     );
     r.add(
         Method::POST,
         "/auth/login",
         handler(login),
-        doc("Sign in with a password (JSON or OAuth2 password form)")
+        doc("Sign in with a password (JSON or OAuth2 form); 429 after repeated failures")
             .body::<LoginRequest>()
             .form()
             .json::<TokenOut>(200)
@@ -109,8 +115,16 @@ pub struct RefreshRequest {
 /// `POST /auth/api-keys`.
 #[derive(Deserialize, ToSchema)]
 pub struct ApiKeyRequest {
-    /// 1–100 characters (not all blank), to tell your keys apart.
-    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
+    /// 1–100 printable characters (not all spaces; no control or invisible characters, no line
+    /// breaks, no `<` or `>`), to tell your keys apart. The pattern is `auth::check_key_name`'s
+    /// rule: spaces around at least one allowed character.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^ *[^ <>\\x00-\\x1f\\x7f-\\xa0\\xad\\u061c\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\
+                   \\u205f-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb][^<>\\x00-\\x1f\\x7f-\\xa0\\xad\\u061c\\u1680\
+                   \\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb]*$"
+    )]
     name: String,
 }
 
@@ -155,7 +169,7 @@ pub struct ApiKeyCreated {
 
 /// An API key without the key.
 #[derive(Serialize, ToSchema)]
-pub struct ApiKeyOut {
+pub(super) struct ApiKeyOut {
     id: String,
     name: String,
     created_at: String,
@@ -203,6 +217,11 @@ fn no_store(mut r: Response<Body>) -> Response<Body> {
 }
 
 async fn register(app: Arc<App>, mut req: Req) -> Answer {
+    if app.config.auth.registration == RegistrationMode::Closed {
+        return Err(ApiError::Forbidden(
+            "Registration is closed on this server; ask an administrator for an account",
+        ));
+    }
     let body: RegisterRequest = req.json(&app).await?;
     Checks::default()
         .field("username", check_username(&body.username))
@@ -219,7 +238,8 @@ async fn login(app: Arc<App>, mut req: Req) -> Answer {
         Encoded::Json(value) => from_value(value)?,
         Encoded::Form(pairs) => login_form(pairs)?,
     };
-    Ok(tokens(app.auth.login(&creds.username, &creds.password).await?))
+    // The TCP peer: forwarded headers are not trusted (any client could write them).
+    Ok(tokens(app.auth.login(&creds.username, &creds.password, req.peer.ip()).await?))
 }
 
 /// OAuth2's password grant: `username`, `password`, and `grant_type=password` if present.
@@ -273,11 +293,8 @@ async fn me(app: Arc<App>, req: Req) -> Answer {
 async fn create_key(app: Arc<App>, mut req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
     let body: ApiKeyRequest = req.json(&app).await?;
+    Checks::default().field("name", check_key_name(&body.name)).finish()?;
     let name = body.name.trim().to_string();
-    let length_ok = (1..=100).contains(&name.chars().count());
-    Checks::default()
-        .field("name", length_ok.then_some(()).ok_or("name must be 1 to 100 characters long"))
-        .finish()?;
     let issued = app.auth.create_api_key(user.id, name).await?;
     let out = ApiKeyCreated {
         id: issued.record.id.to_string(),

@@ -388,6 +388,21 @@ fn auth_shape(e: &AuthError) -> Shape {
         A::KeyNotFound => {
             (StatusCode::NOT_FOUND, "API key not found", "invalid_request_error", Some("not_found"))
         }
+        A::UserNotFound => {
+            (StatusCode::NOT_FOUND, "User not found", "invalid_request_error", Some("not_found"))
+        }
+        A::LastAdmin => (
+            StatusCode::CONFLICT,
+            "This is the last active admin; grant admin to another account first",
+            "invalid_request_error",
+            Some("last_admin"),
+        ),
+        A::OwnAccount => (
+            StatusCode::FORBIDDEN,
+            "Admins cannot delete, demote or disable their own account; another admin or `edgechat user` can",
+            "permission_error",
+            Some("own_account"),
+        ),
         A::Hash(HashError::Busy) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "Too many sign-ins at once; retry shortly",

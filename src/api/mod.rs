@@ -4,6 +4,7 @@
 //! Handlers are thin: parse → authorize → call one service → render. The route table is the
 //! single source of `/openapi.json`, so the document cannot drift from what is served.
 
+mod admin;
 mod auth;
 mod chat;
 mod conversations;
@@ -24,7 +25,7 @@ use crate::chat::Chat;
 use crate::config::Config;
 use crate::http::{Body, Lookup, Router, Service};
 use crate::jobs::Jobs;
-use crate::ratelimit::{Limiter, Quota};
+use crate::ratelimit::{address_key, Limiter, Quota};
 use crate::store::Store;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -83,6 +84,7 @@ pub fn routes() -> Routes {
     chat::routes(&mut r);
     openai::routes(&mut r);
     tasks::routes(&mut r);
+    admin::routes(&mut r);
     r
 }
 
@@ -216,7 +218,7 @@ impl App {
             Lookup::Found { route, template, params } => (route, template, params),
         };
         let limit = match template.starts_with("/auth/") {
-            true => Some(self.auth_per_address.check(&peer.ip().to_string())),
+            true => Some(self.auth_per_address.check(&address_key(peer.ip()))),
             false => None,
         };
         if let Some(d) = limit.filter(|d| !d.allowed) {

@@ -253,8 +253,9 @@ fn responses(doc: &Doc, limited: bool, face: super::Face, schemas: &mut Schemas)
         let (about, schema) = match code {
             400 => ("Invalid request", "HTTPError"),
             401 => ("Missing, invalid, expired or revoked credentials", "HTTPError"),
+            403 => ("Refused by a rule the message names", "HTTPError"),
             404 => ("Not found, or not yours", "HTTPError"),
-            409 => ("Already taken", "HTTPError"),
+            409 => ("Already taken, or conflicts with the current state", "HTTPError"),
             413 => ("Request body over the size limit", "HTTPError"),
             415 => ("Wrong Content-Type", "HTTPError"),
             422 => ("Validation error", "HTTPValidationError"),

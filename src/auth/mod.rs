@@ -3,18 +3,24 @@
 //!
 //! Invariants: passwords, tokens and keys are only ever stored hashed; an unknown user and a
 //! wrong password take the same work and give the same error; every authentication loads the
-//! user, so disabling one takes effect on the next request.
+//! user, so disabling one takes effect on the next request; failed logins throttle the address
+//! that failed, and only slow down (never refuse) a username's logins from elsewhere.
 
+mod admin;
+mod limits;
 mod password;
 mod tokens;
 
+pub use admin::{registration_warning, Actor};
+pub use limits::{Gate, LoginLimits};
 pub use password::{HashError, PasswordHasher};
 pub use tokens::{generate_jwt_secret, Jwt, API_KEY_PREFIX};
 
 use crate::clock::{now_ms, Millis};
-use crate::ratelimit::{Decision, Limiter};
+use crate::ratelimit::{address_key, Decision};
 use crate::secret::Secret;
 use crate::store::{ApiKeyRecord, NewUser, RotateOutcome, Store, StoreError, UniqueField, User};
+use std::net::IpAddr;
 use tokens::{opaque_token, sha256, REFRESH_PREFIX};
 use uuid::Uuid;
 
@@ -31,7 +37,7 @@ pub enum AuthError {
     /// The right password for a disabled account.
     #[error("account disabled")]
     Disabled,
-    /// Too many failed logins for this username.
+    /// Too many failed logins from this address (for this username, or for all).
     #[error("too many failed logins")]
     TooManyFailures(Decision),
     /// A bearer token or key that is missing, malformed, expired, forged, revoked, or whose
@@ -48,6 +54,15 @@ pub enum AuthError {
     /// The API key does not exist or is not the caller's.
     #[error("api key not found")]
     KeyNotFound,
+    /// An admin operation named a user that does not exist.
+    #[error("user not found")]
+    UserNotFound,
+    /// Deleting or demoting this account would leave no active admin.
+    #[error("the last admin cannot be deleted or demoted; grant admin to another account first")]
+    LastAdmin,
+    /// An admin tried to delete, demote or disable their own account over the API.
+    #[error("admins cannot delete, demote or disable their own account")]
+    OwnAccount,
     #[error(transparent)]
     Hash(#[from] HashError),
     #[error(transparent)]
@@ -100,7 +115,20 @@ pub struct AuthSettings {
     pub jwt: Jwt,
     pub refresh_ttl_secs: u64,
     pub max_concurrent_hashes: usize,
-    pub failed_logins: Limiter,
+    pub login_limits: LoginLimits,
+}
+
+impl AuthSettings {
+    /// The settings `config` describes, signing with `jwt_secret`.
+    pub fn from_config(config: &crate::config::Config, jwt_secret: &Secret) -> AuthSettings {
+        let a = &config.auth;
+        AuthSettings {
+            jwt: Jwt::new(jwt_secret, &a.issuer, &a.audience, a.access_token_ttl_secs),
+            refresh_ttl_secs: a.refresh_token_ttl_secs,
+            max_concurrent_hashes: a.max_concurrent_hashes,
+            login_limits: LoginLimits::new(&config.rate_limit),
+        }
+    }
 }
 
 /// The accounts service.
@@ -109,7 +137,7 @@ pub struct Auth {
     hasher: PasswordHasher,
     jwt: Jwt,
     refresh_ttl_ms: Millis,
-    failed_logins: Limiter,
+    login_limits: LoginLimits,
 }
 
 impl Auth {
@@ -120,7 +148,7 @@ impl Auth {
             hasher: PasswordHasher::new(settings.max_concurrent_hashes),
             jwt: settings.jwt,
             refresh_ttl_ms: settings.refresh_ttl_secs.saturating_mul(1000) as Millis,
-            failed_logins: settings.failed_logins,
+            login_limits: settings.login_limits,
         }
     }
 
@@ -131,20 +159,29 @@ impl Auth {
         Ok(self.store.create_user(new, now_ms()).await?)
     }
 
-    /// Checks a password and starts a new refresh-token family.
-    pub async fn login(&self, username: &str, password: &Secret) -> Result<TokenPair, AuthError> {
-        if check_username(username).is_err() {
-            // No account can have this name; spend the same work, and keep the (possibly huge)
-            // name out of the failed-login table.
-            self.hasher.verify_nobody(password).await?;
-            return Err(AuthError::BadCredentials);
+    /// Checks a password from `client` and starts a new refresh-token family.
+    ///
+    /// Failed-login limits are decided before any work, the same way for every username, so a
+    /// refusal reveals nothing; past them, exactly one argon2 verification runs whether or not
+    /// the user exists.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &Secret,
+        client: IpAddr,
+    ) -> Result<TokenPair, AuthError> {
+        let address = address_key(client);
+        // A name no account can have stays out of the per-name tables (it may be huge).
+        let name = check_username(username).is_ok().then(|| username.to_lowercase());
+        match self.login_limits.gate(&address, name.as_deref()) {
+            Gate::Refused(d) => return Err(AuthError::TooManyFailures(d)),
+            Gate::Slowed(delay) => tokio::time::sleep(delay).await,
+            Gate::Open => {}
         }
-        let key = username.to_lowercase();
-        let gate = self.failed_logins.peek(&key);
-        if !gate.allowed {
-            return Err(AuthError::TooManyFailures(gate));
-        }
-        let user = self.store.user_by_username(username)?;
+        let user = match &name {
+            Some(_) => self.store.user_by_username(username)?,
+            None => None,
+        };
         let ok = match &user {
             Some(u) => self.hasher.verify(password, &u.password_hash).await?,
             None => self.hasher.verify_nobody(password).await?,
@@ -152,7 +189,7 @@ impl Auth {
         let user = match user {
             Some(u) if ok => u,
             _ => {
-                self.failed_logins.check(&key);
+                self.login_limits.failed(&address, name.as_deref());
                 return Err(AuthError::BadCredentials);
             }
         };
@@ -160,7 +197,15 @@ impl Auth {
             return Err(AuthError::Disabled);
         }
         let (refresh, hash) = opaque_token(REFRESH_PREFIX);
-        self.store.insert_refresh_token(hash, user.id, now_ms() + self.refresh_ttl_ms).await?;
+        let expires = now_ms() + self.refresh_ttl_ms;
+        match self.store.insert_refresh_token(hash, user.id, expires).await {
+            // Deleted while its password was being checked.
+            Err(StoreError::NotFound) => return Err(AuthError::BadCredentials),
+            other => other?,
+        }
+        if let Some(name) = &name {
+            self.login_limits.succeeded(&address, name);
+        }
         Ok(self.pair(user.id, refresh))
     }
 
@@ -220,7 +265,10 @@ impl Auth {
             created_at: now_ms(),
             last_used_at: None,
         };
-        self.store.create_api_key(record.clone()).await?;
+        self.store.create_api_key(record.clone()).await.map_err(|e| match e {
+            StoreError::NotFound => AuthError::Unauthenticated("user gone"),
+            other => other.into(),
+        })?;
         Ok(IssuedKey { record, key })
     }
 
@@ -284,6 +332,29 @@ pub fn check_email(email: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// An API key's name: 1–100 characters, not all spaces, printable: no control or invisible
+/// characters, no line breaks or other whitespace than the space, and no `<` or `>`, so a name
+/// can be shown anywhere (a terminal, a log, a page) as the text it looks like.
+pub fn check_key_name(name: &str) -> Result<(), &'static str> {
+    if name.chars().count() > 100 || name.trim().is_empty() {
+        return Err("name must be 1 to 100 characters long, not all spaces");
+    }
+    if name.chars().any(unprintable) {
+        return Err("name may contain only printable characters and spaces (no control or invisible characters, no line breaks, no '<' or '>')");
+    }
+    Ok(())
+}
+
+/// The characters `check_key_name` refuses; the `pattern` of `api::auth::ApiKeyRequest` states
+/// the same set for clients (and schemathesis).
+fn unprintable(c: char) -> bool {
+    matches!(c,
+        '<' | '>'
+        | '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{a0}' | '\u{ad}' | '\u{61c}' | '\u{1680}'
+        | '\u{180e}' | '\u{2000}'..='\u{200f}' | '\u{2028}'..='\u{202f}'
+        | '\u{205f}'..='\u{206f}' | '\u{3000}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
 /// At least 8 characters to resist guessing, at most 1024 bytes to bound hashing work.
 pub fn check_password(password: &str) -> Result<(), &'static str> {
     if password.chars().count() < 8 {
@@ -318,5 +389,34 @@ mod tests {
         assert!(check_password("12345678").is_ok());
         assert!(check_password(&"p".repeat(1024)).is_ok());
         assert!(check_password(&"p".repeat(1025)).is_err());
+        for ok in
+            ["laptop", " CI: deploy (prod) ", "café & co", "日本語のキー", "🔑", &"k".repeat(100)]
+        {
+            assert!(check_key_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "   ",
+            "a\0b",
+            "<script>",
+            "x>y",
+            "tab\there",
+            "line\nbreak",
+            "del\u{7f}",
+            "nb\u{a0}sp",
+            "zero\u{200b}width",
+            "rtl\u{202e}override",
+            "bom\u{feff}",
+            &"k".repeat(101),
+        ] {
+            assert!(check_key_name(bad).is_err(), "{bad:?}");
+        }
+        // Every Unicode whitespace but the space is refused, so `trim` only ever trims spaces.
+        for c in (0..=0x10ffff).filter_map(char::from_u32).filter(|c| c.is_whitespace()) {
+            assert!(c == ' ' || unprintable(c), "{:04x}", c as u32);
+        }
+        for c in (0..=0x10ffff).filter_map(char::from_u32).filter(|c| c.is_control()) {
+            assert!(unprintable(c), "{:04x}", c as u32);
+        }
     }
 }

@@ -130,10 +130,12 @@ impl Default for StorageConfig {
     }
 }
 
-/// Token lifetimes, JWT claims and password hashing concurrency.
+/// Token lifetimes, JWT claims, password hashing concurrency and who may sign up.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// Whether `POST /auth/register` creates accounts (`open`) or answers 403 (`closed`).
+    pub registration: RegistrationMode,
     pub jwt_secret: Option<Secret>,
     pub jwt_secret_file: Option<PathBuf>,
     pub issuer: String,
@@ -146,6 +148,7 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
+            registration: RegistrationMode::Open,
             jwt_secret: None,
             jwt_secret_file: None,
             issuer: "edgechat".into(),
@@ -157,6 +160,16 @@ impl Default for AuthConfig {
     }
 }
 
+/// Who may create an account over HTTP. Closed: only `edgechat user create` and admins
+/// (`POST /admin/users`) make accounts, so a reachable port cannot spend the provider keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    #[default]
+    Open,
+    Closed,
+}
+
 /// One GCRA quota: `requests` per `per_secs` on average, at most `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -166,12 +179,19 @@ pub struct QuotaConfig {
     pub burst: u32,
 }
 
-/// Limits on `/auth/*` per client address and on failed logins per username.
+/// Limits on `/auth/*` per client address and on failed logins (see `auth::limits`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
     pub auth_per_address: QuotaConfig,
+    /// Failed logins for one username from one address; beyond it that pair answers 429.
+    pub failed_logins_per_address_and_username: QuotaConfig,
+    /// Failed logins from one address for any usernames; beyond it the address answers 429.
+    pub failed_logins_per_address: QuotaConfig,
+    /// Failed logins for one username from anywhere; beyond it its logins are slowed by
+    /// `login_slowdown_ms`, never refused (refusing would let anyone lock the user out).
     pub failed_logins_per_username: QuotaConfig,
+    pub login_slowdown_ms: u64,
     /// Per user on `/chat` and `/v1/chat/completions`.
     pub chat_per_user: ChatLimitsConfig,
 }
@@ -180,7 +200,14 @@ impl Default for RateLimitConfig {
     fn default() -> Self {
         RateLimitConfig {
             auth_per_address: QuotaConfig { requests: 60, per_secs: 60, burst: 20 },
+            failed_logins_per_address_and_username: QuotaConfig {
+                requests: 10,
+                per_secs: 900,
+                burst: 5,
+            },
+            failed_logins_per_address: QuotaConfig { requests: 30, per_secs: 900, burst: 20 },
             failed_logins_per_username: QuotaConfig { requests: 10, per_secs: 900, burst: 5 },
+            login_slowdown_ms: 1_000,
             chat_per_user: ChatLimitsConfig::default(),
         }
     }
@@ -332,6 +359,11 @@ impl Config {
         let limits = &self.rate_limit;
         for (key, q) in [
             ("rate_limit.auth_per_address", limits.auth_per_address),
+            (
+                "rate_limit.failed_logins_per_address_and_username",
+                limits.failed_logins_per_address_and_username,
+            ),
+            ("rate_limit.failed_logins_per_address", limits.failed_logins_per_address),
             ("rate_limit.failed_logins_per_username", limits.failed_logins_per_username),
             ("rate_limit.chat_per_user.requests", limits.chat_per_user.requests),
             ("rate_limit.chat_per_user.tokens", limits.chat_per_user.tokens),
@@ -339,6 +371,10 @@ impl Config {
             if q.requests == 0 || q.per_secs == 0 || q.burst == 0 {
                 return Err(ConfigError::invalid(key, "requests, per_secs and burst must be > 0"));
             }
+        }
+        if limits.login_slowdown_ms > MAX_LOGIN_SLOWDOWN_MS {
+            let message = format!("must be at most {MAX_LOGIN_SLOWDOWN_MS} (clients time out)");
+            return Err(ConfigError::invalid("rate_limit.login_slowdown_ms", message));
         }
         for origin in &self.cors.allowed_origins {
             let ok =
@@ -366,6 +402,9 @@ impl Config {
         }
     }
 }
+
+/// A login slowed longer than this looks like a hung server to most clients.
+const MAX_LOGIN_SLOWDOWN_MS: u64 = 10_000;
 
 /// A JWT secret shorter than 32 bytes is guessable offline from any token it signed.
 pub fn check_jwt_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
@@ -475,6 +514,12 @@ mod tests {
         assert!(e.contains("EDGECHAT_SERVER_LISTEN"), "a typo is named, not ignored: {e}");
         let e = load_text("[log]\nlevel = \"=[\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("log.level"), "{e}");
+        let e = load_text("[auth]\nregistration = \"maybe\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("auth.registration"), "{e}");
+        let c = load_text("", &[("EDGECHAT_AUTH__REGISTRATION", "closed")]).unwrap();
+        assert_eq!(c.auth.registration, RegistrationMode::Closed);
+        let e = load_text("[rate_limit]\nlogin_slowdown_ms = 60000\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("rate_limit.login_slowdown_ms"), "{e}");
     }
 
     #[test]

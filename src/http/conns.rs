@@ -7,8 +7,9 @@
 //! longer than the header timeout, and, when the server is nearly full, closes the
 //! longest-idle connections first so that new clients find room.
 
+use crate::ratelimit::AddressGroup;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,25 +80,6 @@ pub(super) struct Policy {
     pub header_read: Duration,
     /// How long a refused connection is held before it is closed.
     pub tarpit: Duration,
-}
-
-/// The group a peer's connections are counted in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum AddrGroup {
-    V4(u32),
-    V6Prefix(u64),
-}
-
-impl AddrGroup {
-    fn of(ip: IpAddr) -> AddrGroup {
-        match ip {
-            IpAddr::V4(v4) => AddrGroup::V4(v4.into()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddrGroup::V4(v4.into()),
-                None => AddrGroup::V6Prefix((u128::from(v6) >> 64) as u64),
-            },
-        }
-    }
 }
 
 /// Why a connection is being closed.
@@ -237,14 +219,14 @@ impl Drop for InFlight {
 }
 
 struct Entry {
-    group: AddrGroup,
+    group: AddressGroup,
     state: Arc<ConnState>,
 }
 
 #[derive(Default)]
 struct Inner {
     next_id: u64,
-    per_group: HashMap<AddrGroup, usize>,
+    per_group: HashMap<AddressGroup, usize>,
     conns: HashMap<u64, Entry>,
     /// Connections ordered to close that have not gone yet.
     closing: usize,
@@ -328,7 +310,7 @@ impl Registry {
     /// refused one costs nothing), or refuses it when its address group is at its cap.
     /// Admitting one past the pressure mark orders the longest-idle connection closed.
     pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Lease, Refused> {
-        let group = AddrGroup::of(peer.ip());
+        let group = AddressGroup::of(peer.ip());
         let mut inner = self.lock();
         let count = inner.per_group.get(&group).copied().unwrap_or(0);
         if count >= self.policy.per_address {
@@ -464,17 +446,6 @@ mod tests {
 
     fn peer(s: &str) -> SocketAddr {
         SocketAddr::new(s.parse().unwrap(), 40000)
-    }
-
-    #[test]
-    fn ipv6_is_grouped_by_its_64_prefix_and_mapped_ipv4_as_ipv4() {
-        let a = AddrGroup::of("2001:db8:1:2::1".parse().unwrap());
-        let b = AddrGroup::of("2001:db8:1:2:ffff::9".parse().unwrap());
-        let c = AddrGroup::of("2001:db8:1:3::1".parse().unwrap());
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        let mapped = AddrGroup::of("::ffff:127.0.0.2".parse().unwrap());
-        assert_eq!(mapped, AddrGroup::of("127.0.0.2".parse().unwrap()));
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Users, API keys and refresh tokens.
+//! Users, API keys and refresh tokens; and deleting a user with everything they own.
 
 use super::tables::{self, decode, encode, get};
 use super::{Store, StoreError, UniqueField};
@@ -48,6 +48,34 @@ struct RefreshRecord {
     expires_at: Millis,
     /// Set when the token was exchanged for a new one; presenting it again is reuse.
     rotated: bool,
+}
+
+/// What `update_user` changes; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UserChange {
+    pub is_admin: Option<bool>,
+    pub disabled: Option<bool>,
+    /// A new argon2id PHC string; setting one also deletes the user's refresh tokens.
+    pub password_hash: Option<String>,
+}
+
+/// The outcome of an account change that a rule may refuse.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccountChange<T> {
+    Done(T),
+    /// Refused: it would leave no active (enabled) admin. Nothing was written.
+    LastAdmin,
+}
+
+/// A deleted user and how much of their data went with them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletedUser {
+    pub user: User,
+    pub conversations: u64,
+    pub messages: u64,
+    pub api_keys: u64,
+    pub refresh_tokens: u64,
+    pub jobs: u64,
 }
 
 /// The result of presenting a refresh token.
@@ -139,9 +167,64 @@ impl Store {
         .await
     }
 
-    /// Stores a new API key record (the caller made the key and hashed it).
+    /// Changes a user; demoting the last active admin is refused (`LastAdmin`).
+    pub async fn update_user(
+        &self,
+        id: Uuid,
+        change: UserChange,
+    ) -> Result<AccountChange<User>, StoreError> {
+        self.write(move |tx| {
+            let mut user: User = get(&tx.open_table(tables::USERS)?, "users", id.as_u128())?
+                .ok_or(StoreError::NotFound)?;
+            if change.is_admin == Some(false) && is_last_admin(tx, &user)? {
+                return Ok(AccountChange::LastAdmin);
+            }
+            user.is_admin = change.is_admin.unwrap_or(user.is_admin);
+            user.disabled = change.disabled.unwrap_or(user.disabled);
+            if let Some(hash) = change.password_hash {
+                user.password_hash = hash;
+                delete_refresh_tokens(tx, id)?;
+            }
+            tx.open_table(tables::USERS)?.insert(id.as_u128(), encode(&user).as_slice())?;
+            Ok(AccountChange::Done(user))
+        })
+        .await
+    }
+
+    /// Deletes a user and, in the same transaction, their conversations and messages, API keys,
+    /// refresh tokens and background jobs (with their indexes and counts). Deleting the last
+    /// active admin is refused (`LastAdmin`).
+    pub async fn delete_user(&self, id: Uuid) -> Result<AccountChange<DeletedUser>, StoreError> {
+        self.write(move |tx| {
+            let user: User = get(&tx.open_table(tables::USERS)?, "users", id.as_u128())?
+                .ok_or(StoreError::NotFound)?;
+            if is_last_admin(tx, &user)? {
+                return Ok(AccountChange::LastAdmin);
+            }
+            tx.open_table(tables::USERS)?.remove(id.as_u128())?;
+            tx.open_table(tables::USER_BY_NAME)?.remove(user.username.to_lowercase().as_str())?;
+            tx.open_table(tables::USER_BY_EMAIL)?.remove(user.email.to_lowercase().as_str())?;
+            let api_keys = delete_api_keys(tx, id)?;
+            let refresh_tokens = delete_refresh_tokens(tx, id)?;
+            let (conversations, messages) = super::conversations::delete_all_in(tx, id)?;
+            let jobs = super::jobs::delete_user_jobs_in(tx, id)?;
+            Ok(AccountChange::Done(DeletedUser {
+                user,
+                conversations,
+                messages,
+                api_keys,
+                refresh_tokens,
+                jobs,
+            }))
+        })
+        .await
+    }
+
+    /// Stores a new API key record (the caller made the key and hashed it); `NotFound` when
+    /// its user was deleted meanwhile.
     pub async fn create_api_key(&self, key: ApiKeyRecord) -> Result<(), StoreError> {
         self.write(move |tx| {
+            ensure_user(tx, key.user_id)?;
             tx.open_table(tables::API_KEY_BY_HASH)?
                 .insert(key.hash.as_slice(), key.id.as_u128())?;
             tx.open_table(tables::API_KEYS_BY_USER)?
@@ -210,7 +293,8 @@ impl Store {
         .await
     }
 
-    /// Stores the first refresh token of a new family (a login).
+    /// Stores the first refresh token of a new family (a login); `NotFound` when its user was
+    /// deleted meanwhile.
     pub async fn insert_refresh_token(
         &self,
         hash: [u8; 32],
@@ -219,6 +303,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let record = RefreshRecord { user_id, family: Uuid::now_v7(), expires_at, rotated: false };
         self.write(move |tx| {
+            ensure_user(tx, user_id)?;
             tx.open_table(tables::REFRESH_TOKENS)?
                 .insert(hash.as_slice(), encode(&record).as_slice())?;
             index_expiry(tx, &hash, expires_at)
@@ -320,6 +405,73 @@ impl Store {
     }
 }
 
+/// `NotFound` unless the user exists: rows written for a user deleted a moment ago would
+/// outlive them.
+fn ensure_user(tx: &redb::WriteTransaction, id: Uuid) -> Result<(), StoreError> {
+    match tx.open_table(tables::USERS)?.get(id.as_u128())? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NotFound),
+    }
+}
+
+/// Whether `user` is an active admin and no other active admin exists (a scan of the users:
+/// admin changes are rare).
+fn is_last_admin(tx: &redb::WriteTransaction, user: &User) -> Result<bool, StoreError> {
+    if !user.is_admin || user.disabled {
+        return Ok(false);
+    }
+    for row in tx.open_table(tables::USERS)?.iter()? {
+        let other: User = decode("users", row?.1.value())?;
+        if other.id != user.id && other.is_admin && !other.disabled {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Deletes every API key of `user_id`; returns how many.
+fn delete_api_keys(tx: &redb::WriteTransaction, user_id: Uuid) -> Result<u64, StoreError> {
+    let u = user_id.as_u128();
+    let mut index = tx.open_table(tables::API_KEYS_BY_USER)?;
+    let ids: Vec<u128> = index
+        .range((u, 0)..=(u, u128::MAX))?
+        .map(|row| row.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    let mut keys = tx.open_table(tables::API_KEYS)?;
+    let mut by_hash = tx.open_table(tables::API_KEY_BY_HASH)?;
+    for id in &ids {
+        if let Some(key) = get::<u128, ApiKeyRecord>(&keys, "api_keys", *id)? {
+            by_hash.remove(key.hash.as_slice())?;
+        }
+        keys.remove(*id)?;
+        index.remove((u, *id))?;
+    }
+    Ok(ids.len() as u64)
+}
+
+/// Deletes every refresh token of `user_id` (and their families' revocation marks); returns
+/// how many. Tokens are keyed by hash, so this scans them all: admin operations are rare, and
+/// the purge keeps the table to the tokens of the last `refresh_token_ttl_secs`.
+fn delete_refresh_tokens(tx: &redb::WriteTransaction, user_id: Uuid) -> Result<u64, StoreError> {
+    let mut tokens = tx.open_table(tables::REFRESH_TOKENS)?;
+    let mut theirs = Vec::new();
+    for row in tokens.iter()? {
+        let (hash, record) = row?;
+        let record: RefreshRecord = decode("refresh_tokens", record.value())?;
+        if record.user_id == user_id {
+            theirs.push((hash.value().to_vec(), record));
+        }
+    }
+    let mut by_expiry = tx.open_table(tables::REFRESH_BY_EXPIRY)?;
+    let mut revoked = tx.open_table(tables::REVOKED_FAMILIES)?;
+    for (hash, record) in &theirs {
+        tokens.remove(hash.as_slice())?;
+        by_expiry.remove((record.expires_at.max(0) as u64, hash.as_slice()))?;
+        revoked.remove(record.family.as_u128())?;
+    }
+    Ok(theirs.len() as u64)
+}
+
 /// Files a refresh token under its expiry so the purge finds it without a scan.
 fn index_expiry(
     tx: &redb::WriteTransaction,
@@ -371,7 +523,7 @@ mod tests {
     async fn refresh_rotation_and_reuse_revokes_the_family() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let user = Uuid::now_v7();
+        let user = store.create_user(new_user("u", "u@x.io"), 0).await.unwrap().id;
         store.insert_refresh_token([1; 32], user, 100).await.unwrap();
         let r = store.rotate_refresh_token([1; 32], [2; 32], 10, 100).await.unwrap();
         assert_eq!(r, RotateOutcome::Rotated { user_id: user });
@@ -396,7 +548,7 @@ mod tests {
     async fn expired_refresh_tokens_are_purged_in_batches_rotated_ones_included() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let user = Uuid::now_v7();
+        let user = store.create_user(new_user("u", "u@x.io"), 0).await.unwrap().id;
         store.insert_refresh_token([1; 32], user, 100).await.unwrap();
         store.insert_refresh_token([2; 32], user, 120).await.unwrap();
         store.rotate_refresh_token([1; 32], [3; 32], 10, 300).await.unwrap();
@@ -411,5 +563,152 @@ mod tests {
         assert!(store.has_refresh_token(&[3; 32]).unwrap());
         assert_eq!(store.purge_expired_refresh_tokens(301, 10).await.unwrap(), 1);
         assert!(!store.has_refresh_token(&[3; 32]).unwrap());
+    }
+
+    /// Rows in every table, by name.
+    fn sizes(store: &Store) -> Vec<(&'static str, u64)> {
+        use redb::ReadableTableMetadata;
+        macro_rules! lens {
+            ($tx:ident, $($t:ident),*) => { vec![$((stringify!($t), $tx.open_table(tables::$t).unwrap().len().unwrap())),*] };
+        }
+        store
+            .read(|tx| {
+                Ok(lens!(
+                    tx,
+                    USERS,
+                    USER_BY_NAME,
+                    USER_BY_EMAIL,
+                    API_KEYS,
+                    API_KEY_BY_HASH,
+                    API_KEYS_BY_USER,
+                    REFRESH_TOKENS,
+                    REFRESH_BY_EXPIRY,
+                    REVOKED_FAMILIES,
+                    CONVERSATIONS,
+                    CONVERSATIONS_BY_USER,
+                    MESSAGES,
+                    JOBS,
+                    JOBS_QUEUED,
+                    JOBS_RUNNING,
+                    JOBS_FINISHED,
+                    JOBS_BY_USER,
+                    JOBS_ACTIVE_BY_USER,
+                    JOB_COUNTS
+                ))
+            })
+            .unwrap()
+    }
+
+    /// Gives `user` a bit of everything: a key, sessions (one family revoked), two conversations,
+    /// and a finished, a running and a queued job.
+    async fn populate(store: &Store, user: Uuid, seed: u8) {
+        use crate::store::{Job, NewMessage, QueueLimits, Role, Settlement, TurnTarget};
+        let key = |n: u8| ApiKeyRecord {
+            id: Uuid::now_v7(),
+            user_id: user,
+            name: "k".into(),
+            hash: [seed + n; 32],
+            created_at: 0,
+            last_used_at: None,
+        };
+        store.create_api_key(key(0)).await.unwrap();
+        store.insert_refresh_token([seed + 1; 32], user, 1_000).await.unwrap();
+        store.insert_refresh_token([seed + 2; 32], user, 1_000).await.unwrap();
+        store.revoke_refresh_token([seed + 2; 32], 5).await.unwrap();
+        for title in ["a", "b"] {
+            let target = TurnTarget::New { title: title.into(), model: "m".into() };
+            let msg = |role| NewMessage {
+                role,
+                content: "x".into(),
+                model: None,
+                provider: None,
+                usage: None,
+            };
+            let turn = vec![msg(Role::User), msg(Role::Assistant)];
+            store.record_turn(user, target, turn, 1).await.unwrap();
+        }
+        let limits = QueueLimits { per_user: 10, total: 100 };
+        // The third is due far later, so the claims below take this user's first two.
+        let jobs = [0, 0, 1_000_000].map(|at| Job::new(user, serde_json::json!({}), at)).into();
+        store.enqueue_jobs(jobs, limits).await.unwrap();
+        let done = store.claim_job(1, 100).await.unwrap().unwrap();
+        let failed = Settlement::Failed { error: "x".into() };
+        store.settle_job(done.id, 1, failed, 2).await.unwrap().unwrap();
+        store.claim_job(3, 100).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_user_deletes_everything_of_theirs_in_every_table_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bob = store.create_user(new_user("bob", "b@x.io"), 0).await.unwrap();
+        populate(&store, bob.id, 10).await;
+        let before = sizes(&store);
+        let counts_before = store.job_counts().unwrap();
+
+        let alice = store.create_user(new_user("Alice", "A@x.io"), 0).await.unwrap();
+        populate(&store, alice.id, 100).await;
+        assert_ne!(sizes(&store), before);
+        let running = store.jobs(alice.id, 10, None).unwrap().0;
+        let running = running.iter().find(|j| j.state == crate::store::JobState::Running).unwrap();
+
+        let AccountChange::Done(d) = store.delete_user(alice.id).await.unwrap() else {
+            panic!("not the last admin")
+        };
+        assert_eq!(
+            (d.conversations, d.messages, d.api_keys, d.refresh_tokens, d.jobs),
+            (2, 4, 1, 2, 3)
+        );
+        // Every table holds exactly what it held before alice came (JOBS_ACTIVE_BY_USER
+        // included: her counter row is gone), and the per-state counts are bob's again.
+        assert_eq!(sizes(&store), before);
+        assert_eq!(store.job_counts().unwrap(), counts_before);
+        assert!(store.user_by_username("alice").unwrap().is_none());
+        assert!(store.api_keys(bob.id).unwrap().len() == 1);
+        // Her name and email are free again.
+        store.create_user(new_user("alice", "a@x.io"), 9).await.unwrap();
+
+        use crate::store::Settlement;
+        // Her running job's worker loses it quietly: no renewal, its result discarded.
+        assert!(!store.renew_lease(running.id, 1, 500).await.unwrap());
+        let late = Settlement::Failed { error: "late".into() };
+        assert!(store.settle_job(running.id, 1, late, 9).await.unwrap().is_none());
+        assert!(matches!(store.delete_user(alice.id).await, Err(StoreError::NotFound)));
+        // Rows for a deleted user are refused.
+        assert!(matches!(
+            store.insert_refresh_token([7; 32], alice.id, 1_000).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_last_active_admin_is_neither_deleted_nor_demoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let admin = |name: &str| NewUser { is_admin: true, ..new_user(name, &format!("{name}@x")) };
+        let root = store.create_user(admin("root"), 0).await.unwrap();
+        let demote = || UserChange { is_admin: Some(false), ..UserChange::default() };
+        assert_eq!(store.update_user(root.id, demote()).await.unwrap(), AccountChange::LastAdmin);
+        assert_eq!(store.delete_user(root.id).await.unwrap(), AccountChange::LastAdmin);
+        // A disabled admin does not count as another admin.
+        let other = store.create_user(admin("other"), 0).await.unwrap();
+        store.set_user_disabled("other", true).await.unwrap();
+        assert_eq!(store.update_user(root.id, demote()).await.unwrap(), AccountChange::LastAdmin);
+        // An active one does.
+        store.set_user_disabled("other", false).await.unwrap();
+        let AccountChange::Done(u) = store.update_user(root.id, demote()).await.unwrap() else {
+            panic!("other is an active admin")
+        };
+        assert!(!u.is_admin);
+        assert_eq!(store.delete_user(other.id).await.unwrap(), AccountChange::LastAdmin);
+        // A password change ends the sessions.
+        store.insert_refresh_token([1; 32], other.id, 1_000).await.unwrap();
+        let change =
+            UserChange { password_hash: Some("$argon2id$new".into()), ..Default::default() };
+        let AccountChange::Done(u) = store.update_user(other.id, change).await.unwrap() else {
+            panic!("a password change is never refused")
+        };
+        assert_eq!(u.password_hash, "$argon2id$new");
+        assert!(!store.has_refresh_token(&[1; 32]).unwrap());
     }
 }

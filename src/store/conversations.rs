@@ -5,6 +5,7 @@ use super::tables::{self, decode, encode, get};
 use super::{Store, StoreError};
 use crate::clock::Millis;
 use base64::Engine;
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -181,6 +182,38 @@ impl Store {
     }
 }
 
+/// Deletes every conversation of `user_id` and their messages, inside the caller's transaction
+/// (`Store::delete_user`); returns (conversations, messages).
+pub(super) fn delete_all_in(
+    tx: &redb::WriteTransaction,
+    user_id: Uuid,
+) -> Result<(u64, u64), StoreError> {
+    let u = user_id.as_u128();
+    let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
+    let keys: Vec<(u128, u64, u128)> = index
+        .range((u, 0, 0)..=(u, u64::MAX, u128::MAX))?
+        .map(|row| row.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()?;
+    let mut convs = tx.open_table(tables::CONVERSATIONS)?;
+    let mut messages = tx.open_table(tables::MESSAGES)?;
+    let mut removed = 0;
+    for key in &keys {
+        let id = key.2;
+        index.remove(*key)?;
+        convs.remove(id)?;
+        // Every sequence of the conversation, whatever its header says.
+        let seqs: Vec<u32> = messages
+            .range((id, 0)..=(id, u32::MAX))?
+            .map(|row| row.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for seq in seqs {
+            messages.remove((id, seq))?;
+            removed += 1;
+        }
+    }
+    Ok((keys.len() as u64, removed))
+}
+
 /// `record_turn` inside a caller's transaction (a background job stores its turn and its final
 /// state together).
 pub(super) fn record_turn_in(
@@ -190,6 +223,10 @@ pub(super) fn record_turn_in(
     messages: Vec<NewMessage>,
     now: Millis,
 ) -> Result<(Conversation, Vec<Message>), StoreError> {
+    // A request authenticated just before its user was deleted must not leave rows behind.
+    if tx.open_table(tables::USERS)?.get(user_id.as_u128())?.is_none() {
+        return Err(StoreError::NotFound);
+    }
     let mut convs = tx.open_table(tables::CONVERSATIONS)?;
     let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
     let mut conv = match target {
@@ -253,7 +290,22 @@ mod tests {
     async fn turns_pagination_isolation_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let user = |name: &str| crate::store::NewUser {
+            username: name.into(),
+            email: format!("{name}@x.io"),
+            password_hash: "$argon2id$x".into(),
+            is_admin: false,
+        };
+        let alice = store.create_user(user("alice"), 0).await.unwrap().id;
+        let bob = store.create_user(user("bob"), 0).await.unwrap().id;
+        let nobody = Uuid::now_v7();
+        let e = store.record_turn(
+            nobody,
+            TurnTarget::New { title: "t".into(), model: "m".into() },
+            vec![msg(Role::User, "hi")],
+            0,
+        );
+        assert!(matches!(e.await, Err(StoreError::NotFound)), "no rows for a missing user");
         let mut ids = Vec::new();
         for i in 0..5 {
             let target = TurnTarget::New { title: format!("t{i}"), model: "m".into() };

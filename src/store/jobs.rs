@@ -168,7 +168,39 @@ fn counts(
 
 /// Reads a job, or `NotFound`.
 fn load(tx: &WriteTransaction, id: Uuid) -> Result<Job, StoreError> {
-    get(&tx.open_table(tables::JOBS)?, "jobs", id.as_u128())?.ok_or(StoreError::NotFound)
+    find(tx, id)?.ok_or(StoreError::NotFound)
+}
+
+/// Reads a job that may have been deleted (with its user) while it ran.
+fn find(tx: &WriteTransaction, id: Uuid) -> Result<Option<Job>, StoreError> {
+    get(&tx.open_table(tables::JOBS)?, "jobs", id.as_u128())
+}
+
+/// Deletes every job of `user_id` in any state, with its index entries, and takes them off the
+/// per-state counts, inside the caller's transaction (`Store::delete_user`); returns how many.
+pub(super) fn delete_user_jobs_in(tx: &WriteTransaction, user_id: Uuid) -> Result<u64, StoreError> {
+    let u = user_id.as_u128();
+    let mut by_user = tx.open_table(tables::JOBS_BY_USER)?;
+    let ids: Vec<u128> = by_user
+        .range((u, 0)..=(u, u128::MAX))?
+        .map(|row| row.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    let mut counts = tx.open_table(tables::JOB_COUNTS)?;
+    for id in &ids {
+        by_user.remove((u, *id))?;
+        let Some(job) = find(tx, Uuid::from_u128(*id))? else { continue };
+        let (index, at) = match job.state {
+            JobState::Queued => (tables::JOBS_QUEUED, job.run_at),
+            JobState::Running => (tables::JOBS_RUNNING, job.lease_until.unwrap_or(0)),
+            _ => (tables::JOBS_FINISHED, job.finished_at.unwrap_or(0)),
+        };
+        tx.open_table(index)?.remove((ms(at), *id))?;
+        let n = counts.get(job.state.as_str())?.map_or(0, |v| v.value());
+        counts.insert(job.state.as_str(), n.saturating_sub(1))?;
+        tx.open_table(tables::JOBS)?.remove(*id)?;
+    }
+    tx.open_table(tables::JOBS_ACTIVE_BY_USER)?.remove(u)?;
+    Ok(ids.len() as u64)
 }
 
 /// Writes `job` in its new state, moving it between indexes and counts from `old`.
@@ -287,7 +319,7 @@ impl Store {
         until: Millis,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let old = load(tx, id)?;
+            let Some(old) = find(tx, id)? else { return Ok(false) };
             if old.state != JobState::Running || old.attempts != attempt {
                 return Ok(false);
             }
@@ -309,7 +341,7 @@ impl Store {
         now: Millis,
     ) -> Result<Option<Job>, StoreError> {
         self.write(move |tx| {
-            let old = load(tx, id)?;
+            let Some(old) = find(tx, id)? else { return Ok(None) };
             if old.state != JobState::Running || old.attempts != attempt {
                 return Ok(None);
             }
@@ -318,7 +350,19 @@ impl Store {
                 Settlement::Succeeded { turn, result } => {
                     let stored = match turn {
                         Some((target, messages)) => {
-                            Some(record_turn_in(tx, job.user_id, target, messages, now)?)
+                            match record_turn_in(tx, job.user_id, target, messages, now) {
+                                Ok(stored) => Some(stored),
+                                // Its conversation (or its user) was deleted while it ran: a
+                                // retry would fail the same way, so it fails now, once.
+                                Err(StoreError::NotFound) => {
+                                    job.error = Some("the conversation no longer exists".into());
+                                    job.state = JobState::Failed;
+                                    job.finished_at = Some(now);
+                                    save(tx, Some(&old), &job)?;
+                                    return Ok(Some(job));
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                         None => None,
                     };

@@ -12,7 +12,9 @@ mod jobs;
 mod recovery;
 mod tables;
 
-pub use accounts::{ApiKeyRecord, NewUser, RotateOutcome, User};
+pub use accounts::{
+    AccountChange, ApiKeyRecord, DeletedUser, NewUser, RotateOutcome, User, UserChange,
+};
 pub use backup::restore;
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,

@@ -28,8 +28,10 @@ pub fn test_config(data_dir: &Path) -> Config {
     c.auth.jwt_secret = Some(edgechat::secret::Secret::new(JWT_SECRET));
     c.auth.max_concurrent_hashes = 4;
     c.rate_limit.auth_per_address = QuotaConfig { requests: 10_000, per_secs: 1, burst: 10_000 };
-    c.rate_limit.failed_logins_per_username =
-        QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
+    let loose = QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
+    c.rate_limit.failed_logins_per_username = loose;
+    c.rate_limit.failed_logins_per_address_and_username = loose;
+    c.rate_limit.failed_logins_per_address = loose;
     c.rate_limit.chat_per_user.requests = QuotaConfig { requests: 1000, per_secs: 1, burst: 1000 };
     // Tests that chat turn the local model on (`with_default_model`); the rest need not load it.
     c.local.enabled = false;
