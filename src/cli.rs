@@ -200,7 +200,7 @@ pub fn tune_allocator() {
 }
 
 fn fail(message: String) -> ExitCode {
-    eprintln!("error: {message}");
+    eprintln!("error: {}", crate::logmask::Secrets::global().mask_str(&message));
     ExitCode::FAILURE
 }
 
@@ -213,6 +213,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::User(cmd) => user(configured()?.0, cmd, &env).await,
         Cmd::Config(ConfigCommand::Check) => {
             let (config, source) = configured()?;
+            log_filter(&config)?;
             let data_dir = config.data_dir(env.state_directory.as_deref());
             println!("# config: {source}; data directory: {}", data_dir.display());
             print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
@@ -360,7 +361,7 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         config.log.format = LogFormat::Json;
     }
     config.validate().map_err(|e| e.to_string())?;
-    init_logging(&config);
+    init_logging(&config)?;
     let mut signals = Signals::install();
     let running = server::start_default(config, env).await.map_err(|e| e.to_string())?;
     println!("data directory: {}", running.data_dir.display());
@@ -399,14 +400,27 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
     Ok(())
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// The log filter: `RUST_LOG` when set (and not empty), else `log.level`; either is refused,
+/// naming its source, when a directive has no known level (`inf0` would silence every line).
+fn log_filter(config: &Config) -> Result<tracing_subscriber::EnvFilter, String> {
+    let (source, spec) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => ("environment variable RUST_LOG".to_string(), v),
+        _ => ("config key `log.level`".to_string(), config.log.level.clone()),
+    };
+    crate::config::log_filter(&spec).map_err(|e| format!("{source}: {e}"))
+}
+
+fn init_logging(config: &Config) -> Result<(), String> {
+    let filter = log_filter(config)?;
+    // Every line passes the masking writer: no configured secret reaches stderr.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::logmask::Masked::stderr());
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }
 
 async fn user(config: Config, cmd: UserCommand, env: &Environment) -> Result<(), String> {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod jobs;
 pub mod llm;
 pub mod local;
+pub mod logmask;
 pub mod message;
 pub mod metrics;
 pub mod ratelimit;

@@ -9,6 +9,7 @@ use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::jobs::Jobs;
 use crate::local::{Engine, EngineOptions, LocalError};
+use crate::logmask;
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -146,6 +147,7 @@ pub async fn services(config: &Config, env: &Environment) -> Result<Services, St
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
     let secret = jwt_secret(config, &data_dir, env)?;
+    logmask::register("the JWT secret", &secret);
     let settings = AuthSettings::from_config(config, &secret);
     Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
@@ -157,6 +159,9 @@ pub async fn start(
     routes: Routes,
 ) -> Result<Running, StartError> {
     let Services { store, auth, data_dir } = services(&config, env).await?;
+    if let Some(token) = &config.metrics.token {
+        logmask::register("metrics.token", token);
+    }
     let tls = match (&config.tls.cert_file, &config.tls.key_file, config.tls.self_signed) {
         (Some(cert), Some(key), _) => Some(tls::from_pem(cert, key)?),
         (_, _, true) => Some(tls::self_signed(&data_dir)?),
@@ -289,6 +294,11 @@ async fn chat_service(
             env,
         )?,
     };
+    for (what, key) in
+        [("the openai key", &keys.openai), ("the huggingface key", &keys.huggingface)]
+    {
+        key.iter().for_each(|k| logmask::register(what, k));
+    }
     let local = load_local(&config.local).await?;
     Ok(Chat::new(store, config, keys, local)?)
 }

@@ -40,7 +40,7 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let body: SeedRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
-    check(&body)?;
+    check(&app, &body)?;
     let input =
         body.input(principal.user.id).ok_or(ApiError::NotFound("Conversation not found"))?;
     let user = principal.user.id;
@@ -153,12 +153,45 @@ pub(super) fn charge(app: &App, user: Uuid, done: &Completion) {
 }
 
 /// The seed request's values, checked the same way for `/chat` and `/chat/background`.
-pub(super) fn check(body: &SeedRequest) -> Result<(), ApiError> {
-    Checks::default()
+pub(super) fn check(app: &App, body: &SeedRequest) -> Result<(), ApiError> {
+    let mut checks = Checks::default();
+    checks
         .field("message", non_empty(&body.message))
+        .field("model", check_model(body.model.as_deref()))
         .field("max_tokens", check_max_tokens(body.max_tokens))
-        .field("temperature", check_temperature(body.temperature))
-        .finish()
+        .field("temperature", check_temperature(body.temperature));
+    let texts = std::iter::once(body.message.as_str()).chain(body.system.as_deref());
+    check_input_size(&mut checks, app, "message", texts);
+    checks.finish()
+}
+
+/// Longest model name accepted; real ones are far shorter (a HuggingFace id is at most 96
+/// characters on each side of its `/`), and every name is routed, logged and stored.
+pub(super) const MAX_MODEL_NAME: usize = 256;
+
+/// A model name is at most `MAX_MODEL_NAME` characters.
+pub(super) fn check_model(model: Option<&str>) -> Result<(), &'static str> {
+    match model {
+        Some(m) if m.chars().count() > MAX_MODEL_NAME => Err("must be at most 256 characters"),
+        _ => Ok(()),
+    }
+}
+
+/// The one input limit, `routing.max_input_chars`: every message of the request together, for
+/// every provider, checked before the model is routed. Reported against `field`.
+pub(super) fn check_input_size<'a>(
+    checks: &mut Checks,
+    app: &App,
+    field: &str,
+    texts: impl IntoIterator<Item = &'a str>,
+) {
+    let limit = app.config.routing.max_input_chars;
+    let chars: usize = texts.into_iter().map(|t| t.chars().count()).sum();
+    if chars > limit {
+        let msg =
+            format!("the request's messages have {chars} characters; at most {limit} are accepted");
+        checks.fail(field, "string_too_long", msg);
+    }
 }
 
 fn non_empty(text: &str) -> Result<(), &'static str> {

@@ -203,6 +203,12 @@ impl Checks {
         self
     }
 
+    /// Records a failure of `body.<field>` whose message is made at run time.
+    pub fn fail(&mut self, field: &str, kind: &'static str, msg: String) -> &mut Self {
+        self.0.push(FieldError::body(field, kind, msg));
+        self
+    }
+
     /// `Ok` when nothing failed, else one 422 listing every failure.
     pub fn finish(&mut self) -> Result<(), ApiError> {
         if self.0.is_empty() {

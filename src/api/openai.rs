@@ -3,8 +3,8 @@
 //! request fields are ignored, as OpenAI does; errors are OpenAI-shaped (see `api::error`).
 
 use super::chat::{
-    admit, charge, check_max_tokens, check_temperature, data, done_event, sse, steps, stream_error,
-    with_answerer, SseStream,
+    admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
+    done_event, sse, steps, stream_error, with_answerer, SseStream,
 };
 use super::error::rate_limit_headers;
 use super::extract::Checks;
@@ -31,6 +31,7 @@ pub fn routes(r: &mut Routes) {
         handler(completions),
         doc("OpenAI Chat Completions (JSON, or chat.completion.chunk SSE with stream: true)")
             .body::<CompletionRequest>()
+            .refine(needs_a_user_message)
             .json::<CompletionOut>(200)
             .streams()
             .errors(&[400, 404, 429, 502, 503]),
@@ -47,6 +48,7 @@ pub fn routes(r: &mut Routes) {
 /// The Chat Completions request; fields not listed are accepted and ignored.
 #[derive(Deserialize, ToSchema)]
 pub struct CompletionRequest {
+    #[schema(max_length = 256)]
     model: String,
     #[schema(min_items = 1)]
     messages: Vec<InMessage>,
@@ -67,8 +69,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     top_p: Option<f64>,
-    /// A string or a list of strings.
+    /// A string or a list of at most 4 strings.
     #[serde(default)]
+    #[schema(schema_with = stop_schema)]
     stop: Option<Stop>,
     #[serde(default, deserialize_with = "whole_i64")]
     seed: Option<i64>,
@@ -187,7 +190,7 @@ async fn completions(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let body: CompletionRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
-    let input = input(principal.user.id, &body)?;
+    let input = input(&app, principal.user.id, &body)?;
     let user = principal.user.id;
     let id = format!("chatcmpl-{}", Uuid::now_v7().simple());
     let mut response = if body.stream {
@@ -204,10 +207,16 @@ async fn completions(app: Arc<App>, mut req: Req) -> Answer {
     Ok(response)
 }
 
-fn input(user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
+/// Most stop sequences in one request, as OpenAI allows.
+const MAX_STOP: usize = 4;
+
+fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
     let mut checks = Checks::default();
     let max_tokens = body.max_completion_tokens.or(body.max_tokens);
     checks
+        .field("model", check_model(Some(&body.model)))
+        .field("messages", check_roles(&body.messages))
+        .field("stop", check_stop(body.stop.as_ref()))
         .field("max_tokens", check_max_tokens(body.max_tokens))
         .field("max_completion_tokens", check_max_tokens(body.max_completion_tokens))
         .field("temperature", check_temperature(body.temperature))
@@ -221,12 +230,14 @@ fn input(user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
     }
     // A top_p too small for f32 still means "only the most likely token".
     let top_p = body.top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE));
+    let messages: Vec<Message> = body.messages.iter().map(message).collect();
+    check_input_size(&mut checks, app, "messages", messages.iter().map(|m| m.content.as_str()));
     checks.finish()?;
     Ok(ChatInput {
         user,
         model: Some(body.model.clone()),
         thread: if body.store == Some(false) { Thread::Unstored } else { Thread::New },
-        messages: body.messages.iter().map(message).collect(),
+        messages,
         params: Sampling {
             max_tokens,
             temperature: body.temperature,
@@ -235,6 +246,42 @@ fn input(user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
             seed: body.seed.map(|s| s as u64),
         },
     })
+}
+
+/// A conversation needs something to answer: at least one user message.
+fn check_roles(messages: &[InMessage]) -> Result<(), &'static str> {
+    match messages.is_empty() || messages.iter().any(|m| m.role == InRole::User) {
+        true => Ok(()),
+        false => Err("must contain at least one message with role `user`"),
+    }
+}
+
+/// `stop` as documented: null, one string, or a list of up to `MAX_STOP`.
+fn stop_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    let list = ArrayBuilder::new().items(text()).max_items(Some(MAX_STOP));
+    let null = ObjectBuilder::new().schema_type(Type::Null);
+    OneOfBuilder::new().item(text()).item(list).item(null).into()
+}
+
+/// The document says what `check_roles` requires (JSON Schema's `contains`, which utoipa
+/// cannot write).
+fn needs_a_user_message(components: &mut serde_json::Map<String, Value>) {
+    let messages =
+        components.get_mut("CompletionRequest").and_then(|s| s.pointer_mut("/properties/messages"));
+    if let Some(messages) = messages {
+        messages["contains"] = json!({
+            "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}}
+        });
+    }
+}
+
+fn check_stop(stop: Option<&Stop>) -> Result<(), &'static str> {
+    match stop {
+        Some(Stop::Many(items)) if items.len() > MAX_STOP => Err("must have at most 4 sequences"),
+        _ => Ok(()),
+    }
 }
 
 fn message(m: &InMessage) -> Message {

@@ -43,6 +43,8 @@ pub struct Doc {
     errors: Vec<u16>,
     /// Error statuses whose body is not the generic `HTTPError`.
     error_bodies: Vec<(u16, SchemaFn)>,
+    /// Adds to the component schemas what utoipa cannot express (such as `contains`).
+    refine: Option<fn(&mut Map<String, Value>)>,
 }
 
 impl Doc {
@@ -59,6 +61,7 @@ impl Doc {
             streams: false,
             errors: Vec::new(),
             error_bodies: Vec::new(),
+            refine: None,
         }
     }
 
@@ -137,6 +140,12 @@ impl Doc {
         self
     }
 
+    /// Changes the component schemas once they are built, for rules utoipa cannot express.
+    pub fn refine(mut self, f: fn(&mut Map<String, Value>)) -> Doc {
+        self.refine = Some(f);
+        self
+    }
+
     /// Lists further error statuses.
     pub fn errors(mut self, statuses: &[u16]) -> Doc {
         self.errors.extend_from_slice(statuses);
@@ -148,7 +157,9 @@ impl Doc {
 pub fn document<'a>(routes: impl Iterator<Item = (&'a Method, &'static str, &'a Doc)>) -> Value {
     let mut schemas = Schemas::new();
     let mut paths = Map::new();
+    let mut refinements = Vec::new();
     for (method, path, doc) in routes {
+        refinements.extend(doc.refine);
         let op = operation(method, path, doc, &mut schemas);
         let entry = paths.entry(path).or_insert_with(|| json!({}));
         entry[method.as_str().to_ascii_lowercase()] = op;
@@ -158,6 +169,9 @@ pub fn document<'a>(routes: impl Iterator<Item = (&'a Method, &'static str, &'a 
         .map(|(name, s)| (name, serde_json::to_value(s).expect("schemas serialize")))
         .collect();
     components.extend(error_schemas());
+    for refine in refinements {
+        refine(&mut components);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {

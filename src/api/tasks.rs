@@ -116,14 +116,12 @@ async fn enqueue(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let body: SeedRequest = req.json(&app).await?;
     admit(&app, principal.user.id)?;
-    check(&body)?;
+    check(&app, &body)?;
     let input =
         body.input(principal.user.id).ok_or(ApiError::NotFound("Conversation not found"))?;
-    if let crate::chat::Thread::Continue(id) = input.thread {
-        app.store
-            .conversation(principal.user.id, id)?
-            .ok_or(ApiError::NotFound("Conversation not found"))?;
-    }
+    // What `POST /chat` would refuse before answering (an unknown model, another user's
+    // conversation) is refused now, with the same status, not by a failed job later.
+    app.chat.check(&input)?;
     let job = app.jobs.enqueue(principal.user.id, &body).await?;
     let mut r =
         json(StatusCode::ACCEPTED, &Queued { task_id: job.id.to_string(), status: "queued" });

@@ -161,10 +161,26 @@ impl Chat {
         self.finish(input, false).await
     }
 
-    async fn begin(&self, input: &ChatInput, save: bool) -> Result<Reply, ChatError> {
+    /// What `start` refuses before any provider is asked — an unknown model, a conversation
+    /// that is not the user's — so that a background job is refused when it is queued, with
+    /// the answer `POST /chat` would give, instead of failing later.
+    pub fn check(&self, input: &ChatInput) -> Result<(), ChatError> {
+        self.route(input)?;
+        self.history(input)?;
+        Ok(())
+    }
+
+    /// The model name the input resolves to, and its provider.
+    fn route(&self, input: &ChatInput) -> Result<(String, ProviderName), ChatError> {
         let model = self.model_name(input);
-        let provider = routing::provider_for(&model, self.local_name(), &self.routing.rules)
-            .ok_or_else(|| ChatError::UnknownModel(model.clone()))?;
+        match routing::provider_for(&model, self.local_name(), &self.routing.rules) {
+            Some(provider) => Ok((model, provider)),
+            None => Err(ChatError::UnknownModel(model)),
+        }
+    }
+
+    async fn begin(&self, input: &ChatInput, save: bool) -> Result<Reply, ChatError> {
+        let (model, provider) = self.route(input)?;
         let history = self.history(input)?;
         let persist = self.persist(input, save);
         let Some(remote) = self.remotes.get(provider) else {

@@ -13,11 +13,12 @@ use uuid::Uuid;
 /// did.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SeedRequest {
-    /// What the user says.
-    #[schema(min_length = 1)]
+    /// What the user says (not only white space).
+    #[schema(min_length = 1, pattern = "\\S")]
     pub message: String,
     /// Defaults to `routing.default_model`, else the local model.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub model: Option<String>,
     #[serde(default, deserialize_with = "whole_number")]
     #[schema(minimum = 1, maximum = 32768)]

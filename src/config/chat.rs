@@ -199,6 +199,9 @@ pub struct RoutingConfig {
     pub rules: Vec<RouteRule>,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: u32,
+    /// The most characters a chat request's messages may have together, whichever provider
+    /// answers; checked before routing (a longer request: 422, or 400 on `/v1`).
+    pub max_input_chars: usize,
 }
 
 impl Default for RoutingConfig {
@@ -216,6 +219,7 @@ impl Default for RoutingConfig {
                 rule("*/*", ProviderName::Huggingface),
             ],
             default_max_tokens: 512,
+            max_input_chars: 100_000,
         }
     }
 }
@@ -281,6 +285,9 @@ pub(super) fn validate(
     }
     if routing.default_max_tokens == 0 {
         return Err(ConfigError::invalid("routing.default_max_tokens", "must be greater than 0"));
+    }
+    if routing.max_input_chars == 0 {
+        return Err(ConfigError::invalid("routing.max_input_chars", "must be greater than 0"));
     }
     Ok(())
 }

@@ -386,8 +386,7 @@ impl Config {
                 ));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        log_filter(&self.log.level).map_err(|e| ConfigError::invalid("log.level", e))?;
         chat::validate(&self.local, &self.providers, &self.routing)
     }
 
@@ -412,6 +411,25 @@ pub fn check_jwt_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(key, "must be at least 32 bytes long"));
     }
     Ok(())
+}
+
+/// Parses a `tracing` filter (`log.level` or `RUST_LOG`), stricter than `EnvFilter` itself:
+/// every directive must end in a level — `info`, `edgechat=debug` — because `EnvFilter` reads a
+/// bare word that is not a level (`inf0`) as a target name, which silences every other line.
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    let levels = "error, warn, info, debug, trace or off";
+    let directives: Vec<&str> = spec.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    if directives.is_empty() {
+        return Err(format!("must name a level: {levels}"));
+    }
+    for d in directives {
+        let level = d.rsplit_once('=').map_or(d, |(_, level)| level).trim();
+        if level.is_empty() || level.parse::<LevelFilter>().is_err() {
+            return Err(format!("`{spec}`: `{d}` is not a level; write {levels}, or TARGET=LEVEL"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| format!("`{spec}`: {e}"))
 }
 
 /// Variables of the command line's own flags, not config keys.
@@ -520,6 +538,14 @@ mod tests {
         assert_eq!(c.auth.registration, RegistrationMode::Closed);
         let e = load_text("[rate_limit]\nlogin_slowdown_ms = 60000\n", &[]).unwrap_err();
         assert!(e.to_string().contains("rate_limit.login_slowdown_ms"), "{e}");
+        for bad in ["inf0", "info,hyper", "edgechat=loud", " , "] {
+            let text = format!("[log]\nlevel = \"{bad}\"\n");
+            let e = load_text(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains("log.level"), "{bad}: {e}");
+        }
+        for good in ["info", "WARN,edgechat=debug", "edgechat::access=off, info", "3"] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum Act {
     Malformed,
     /// Answers with an error status, a JSON error body, and `Retry-After` seconds.
     Status(u16, Option<u64>),
+    /// Answers with an error status and OpenAI's error body, echoing the key it was sent and
+    /// the model asked for, as providers do ("Incorrect API key provided: sk-…").
+    Echo(u16),
 }
 
 /// An answer streamed at once.
@@ -110,6 +113,11 @@ async fn handle(
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let bytes = req.into_body().collect().await.unwrap().to_bytes();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let echoed = format!(
+        "Incorrect API key provided: {}. The model `{}` does not exist.",
+        auth.strip_prefix("Bearer ").unwrap_or(&auth),
+        body["model"].as_str().unwrap_or_default()
+    );
     requests.lock().unwrap().push(Seen { path, auth, body });
     let act = {
         let mut s = script.lock().unwrap();
@@ -132,6 +140,11 @@ async fn handle(
             }
             let text = r#"{"error": {"message": "key sk-secretsecretsecretsecret rejected", "type": "x"}}"#;
             Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
+        }
+        Act::Echo(status) => {
+            builder = builder.status(status).header("content-type", "application/json");
+            let error = json!({"error": {"message": echoed, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+            Full::new(Bytes::from(error.to_string())).map_err(|never| match never {}).boxed()
         }
         other => {
             builder = builder.header("content-type", "text/event-stream");
@@ -179,7 +192,9 @@ fn stream_body(act: Act, gone: Arc<Notify>) -> Body {
             Act::Malformed => {
                 let _ = send("data: {not json\n\n".into()).await;
             }
-            Act::StallBeforeHead | Act::Status(..) => unreachable!("no stream for these"),
+            Act::StallBeforeHead | Act::Status(..) | Act::Echo(_) => {
+                unreachable!("no stream for these")
+            }
         }
     });
     BodyExt::boxed(StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))))
