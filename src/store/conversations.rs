@@ -100,7 +100,9 @@ fn by_user_key(c: &Conversation) -> (u128, u64, u128) {
 
 impl Store {
     /// Appends messages to a conversation (creating it first for `TurnTarget::New`) in one
-    /// transaction, so a turn is stored whole or not at all.
+    /// transaction, so a turn is stored whole or not at all. Turns recorded at the same time
+    /// share that transaction and its fsync (group commit); each call returns after the commit
+    /// that holds its turn.
     pub async fn record_turn(
         &self,
         user_id: Uuid,
@@ -108,7 +110,7 @@ impl Store {
         messages: Vec<NewMessage>,
         now: Millis,
     ) -> Result<(Conversation, Vec<Message>), StoreError> {
-        self.write(move |tx| record_turn_in(tx, user_id, target, messages, now)).await
+        self.turns.write(self, Turn { user_id, target, messages, now }).await
     }
 
     /// A page of the user's conversations, newest activity first, starting after `after`.
@@ -214,6 +216,22 @@ pub(super) fn delete_all_in(
     Ok((keys.len() as u64, removed))
 }
 
+/// A turn waiting for its group commit.
+pub(super) struct Turn {
+    user_id: Uuid,
+    target: TurnTarget,
+    messages: Vec<NewMessage>,
+    now: Millis,
+}
+
+/// A stored turn: its conversation as it now is, and the messages appended.
+pub(super) type Recorded = (Conversation, Vec<Message>);
+
+/// `record_turn_in` for the group commit (which relies on its checks coming before its writes).
+pub(super) fn record_grouped(tx: &redb::WriteTransaction, t: Turn) -> Result<Recorded, StoreError> {
+    record_turn_in(tx, t.user_id, t.target, t.messages, t.now)
+}
+
 /// `record_turn` inside a caller's transaction (a background job stores its turn and its final
 /// state together).
 pub(super) fn record_turn_in(
@@ -222,7 +240,8 @@ pub(super) fn record_turn_in(
     target: TurnTarget,
     messages: Vec<NewMessage>,
     now: Millis,
-) -> Result<(Conversation, Vec<Message>), StoreError> {
+) -> Result<Recorded, StoreError> {
+    // Every refusal comes before the first write (the group commit relies on it).
     // A request authenticated just before its user was deleted must not leave rows behind.
     if tx.open_table(tables::USERS)?.get(user_id.as_u128())?.is_none() {
         return Err(StoreError::NotFound);
@@ -284,6 +303,45 @@ mod tests {
             provider: None,
             usage: None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_turns_share_commits_and_one_refusal_spares_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let new_user = crate::store::NewUser {
+            username: "carol".into(),
+            email: "carol@x.io".into(),
+            password_hash: "$argon2id$x".into(),
+            is_admin: false,
+        };
+        let carol = store.create_user(new_user, 0).await.unwrap().id;
+        const TURNS: usize = 64;
+        let before = store.transactions.load(std::sync::atomic::Ordering::Relaxed);
+        let turns = (0..TURNS).map(|i| {
+            let store = store.clone();
+            // One turn in the crowd names a conversation that does not exist.
+            let target = match i {
+                17 => TurnTarget::Existing(Uuid::now_v7()),
+                _ => TurnTarget::New { title: format!("t{i}"), model: "m".into() },
+            };
+            tokio::spawn(async move {
+                store.record_turn(carol, target, vec![msg(Role::User, "hi")], i as Millis).await
+            })
+        });
+        let outcomes = futures_util::future::join_all(turns).await;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match (i, outcome.unwrap()) {
+                (17, Err(StoreError::NotFound)) => {}
+                (17, other) => panic!("the missing conversation answered {other:?}"),
+                (_, Ok((conv, stored))) => assert_eq!((conv.message_count, stored.len()), (1, 1)),
+                (_, Err(e)) => panic!("turn {i} failed: {e}"),
+            }
+        }
+        let listed = store.conversations(carol, 100, None).unwrap().items.len();
+        assert_eq!(listed, TURNS - 1, "every acknowledged turn is stored");
+        let commits = store.transactions.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(commits < TURNS as u64 / 2, "{commits} commits for {TURNS} concurrent turns");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 mod accounts;
 mod backup;
 mod conversations;
+mod group;
 mod jobs;
 mod recovery;
 mod tables;
@@ -87,6 +88,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the storage itself failed (as opposed to a refusal of one write: a missing
+    /// record, a taken name), so that a transaction holding other writes must be aborted.
+    pub fn is_storage_failure(&self) -> bool {
+        !matches!(self, StoreError::NotFound | StoreError::Conflict(_) | StoreError::Corrupt { .. })
+    }
+
     /// Whether this is the store refusing writes for now (full disk, I/O error, reopening):
     /// retrying later may succeed without anyone restarting anything.
     pub fn is_unavailable(&self) -> bool {
@@ -161,6 +168,11 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 #[derive(Clone)]
 pub struct Store {
     shared: Arc<Shared>,
+    /// Chat turns, group-committed (`record_turn`).
+    turns: Arc<group::Group<conversations::Turn, conversations::Recorded>>,
+    /// Write transactions begun, for tests to see what shares one.
+    #[cfg(test)]
+    transactions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -224,7 +236,12 @@ impl Store {
             StoreError::Io(other) => StoreError::Db(format!("{}: {other}", path.display())),
             other => other,
         })?;
-        Ok(Store { shared: Shared::new(path, cache_bytes, db, disk) })
+        Ok(Store {
+            shared: Shared::new(path, cache_bytes, db, disk),
+            turns: group::Group::new(conversations::record_grouped),
+            #[cfg(test)]
+            transactions: Default::default(),
+        })
     }
 
     /// Where the file lives, for messages and backups.
@@ -290,19 +307,27 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            // Refused before it starts while the disk is full: nothing is acknowledged then.
-            shared.writable()?;
-            shared.with_db(Wait::Block, |db| {
-                let tx = db.begin_write()?;
-                let out = f(&tx)?;
-                tx.commit()?;
-                Ok(out)
-            })
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.write_now(f))
+            .await
+            .map_err(|e| StoreError::Db(format!("write task failed: {e}")))?
+    }
+
+    /// `write` on the calling thread (which may block): for the blocking pool only.
+    fn write_now<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // Refused before it starts while the disk is full: nothing is acknowledged then.
+        self.shared.writable()?;
+        #[cfg(test)]
+        self.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.with_db(Wait::Block, |db| {
+            let tx = db.begin_write()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
         })
-        .await
-        .map_err(|e| StoreError::Db(format!("write task failed: {e}")))?
     }
 
     /// Runs `f` in a read transaction. Reads never wait for writers (redb is MVCC), so they
