@@ -89,9 +89,15 @@ async fn enqueue_rate(base: &str, token: &str, clients: usize) -> (f64, Duration
 
 /// The store's side alone: batches of `n` jobs per transaction, as group commit makes them.
 async fn store_rate(running: &edgechat::server::Running) {
-    use edgechat::store::{Job, QueueLimits};
+    use edgechat::store::{Job, NewUser, QueueLimits};
     let limits = QueueLimits { per_user: u32::MAX, total: u64::MAX };
-    let user = uuid::Uuid::now_v7();
+    let new = NewUser {
+        username: "store-only".into(),
+        email: "store-only@example.com".into(),
+        password_hash: "$argon2id$unused".into(),
+        is_admin: false,
+    };
+    let user = running.store().create_user(new, 0).await.unwrap().id;
     for n in [1usize, 8, 64] {
         let started = Instant::now();
         let mut done = 0;

@@ -420,6 +420,8 @@ fn init_logging(config: &Config) -> Result<(), String> {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    // A panic's message goes through the log (and its masking) instead of straight to stderr.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panicked")));
     Ok(())
 }
 

@@ -6,12 +6,10 @@
 //! which is also what makes `user disable` take effect at once on a live server.
 //! The protocol is one JSON line each way.
 
-use crate::auth::{
-    check_email, check_password, check_username, Actor, Auth, AuthError, Registration,
-};
+use crate::auth::{check_password, Actor, Auth, AuthError, Registration};
 use crate::clock::rfc3339;
 use crate::secret::Secret;
-use crate::store::{ApiKeyRecord, DeletedUser, Store, StoreError, User};
+use crate::store::{ApiKeyRecord, DeletedUser, Store, User};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -190,23 +188,21 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
         Command::CreateUser { username, email, password, admin } => {
             create_user(auth, Registration { username, email, password }, admin).await
         }
-        Command::ListUsers => store
+        Command::ListUsers => auth
             .users()
             .map(|users| Reply::Users(users.iter().map(UserRow::from).collect()))
             .map_err(|e| e.to_string()),
         Command::SetDisabled { username, disabled } => {
-            match store.set_user_disabled(&username, disabled).await {
-                Ok(user) => Ok(Reply::User(UserRow::from(&user))),
-                Err(StoreError::NotFound) => Err(format!("no user named {username}")),
-                Err(e) => Err(e.to_string()),
-            }
+            change_access(auth, &username, None, Some(disabled)).await
         }
         Command::Backup { path } => backup(store, path).await.map(Reply::Backup),
         Command::ResetPassword { username, password } => {
             reset_password(auth, &username, password).await
         }
         Command::DeleteUser { username } => delete_user(auth, &username).await,
-        Command::SetAdmin { username, admin } => set_admin(auth, &username, admin).await,
+        Command::SetAdmin { username, admin } => {
+            change_access(auth, &username, Some(admin), None).await
+        }
         Command::ListKeys { username } => list_keys(auth, &username),
         Command::RevokeKey { username, key_id } => revoke_key(auth, &username, &key_id).await,
     };
@@ -218,42 +214,54 @@ fn explain(e: AuthError, username: &str) -> String {
     match e {
         AuthError::UserNotFound => format!("no user named {username}"),
         AuthError::LastAdmin => format!(
-            "{username} is the last active admin; grant admin to another account first              (edgechat user grant-admin NAME)"
+            "{username} is the last active admin; grant admin to another account first \
+             (edgechat user grant-admin NAME)"
         ),
         other => other.to_string(),
     }
 }
 
+/// The id of the account named `username`, or the operator's message.
+fn id_of(auth: &Auth, username: &str) -> Result<uuid::Uuid, String> {
+    Ok(auth.user_named(username).map_err(|e| explain(e, username))?.id)
+}
+
 async fn reset_password(auth: &Auth, username: &str, password: Secret) -> Result<Reply, String> {
     check_password(password.expose())?;
-    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let id = id_of(auth, username)?;
     let user = auth.reset_password(id, &password).await.map_err(|e| explain(e, username))?;
     Ok(Reply::User(UserRow::from(&user)))
 }
 
 async fn delete_user(auth: &Auth, username: &str) -> Result<Reply, String> {
-    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let id = id_of(auth, username)?;
     let deleted = auth.delete_user(Actor::Operator, id).await.map_err(|e| explain(e, username))?;
     Ok(Reply::Deleted(DeletedRow::from(&deleted)))
 }
 
-async fn set_admin(auth: &Auth, username: &str, admin: bool) -> Result<Reply, String> {
-    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+/// Grants or revokes admin (`admin`), disables or enables (`disabled`); `None` keeps it.
+async fn change_access(
+    auth: &Auth,
+    username: &str,
+    admin: Option<bool>,
+    disabled: Option<bool>,
+) -> Result<Reply, String> {
+    let id = id_of(auth, username)?;
     let user = auth
-        .change_access(Actor::Operator, id, Some(admin), None)
+        .change_access(Actor::Operator, id, admin, disabled)
         .await
         .map_err(|e| explain(e, username))?;
     Ok(Reply::User(UserRow::from(&user)))
 }
 
 fn list_keys(auth: &Auth, username: &str) -> Result<Reply, String> {
-    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let id = id_of(auth, username)?;
     let keys = auth.user_api_keys(id).map_err(|e| explain(e, username))?;
     Ok(Reply::Keys(keys.iter().map(KeyRow::from).collect()))
 }
 
 async fn revoke_key(auth: &Auth, username: &str, key_id: &str) -> Result<Reply, String> {
-    let id = auth.user_named(username).map_err(|e| explain(e, username))?.id;
+    let id = id_of(auth, username)?;
     let not_found = || format!("{username} has no API key {key_id}");
     let key = uuid::Uuid::parse_str(key_id).map_err(|_| not_found())?;
     match auth.revoke_api_key(id, key).await {
@@ -297,9 +305,9 @@ pub async fn backup(store: &Store, path: PathBuf) -> Result<u64, String> {
 }
 
 async fn create_user(auth: &Auth, reg: Registration, admin: bool) -> Result<Reply, String> {
-    check_username(&reg.username)?;
-    check_email(&reg.email)?;
-    check_password(reg.password.expose())?;
+    if let Some((field, problem)) = reg.problems().first() {
+        return Err(format!("{field}: {problem}"));
+    }
     let user = auth.register(reg, admin).await.map_err(|e| e.to_string())?;
     Ok(Reply::User(UserRow::from(&user)))
 }

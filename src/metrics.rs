@@ -320,6 +320,9 @@ pub fn set(reading: Reading) {
             m.connections.get_or_create(&StateLabel { state }).set(n as i64)
         }
         Reading::ConnectionsEnded(reason, total) => {
+            // Two scrapes at once must not both add the same difference.
+            static CATCH_UP: Mutex<()> = Mutex::new(());
+            let _one = CATCH_UP.lock().unwrap_or_else(|p| p.into_inner());
             let counter = m.connections_ended.get_or_create(&ReasonLabel { reason });
             counter.inc_by(total.saturating_sub(counter.get())) as i64
         }

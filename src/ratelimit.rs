@@ -94,6 +94,16 @@ impl Limiter {
         shard.tats.insert(key.to_string(), tat);
     }
 
+    /// Gives back `n` units `key` took (a reservation that turned out not to count); never
+    /// more than it has used.
+    pub fn refund(&self, key: &str, n: u32) {
+        let now = Instant::now().saturating_duration_since(self.epoch);
+        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tat) = shard.tats.get_mut(key) {
+            *tat = tat.saturating_sub(self.interval.saturating_mul(n)).max(now);
+        }
+    }
+
     /// Drops what `key` has used, as if it had never been seen.
     pub fn forget(&self, key: &str) {
         self.shard(key).lock().unwrap_or_else(|p| p.into_inner()).tats.remove(key);

@@ -1,7 +1,9 @@
 //! The signals a serving process answers. Every signal whose default action would end the
 //! process is caught, so that nothing but SIGKILL ends it undrained: SIGTERM, SIGINT and
 //! SIGQUIT drain and stop, SIGHUP reloads what can be reloaded without dropping connections,
-//! and SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//! and the rest whose default is to end the process (SIGUSR1, SIGUSR2, SIGALRM, SIGIO,
+//! SIGPROF, SIGVTALRM, SIGPWR, SIGXCPU, SIGXFSZ) are logged and ignored. SIGPIPE is ignored by
+//! the Rust runtime already.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -19,10 +21,18 @@ const STOP: [(SignalKind, &str); 3] = [
     (SignalKind::interrupt(), "SIGINT"),
     (SignalKind::quit(), "SIGQUIT"),
 ];
-const IGNORED: [(SignalKind, &str); 3] = [
+const IGNORED: [(SignalKind, &str); 9] = [
     (SignalKind::user_defined1(), "SIGUSR1"),
     (SignalKind::user_defined2(), "SIGUSR2"),
     (SignalKind::alarm(), "SIGALRM"),
+    (SignalKind::io(), "SIGIO"),
+    (SignalKind::from_raw(libc::SIGPROF), "SIGPROF"),
+    (SignalKind::from_raw(libc::SIGVTALRM), "SIGVTALRM"),
+    (SignalKind::from_raw(libc::SIGPWR), "SIGPWR"),
+    (SignalKind::from_raw(libc::SIGXCPU), "SIGXCPU"),
+    // A file past `LimitFSIZE`: the write then fails with EFBIG, which the store treats as an
+    // I/O error it recovers from, instead of the signal ending the process.
+    (SignalKind::from_raw(libc::SIGXFSZ), "SIGXFSZ"),
 ];
 
 /// The handlers, installed from the moment this is made: make it before announcing that the

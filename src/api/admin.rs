@@ -7,7 +7,7 @@
 use super::auth::ApiKeyOut;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Req, Routes};
-use crate::auth::{check_email, check_password, check_username, Actor, Principal, Registration};
+use crate::auth::{check_password, Actor, Registration};
 use crate::clock::rfc3339;
 use crate::http::{empty, json, Body};
 use crate::secret::Secret;
@@ -179,15 +179,6 @@ impl From<&DeletedUser> for DeletedUserOut {
     }
 }
 
-/// The calling admin; anyone else learns only that the route does not exist.
-async fn admin(app: &App, req: &Req) -> Result<Principal, ApiError> {
-    let principal = req.principal(app).await?;
-    match principal.user.is_admin {
-        true => Ok(principal),
-        false => Err(ApiError::RouteNotFound),
-    }
-}
-
 /// The `{id}` of the path: a user id, or `404`.
 fn target(req: &Req) -> Result<Uuid, ApiError> {
     req.id("id", "User not found")
@@ -198,31 +189,27 @@ fn user_json(status: StatusCode, user: &User) -> Response<Body> {
 }
 
 async fn list(app: Arc<App>, req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     let users: Vec<AdminUser> = app.auth.users()?.iter().map(AdminUser::from).collect();
     Ok(json(StatusCode::OK, &users))
 }
 
 async fn create(app: Arc<App>, mut req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     let body: NewUserRequest = req.json(&app).await?;
-    Checks::default()
-        .field("username", check_username(&body.username))
-        .field("email", check_email(&body.email))
-        .field("password", check_password(body.password.expose()))
-        .finish()?;
     let reg = Registration { username: body.username, email: body.email, password: body.password };
+    Checks::default().all(reg.problems()).finish()?;
     let user = app.auth.register(reg, body.is_admin).await?;
     Ok(user_json(StatusCode::CREATED, &user))
 }
 
 async fn show(app: Arc<App>, req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     Ok(user_json(StatusCode::OK, &app.auth.user(target(&req)?)?))
 }
 
 async fn update(app: Arc<App>, mut req: Req) -> Answer {
-    let actor = Actor::Admin(admin(&app, &req).await?.user.id);
+    let actor = Actor::Admin(req.admin(&app).await?.user.id);
     let id = target(&req)?;
     let patch: UserPatch = req.json(&app).await?;
     let user = app.auth.change_access(actor, id, patch.is_admin, patch.disabled).await?;
@@ -230,14 +217,14 @@ async fn update(app: Arc<App>, mut req: Req) -> Answer {
 }
 
 async fn delete(app: Arc<App>, req: Req) -> Answer {
-    let actor = Actor::Admin(admin(&app, &req).await?.user.id);
+    let actor = Actor::Admin(req.admin(&app).await?.user.id);
     let deleted = app.auth.delete_user(actor, target(&req)?).await?;
     tracing::info!(user = %deleted.user.id, jobs = deleted.jobs, "account deleted by an admin");
     Ok(json(StatusCode::OK, &DeletedUserOut::from(&deleted)))
 }
 
 async fn reset_password(app: Arc<App>, mut req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     let id = target(&req)?;
     let body: PasswordReset = req.json(&app).await?;
     Checks::default().field("password", check_password(body.password.expose())).finish()?;
@@ -246,14 +233,14 @@ async fn reset_password(app: Arc<App>, mut req: Req) -> Answer {
 }
 
 async fn list_keys(app: Arc<App>, req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     let keys: Vec<ApiKeyOut> =
         app.auth.user_api_keys(target(&req)?)?.iter().map(ApiKeyOut::from).collect();
     Ok(json(StatusCode::OK, &keys))
 }
 
 async fn revoke_key(app: Arc<App>, req: Req) -> Answer {
-    admin(&app, &req).await?;
+    req.admin(&app).await?;
     let user = target(&req)?;
     let key = req.id("key_id", "API key not found")?;
     app.auth.revoke_api_key(user, key).await?;

@@ -3,9 +3,7 @@
 use super::error::FieldError;
 use super::extract::{from_value, Checks, Encoded};
 use super::{handler, ApiError, App, Doc, Req, Routes};
-use crate::auth::{
-    check_email, check_key_name, check_password, check_username, Registration, TokenPair,
-};
+use crate::auth::{check_key_name, Registration, TokenPair};
 use crate::clock::rfc3339;
 use crate::config::RegistrationMode;
 use crate::http::{empty, json, Body};
@@ -223,12 +221,8 @@ async fn register(app: Arc<App>, mut req: Req) -> Answer {
         ));
     }
     let body: RegisterRequest = req.json(&app).await?;
-    Checks::default()
-        .field("username", check_username(&body.username))
-        .field("email", check_email(&body.email))
-        .field("password", check_password(body.password.expose()))
-        .finish()?;
     let reg = Registration { username: body.username, email: body.email, password: body.password };
+    Checks::default().all(reg.problems()).finish()?;
     let user = app.auth.register(reg, false).await?;
     Ok(json(StatusCode::OK, &UserOut::from(&user)))
 }

@@ -172,7 +172,10 @@ pub(super) const MAX_MODEL_NAME: usize = 256;
 /// A model name is at most `MAX_MODEL_NAME` characters.
 pub(super) fn check_model(model: Option<&str>) -> Result<(), &'static str> {
     match model {
-        Some(m) if m.chars().count() > MAX_MODEL_NAME => Err("must be at most 256 characters"),
+        Some(m) if m.chars().count() > MAX_MODEL_NAME => {
+            const _: () = assert!(MAX_MODEL_NAME == 256, "the message below names the limit");
+            Err("must be at most 256 characters")
+        }
         _ => Ok(()),
     }
 }

@@ -325,9 +325,8 @@ fn job_shape(e: &JobError) -> Shape {
         J::UserLimit(_) => {
             (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("too_many_jobs"))
         }
-        J::QueueFull(_) | J::Stopped => {
-            (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_full"))
-        }
+        J::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_full")),
+        J::UserGone => (StatusCode::UNAUTHORIZED, "authentication_error", Some("user_gone")),
         J::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found")),
         J::Finished(_) => (StatusCode::CONFLICT, "invalid_request_error", Some("finished")),
         J::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),

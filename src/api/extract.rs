@@ -157,6 +157,16 @@ impl Req {
             .ok_or(AuthError::Unauthenticated("no bearer credential"))?;
         Ok(app.auth.authenticate(token).await?)
     }
+
+    /// The calling admin; anyone else learns only that the route does not exist (`404`, as
+    /// for any unknown path; no credential at all is still `401`).
+    pub async fn admin(&self, app: &App) -> Result<Principal, ApiError> {
+        let principal = self.principal(app).await?;
+        match principal.user.is_admin {
+            true => Ok(principal),
+            false => Err(ApiError::RouteNotFound),
+        }
+    }
 }
 
 /// The largest page a listing returns.
@@ -199,6 +209,14 @@ impl Checks {
     pub fn field(&mut self, field: &str, result: Result<(), &'static str>) -> &mut Self {
         if let Err(msg) = result {
             self.0.push(FieldError::body(field, "value_error", msg));
+        }
+        self
+    }
+
+    /// Records every (field, message) of `problems`.
+    pub fn all(&mut self, problems: Vec<(&'static str, &'static str)>) -> &mut Self {
+        for (field, msg) in problems {
+            self.field(field, Err(msg));
         }
         self
     }

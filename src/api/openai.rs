@@ -215,16 +215,12 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
     let max_tokens = body.max_completion_tokens.or(body.max_tokens);
     checks
         .field("model", check_model(Some(&body.model)))
-        .field("messages", check_roles(&body.messages))
+        .field("messages", check_messages(&body.messages))
         .field("stop", check_stop(body.stop.as_ref()))
         .field("max_tokens", check_max_tokens(body.max_tokens))
         .field("max_completion_tokens", check_max_tokens(body.max_completion_tokens))
         .field("temperature", check_temperature(body.temperature))
-        .field("n", if body.n.unwrap_or(1) == 1 { Ok(()) } else { Err("only n = 1 is supported") })
-        .field(
-            "messages",
-            if body.messages.is_empty() { Err("must not be empty") } else { Ok(()) },
-        );
+        .field("n", if body.n.unwrap_or(1) == 1 { Ok(()) } else { Err("only n = 1 is supported") });
     if body.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
         checks.field("top_p", Err("must be in (0, 1]"));
     }
@@ -249,10 +245,13 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
 }
 
 /// A conversation needs something to answer: at least one user message.
-fn check_roles(messages: &[InMessage]) -> Result<(), &'static str> {
-    match messages.is_empty() || messages.iter().any(|m| m.role == InRole::User) {
-        true => Ok(()),
-        false => Err("must contain at least one message with role `user`"),
+fn check_messages(messages: &[InMessage]) -> Result<(), &'static str> {
+    if messages.is_empty() {
+        Err("must not be empty")
+    } else if !messages.iter().any(|m| m.role == InRole::User) {
+        Err("must contain at least one message with role `user`")
+    } else {
+        Ok(())
     }
 }
 
@@ -265,7 +264,7 @@ fn stop_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     OneOfBuilder::new().item(text()).item(list).item(null).into()
 }
 
-/// The document says what `check_roles` requires (JSON Schema's `contains`, which utoipa
+/// The document says what `check_messages` requires (JSON Schema's `contains`, which utoipa
 /// cannot write).
 fn needs_a_user_message(components: &mut serde_json::Map<String, Value>) {
     let messages =
@@ -279,7 +278,10 @@ fn needs_a_user_message(components: &mut serde_json::Map<String, Value>) {
 
 fn check_stop(stop: Option<&Stop>) -> Result<(), &'static str> {
     match stop {
-        Some(Stop::Many(items)) if items.len() > MAX_STOP => Err("must have at most 4 sequences"),
+        Some(Stop::Many(items)) if items.len() > MAX_STOP => {
+            const _: () = assert!(MAX_STOP == 4, "the message below names the limit");
+            Err("must have at most 4 sequences")
+        }
         _ => Ok(()),
     }
 }

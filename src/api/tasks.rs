@@ -187,10 +187,7 @@ impl QueueView {
 }
 
 async fn admin(app: Arc<App>, req: Req) -> Answer {
-    let principal = req.principal(&app).await?;
-    if !principal.user.is_admin {
-        return Err(ApiError::RouteNotFound);
-    }
+    req.admin(&app).await?;
     let view = QueueView::of(&app.jobs.stats(WINDOW)?);
     let wants_html = req
         .parts

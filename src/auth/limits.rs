@@ -12,14 +12,26 @@ use crate::ratelimit::{Decision, Limiter, Quota};
 use std::time::Duration;
 
 /// What a login attempt may do before its password is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
+#[derive(Debug)]
+pub enum Gate<'a> {
     /// Go ahead.
-    Open,
+    Open(Attempt<'a>),
     /// Go ahead after waiting this long: the username has too many failures from anywhere.
-    Slowed(Duration),
+    Slowed(Attempt<'a>, Duration),
     /// This address (for this username, or for all) has failed too often; answer `429`.
     Refused(Decision),
+}
+
+/// A login attempt let through the gate. It holds a failure in advance against its address
+/// and (address, username), so that guesses sent at once cannot all pass before the first
+/// one fails: settle it with `failed` or `succeeded`; dropped unsettled (an error that says
+/// nothing of the password, a client that left), it gives the reservation back.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    limits: &'a LoginLimits,
+    address: String,
+    username: Option<String>,
+    settled: bool,
 }
 
 /// The three failed-login counters and the slowdown.
@@ -52,37 +64,67 @@ impl LoginLimits {
         }
     }
 
-    /// Decides, taking nothing, whether `address` may try `username` (`None`: a name no
-    /// account can have, so only the address counts). `username` is already lowercase.
-    pub fn gate(&self, address: &str, username: Option<&str>) -> Gate {
-        let mut refusals = vec![self.per_address.peek(address)];
+    /// Decides whether `address` may try `username` (`None`: a name no account can have, so
+    /// only the address counts), reserving a failure on both address limits when it may.
+    /// `username` is already lowercase.
+    pub fn gate(&self, address: &str, username: Option<&str>) -> Gate<'_> {
+        let by_address = self.per_address.check(address);
+        if !by_address.allowed {
+            return Gate::Refused(by_address);
+        }
         if let Some(name) = username {
-            refusals.push(self.per_address_and_username.peek(&pair(address, name)));
+            let by_pair = self.per_address_and_username.check(&pair(address, name));
+            if !by_pair.allowed {
+                self.per_address.refund(address, 1);
+                return Gate::Refused(by_pair);
+            }
         }
-        // When both refuse, the longer wait is the true one.
-        if let Some(d) = refusals.into_iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after) {
-            return Gate::Refused(d);
-        }
+        let attempt = Attempt {
+            limits: self,
+            address: address.to_string(),
+            username: username.map(str::to_string),
+            settled: false,
+        };
         match username.map(|name| self.per_username.peek(name)) {
-            Some(d) if !d.allowed && !self.slowdown.is_zero() => Gate::Slowed(self.slowdown),
-            _ => Gate::Open,
+            Some(d) if !d.allowed && !self.slowdown.is_zero() => {
+                Gate::Slowed(attempt, self.slowdown)
+            }
+            _ => Gate::Open(attempt),
+        }
+    }
+}
+
+impl Attempt<'_> {
+    /// The password was wrong (or the user unknown): the reserved failures stand, and the
+    /// username's own count grows.
+    pub fn failed(mut self) {
+        self.settled = true;
+        if let Some(name) = &self.username {
+            self.limits.per_username.charge(name, 1);
         }
     }
 
-    /// Counts a failed attempt against every limit it falls under.
-    pub fn failed(&self, address: &str, username: Option<&str>) {
-        // `charge`, not `check`: a failure counts even when the attempt raced past `gate`.
-        self.per_address.charge(address, 1);
-        if let Some(name) = username {
-            self.per_address_and_username.charge(&pair(address, name), 1);
-            self.per_username.charge(name, 1);
+    /// The password was right: the address gets its reservation back, and the pair's earlier
+    /// failures (its own typos) are cleared — nothing else: the address and the username keep
+    /// what others did.
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        self.limits.per_address.refund(&self.address, 1);
+        if let Some(name) = &self.username {
+            self.limits.per_address_and_username.forget(&pair(&self.address, name));
         }
     }
+}
 
-    /// A correct password from `address` clears that pair's failures (its own typos), and
-    /// nothing else: the address and the username keep what others did.
-    pub fn succeeded(&self, address: &str, username: &str) {
-        self.per_address_and_username.forget(&pair(address, username));
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.limits.per_address.refund(&self.address, 1);
+        if let Some(name) = &self.username {
+            self.limits.per_address_and_username.refund(&pair(&self.address, name), 1);
+        }
     }
 }
 
@@ -101,36 +143,61 @@ mod tests {
         })
     }
 
+    /// Tries `name` from `address` with a wrong password: whether the gate let it through.
+    fn fail(l: &LoginLimits, address: &str, name: Option<&str>) -> bool {
+        match l.gate(address, name) {
+            Gate::Open(a) | Gate::Slowed(a, _) => {
+                a.failed();
+                true
+            }
+            Gate::Refused(_) => false,
+        }
+    }
+
+    fn refused(g: Gate<'_>) -> bool {
+        matches!(g, Gate::Refused(d) if d.retry_after > Duration::ZERO)
+    }
+
     #[test]
     fn an_address_is_refused_for_a_name_then_for_all_while_others_are_only_slowed() {
         let l = limits();
-        for _ in 0..2 {
-            assert_eq!(l.gate("a", Some("kate")), Gate::Open);
-            l.failed("a", Some("kate"));
-        }
-        assert!(matches!(l.gate("a", Some("kate")), Gate::Refused(_)), "the pair is spent");
-        assert_eq!(l.gate("a", Some("liam")), Gate::Open, "other names from a are fine");
-        assert_eq!(l.gate("b", Some("kate")), Gate::Open, "kate from b is fine");
-        l.failed("b", Some("kate"));
+        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
+        assert!(refused(l.gate("a", Some("kate"))), "the pair is spent");
+        assert!(matches!(l.gate("a", Some("liam")), Gate::Open(_)), "other names from a");
+        assert!(matches!(l.gate("b", Some("kate")), Gate::Open(_)), "kate from b is fine");
+        assert!(fail(&l, "b", Some("kate")));
         // Three failures on kate in all: slowed, from any address, never refused.
-        assert_eq!(l.gate("c", Some("kate")), Gate::Slowed(Duration::from_millis(50)));
-        l.failed("a", Some("liam"));
-        l.failed("a", None);
-        let refused = l.gate("a", Some("zoe"));
-        assert!(matches!(refused, Gate::Refused(d) if d.retry_after > Duration::ZERO));
-        assert!(matches!(l.gate("a", None), Gate::Refused(_)), "four from a: all names");
+        let slowed = l.gate("c", Some("kate"));
+        assert!(matches!(slowed, Gate::Slowed(_, d) if d == Duration::from_millis(50)));
+        assert!(fail(&l, "a", Some("liam")) && fail(&l, "a", None));
+        assert!(refused(l.gate("a", Some("zoe"))));
+        assert!(refused(l.gate("a", None)), "four from a: all names");
     }
 
     #[test]
     fn success_clears_only_its_own_pair() {
         let l = limits();
-        l.failed("a", Some("kate"));
-        l.failed("a", Some("kate"));
-        l.succeeded("a", "kate");
-        assert_eq!(l.gate("a", Some("kate")), Gate::Open);
-        l.failed("a", Some("kate"));
-        assert!(matches!(l.gate("a", None), Gate::Open), "3 of the address's 4 are used");
-        l.failed("a", None);
-        assert!(matches!(l.gate("a", None), Gate::Refused(_)), "the address kept its count");
+        assert!(fail(&l, "a", Some("kate")));
+        let Gate::Open(a) = l.gate("a", Some("kate")) else { panic!("one failure of two") };
+        a.succeeded();
+        // The pair starts again (two more are let through); the address kept its one.
+        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
+        assert!(refused(l.gate("a", Some("kate"))));
+        assert!(matches!(l.gate("a", None), Gate::Open(_)), "3 of the address's 4 are used");
+        assert!(fail(&l, "a", None));
+        assert!(refused(l.gate("a", None)), "the address kept its count");
+    }
+
+    #[test]
+    fn guesses_sent_at_once_cannot_all_pass_and_unsettled_ones_give_back() {
+        let l = limits();
+        // Twenty guesses in flight at once for one name: the pair's burst (2) lets two through.
+        let gates: Vec<Gate<'_>> = (0..20).map(|_| l.gate("a", Some("kate"))).collect();
+        let through = gates.iter().filter(|g| !matches!(g, Gate::Refused(_))).count();
+        assert_eq!(through, 2);
+        // Dropped unsettled (the client left): both reservations come back.
+        drop(gates);
+        assert!(matches!(l.gate("a", Some("kate")), Gate::Open(_)));
+        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
     }
 }

@@ -87,6 +87,20 @@ pub struct Registration {
     pub password: Secret,
 }
 
+impl Registration {
+    /// Each rule the account's fields break, by field name; empty when it may be created.
+    pub fn problems(&self) -> Vec<(&'static str, &'static str)> {
+        [
+            ("username", check_username(&self.username)),
+            ("email", check_email(&self.email)),
+            ("password", check_password(self.password.expose())),
+        ]
+        .into_iter()
+        .filter_map(|(field, result)| result.err().map(|msg| (field, msg)))
+        .collect()
+    }
+}
+
 /// What login and refresh hand out.
 #[derive(Debug, Clone)]
 pub struct TokenPair {
@@ -173,11 +187,14 @@ impl Auth {
         let address = address_key(client);
         // A name no account can have stays out of the per-name tables (it may be huge).
         let name = check_username(username).is_ok().then(|| username.to_lowercase());
-        match self.login_limits.gate(&address, name.as_deref()) {
+        let attempt = match self.login_limits.gate(&address, name.as_deref()) {
             Gate::Refused(d) => return Err(AuthError::TooManyFailures(d)),
-            Gate::Slowed(delay) => tokio::time::sleep(delay).await,
-            Gate::Open => {}
-        }
+            Gate::Slowed(attempt, delay) => {
+                tokio::time::sleep(delay).await;
+                attempt
+            }
+            Gate::Open(attempt) => attempt,
+        };
         let user = match &name {
             Some(_) => self.store.user_by_username(username)?,
             None => None,
@@ -189,10 +206,11 @@ impl Auth {
         let user = match user {
             Some(u) if ok => u,
             _ => {
-                self.login_limits.failed(&address, name.as_deref());
+                attempt.failed();
                 return Err(AuthError::BadCredentials);
             }
         };
+        attempt.succeeded();
         if user.disabled {
             return Err(AuthError::Disabled);
         }
@@ -202,9 +220,6 @@ impl Auth {
             // Deleted while its password was being checked.
             Err(StoreError::NotFound) => return Err(AuthError::BadCredentials),
             other => other?,
-        }
-        if let Some(name) = &name {
-            self.login_limits.succeeded(&address, name);
         }
         Ok(self.pair(user.id, refresh))
     }

@@ -166,7 +166,12 @@ impl Chat {
     /// the answer `POST /chat` would give, instead of failing later.
     pub fn check(&self, input: &ChatInput) -> Result<(), ChatError> {
         self.route(input)?;
-        self.history(input)?;
+        if let Thread::Continue(id) = input.thread {
+            // The header says whose it is; the messages are read when the job runs.
+            self.store
+                .conversation_header(input.user, id)?
+                .ok_or(ChatError::ConversationNotFound)?;
+        }
         Ok(())
     }
 

@@ -128,9 +128,18 @@ impl ConnState {
         InFlight(self.clone())
     }
 
-    /// Whether no request is in flight (an HTTP/1 write now is hyper answering a bad head).
-    pub fn is_between_requests(&self) -> bool {
+    fn is_between_requests(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether bytes of an HTTP/1 head arrived that never became a request: a response written
+    /// now is hyper's own answer to a head it could not parse. (A response of ours may still be
+    /// flushed after its request ended, but by then `InFlight`'s drop has cleared `head_since`,
+    /// and hyper flushes before it reads the next head.)
+    pub fn answering_unparsed_head(&self) -> bool {
+        !self.is_h2()
+            && self.is_between_requests()
+            && self.head_since.load(Ordering::Acquire) != u64::MAX
     }
 
     /// Records the protocol the connection speaks, once known; an HTTP/1 head has begun then.
@@ -191,6 +200,23 @@ impl ConnState {
         }
     }
 
+    /// Resolves once no request has been in flight for `quiet`, counting from this call: a
+    /// connection told to close gets that long to say goodbye, and requests that started
+    /// meanwhile are never cut short by it.
+    pub async fn quiet_for(&self, quiet: Duration) {
+        let from = self.now();
+        let quiet = quiet.as_millis() as u64;
+        loop {
+            let now = self.now();
+            let since = from.max(self.idle_since.load(Ordering::Acquire));
+            if self.is_between_requests() && now >= since + quiet {
+                return;
+            }
+            let wait = (since + quiet).saturating_sub(now).clamp(50, quiet.max(50));
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+
     fn deadline(&self, now: u64, policy: &Policy) -> (u64, Close) {
         let idle = policy.idle.as_millis() as u64;
         if !self.is_between_requests() {
@@ -240,7 +266,6 @@ pub(super) struct Registry {
     epoch: Instant,
     inner: Mutex<Inner>,
     empty: Notify,
-    shutting_down: AtomicBool,
     tarpitted: Arc<AtomicUsize>,
 }
 
@@ -292,7 +317,6 @@ impl Registry {
             epoch: Instant::now(),
             inner: Mutex::new(Inner::default()),
             empty: Notify::new(),
-            shutting_down: AtomicBool::new(false),
             tarpitted: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -335,10 +359,6 @@ impl Registry {
         inner.conns.insert(id, Entry { group, state: state.clone() });
         STATS.open.fetch_add(1, Ordering::Relaxed);
         self.relieve_pressure(&mut inner, now);
-        if self.shutting_down.load(Ordering::Acquire) {
-            state.order(ORDER_SHUTDOWN);
-            inner.closing += 1;
-        }
         Ok(Lease { registry: self.clone(), id, state })
     }
 
@@ -398,10 +418,9 @@ impl Registry {
         });
     }
 
-    /// Orders every connection to finish its requests and close; new ones are refused the
-    /// same way.
+    /// Orders every connection to finish its requests and close (the accept loop has ended:
+    /// no new one comes).
     pub fn shut_down(&self) {
-        self.shutting_down.store(true, Ordering::Release);
         let mut inner = self.lock();
         let mut ordered = 0;
         for e in inner.conns.values() {

@@ -52,7 +52,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
-/// How long a connection told to close (idle, evicted) may take to say goodbye.
+/// How long a connection told to close (idle, evicted) may take to say goodbye once no
+/// request is in flight on it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -214,7 +215,8 @@ where
 
 /// Polls a hyper connection until it ends; when the registry says to close it, a slow head is
 /// cut at once and anything else is shut down gracefully (HTTP/2 GOAWAY, HTTP/1 close after
-/// the response in flight), with a bounded wait unless the server is draining.
+/// the response in flight), with a bounded wait once no request is in flight (the
+/// server's grace period bounds a drain instead).
 async fn drive<C, E>(
     conn: C,
     state: &ConnState,
@@ -241,9 +243,11 @@ where
         // The server's grace period bounds this.
         return conn.await.map_err(io::Error::other);
     }
-    match tokio::time::timeout(CLOSE_GRACE, conn).await {
-        Ok(r) => r.map_err(io::Error::other),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "close did not complete")),
+    tokio::select! {
+        r = conn => r.map_err(io::Error::other),
+        _ = state.quiet_for(CLOSE_GRACE) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "close did not complete"))
+        }
     }
 }
 

@@ -22,12 +22,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Enqueues gathered into one transaction at most.
-const GROUP_MAX: usize = 256;
 /// Finished jobs deleted per retention transaction.
 const PURGE_BATCH: usize = 500;
 /// While the store refuses writes, workers look again after these waits (doubling), and at
@@ -47,20 +46,17 @@ pub enum JobError {
     /// The job had already finished; it is returned unchanged.
     #[error("the task has already finished")]
     Finished(Box<Job>),
-    #[error("the job service has stopped")]
-    Stopped,
+    #[error("your account no longer exists")]
+    UserGone,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
-
-type Ack = oneshot::Sender<Result<Result<Job, Refusal>, StoreError>>;
 
 /// The job service; `Jobs::start` runs its workers until `shutdown`.
 pub struct Jobs {
     store: Store,
     chat: Arc<Chat>,
     config: JobsConfig,
-    enqueue: mpsc::Sender<(Job, Ack)>,
     wake: Notify,
     /// Running attempts' cancel signals.
     running: Mutex<HashMap<Uuid, Arc<Notify>>>,
@@ -78,8 +74,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 impl Jobs {
-    /// Requeues what a previous process left running, then starts the group-commit writer,
-    /// the workers and the housekeeping task.
+    /// Requeues what a previous process left running, then starts the workers and the
+    /// housekeeping task.
     pub async fn start(
         store: Store,
         chat: Arc<Chat>,
@@ -89,19 +85,17 @@ impl Jobs {
         if rescued > 0 {
             tracing::info!(rescued, "requeued jobs left running by the previous process");
         }
-        let (tx, rx) = mpsc::channel(4096);
         let jobs = Arc::new(Jobs {
             store,
             chat,
             config,
-            enqueue: tx,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
         });
-        let mut tasks = vec![tokio::spawn(jobs.clone().group_commit(rx))];
+        let mut tasks = Vec::new();
         for _ in 0..jobs.config.workers {
             tasks.push(tokio::spawn(jobs.clone().work()));
         }
@@ -120,17 +114,19 @@ impl Jobs {
         }
     }
 
-    /// Stores a job for `request` and returns it once committed.
+    /// Stores a job for `request` and returns it once committed (concurrent enqueues share
+    /// one commit: the store groups them).
     pub async fn enqueue(&self, user: Uuid, request: &SeedRequest) -> Result<Job, JobError> {
         let body = serde_json::to_value(request).expect("requests serialize");
-        let (ack, done) = oneshot::channel();
-        self.enqueue
-            .send((Job::new(user, body, now_ms()), ack))
-            .await
-            .map_err(|_| JobError::Stopped)?;
-        let job = done.await.map_err(|_| JobError::Stopped)??.map_err(|r| match r {
+        let limits = QueueLimits {
+            per_user: self.config.max_queued_per_user,
+            total: self.config.max_queued,
+        };
+        let job = self.store.enqueue_job(Job::new(user, body, now_ms()), limits).await?;
+        let job = job.map_err(|r| match r {
             Refusal::UserLimit(n) => JobError::UserLimit(n),
             Refusal::QueueFull(n) => JobError::QueueFull(n),
+            Refusal::UserGone => JobError::UserGone,
         })?;
         self.wake.notify_one();
         Ok(job)
@@ -173,47 +169,6 @@ impl Jobs {
     pub fn stats(&self, window: Duration) -> Result<JobStats, JobError> {
         let now = now_ms();
         Ok(self.store.job_stats(now, now - window.as_millis() as Millis, 20)?)
-    }
-
-    /// Writes waiting enqueues together: one commit acknowledges the whole batch.
-    async fn group_commit(self: Arc<Self>, mut rx: mpsc::Receiver<(Job, Ack)>) {
-        let limits = QueueLimits {
-            per_user: self.config.max_queued_per_user,
-            total: self.config.max_queued,
-        };
-        loop {
-            let first = tokio::select! {
-                _ = stopped(self.stop.subscribe()) => return,
-                next = rx.recv() => match next {
-                    Some(first) => first,
-                    None => return,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < GROUP_MAX {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-            let (jobs, acks): (Vec<Job>, Vec<Ack>) = batch.into_iter().unzip();
-            match self.store.enqueue_jobs(jobs, limits).await {
-                Ok(outcomes) => {
-                    for (ack, outcome) in acks.into_iter().zip(outcomes) {
-                        let _ = ack.send(Ok(outcome));
-                    }
-                }
-                Err(e) => {
-                    // A store refusing writes has said so once; each caller gets its answer.
-                    if !e.is_unavailable() {
-                        tracing::error!(error = %e, "enqueue failed");
-                    }
-                    for ack in acks {
-                        let _ = ack.send(Err(e.clone()));
-                    }
-                }
-            }
-        }
     }
 
     /// One worker: claim, run, settle; sleep until woken or the next job is due.

@@ -147,26 +147,6 @@ impl Store {
         })
     }
 
-    /// Disables or re-enables a user; a disabled user's tokens and keys stop working at once
-    /// because every request loads the user.
-    pub async fn set_user_disabled(
-        &self,
-        username: &str,
-        disabled: bool,
-    ) -> Result<User, StoreError> {
-        let key = username.to_lowercase();
-        self.write(move |tx| {
-            let id = tx.open_table(tables::USER_BY_NAME)?.get(key.as_str())?.map(|v| v.value());
-            let id = id.ok_or(StoreError::NotFound)?;
-            let mut users = tx.open_table(tables::USERS)?;
-            let mut user: User = get(&users, "users", id)?.ok_or(StoreError::NotFound)?;
-            user.disabled = disabled;
-            users.insert(id, encode(&user).as_slice())?;
-            Ok(user)
-        })
-        .await
-    }
-
     /// Changes a user; demoting the last active admin is refused (`LastAdmin`).
     pub async fn update_user(
         &self,
@@ -692,10 +672,11 @@ mod tests {
         assert_eq!(store.delete_user(root.id).await.unwrap(), AccountChange::LastAdmin);
         // A disabled admin does not count as another admin.
         let other = store.create_user(admin("other"), 0).await.unwrap();
-        store.set_user_disabled("other", true).await.unwrap();
+        let disable = |disabled| UserChange { disabled: Some(disabled), ..UserChange::default() };
+        store.update_user(other.id, disable(true)).await.unwrap();
         assert_eq!(store.update_user(root.id, demote()).await.unwrap(), AccountChange::LastAdmin);
         // An active one does.
-        store.set_user_disabled("other", false).await.unwrap();
+        store.update_user(other.id, disable(false)).await.unwrap();
         let AccountChange::Done(u) = store.update_user(root.id, demote()).await.unwrap() else {
             panic!("other is an active admin")
         };

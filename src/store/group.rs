@@ -57,13 +57,16 @@ impl<I: Send + 'static, O: Send + 'static> Group<I, O> {
 
     /// Commits batches until nothing is waiting (runs on the blocking pool).
     fn drain(&self, store: &Store) {
-        // Should an item panic, the next writer must still find the lane open: its waiters are
-        // answered with an error (their senders drop) and the next write leads a new commit.
+        // Should an item panic, no writer may wait forever: the batch's waiters and those queued
+        // behind it are answered with an error (their senders drop), and the next write leads
+        // a new commit.
         struct Reopen<'a, I, O>(&'a Group<I, O>);
         impl<I, O> Drop for Reopen<'_, I, O> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
-                    self.0.lane.lock().unwrap_or_else(PoisonError::into_inner).committing = false;
+                    let mut lane = self.0.lane.lock().unwrap_or_else(PoisonError::into_inner);
+                    lane.waiting.clear();
+                    lane.committing = false;
                 }
             }
         }

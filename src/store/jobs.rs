@@ -102,6 +102,8 @@ pub enum Refusal {
     UserLimit(u32),
     /// The whole queue holds this many unfinished jobs.
     QueueFull(u64),
+    /// The user no longer exists (deleted while the request was on its way).
+    UserGone,
 }
 
 /// Caps checked when enqueueing.
@@ -246,6 +248,34 @@ fn count(tx: &WriteTransaction, state: JobState) -> Result<u64, StoreError> {
     Ok(tx.open_table(tables::JOB_COUNTS)?.get(state.as_str())?.map_or(0, |v| v.value()))
 }
 
+/// A job waiting for its group commit, and the caps it is checked against.
+pub(super) type Enqueue = (Job, QueueLimits);
+
+/// One enqueue inside a transaction: refusals are answers, not errors, and come before any
+/// write (the group commit relies on it).
+pub(super) fn enqueue_in(
+    tx: &redb::WriteTransaction,
+    (job, limits): Enqueue,
+) -> Result<Result<Job, Refusal>, StoreError> {
+    // Authenticated a moment before the user was deleted: store nothing for nobody.
+    if tx.open_table(tables::USERS)?.get(job.user_id.as_u128())?.is_none() {
+        return Ok(Err(Refusal::UserGone));
+    }
+    let mine = tx
+        .open_table(tables::JOBS_ACTIVE_BY_USER)?
+        .get(job.user_id.as_u128())?
+        .map_or(0, |v| v.value());
+    if mine >= limits.per_user {
+        return Ok(Err(Refusal::UserLimit(limits.per_user)));
+    }
+    if count(tx, JobState::Queued)? + count(tx, JobState::Running)? >= limits.total {
+        return Ok(Err(Refusal::QueueFull(limits.total)));
+    }
+    save(tx, None, &job)?;
+    tx.open_table(tables::JOBS_BY_USER)?.insert((job.user_id.as_u128(), job.id.as_u128()), ())?;
+    Ok(Ok(job))
+}
+
 impl Store {
     /// Adds jobs in one transaction (group commit), each checked against `limits`; returns
     /// after the commit, one outcome per job in order.
@@ -254,28 +284,18 @@ impl Store {
         jobs: Vec<Job>,
         limits: QueueLimits,
     ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
-        self.write(move |tx| {
-            let mut out = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                let unfinished = count(tx, JobState::Queued)? + count(tx, JobState::Running)?;
-                let mine = tx
-                    .open_table(tables::JOBS_ACTIVE_BY_USER)?
-                    .get(job.user_id.as_u128())?
-                    .map_or(0, |v| v.value());
-                if mine >= limits.per_user {
-                    out.push(Err(Refusal::UserLimit(limits.per_user)));
-                } else if unfinished >= limits.total {
-                    out.push(Err(Refusal::QueueFull(limits.total)));
-                } else {
-                    save(tx, None, &job)?;
-                    tx.open_table(tables::JOBS_BY_USER)?
-                        .insert((job.user_id.as_u128(), job.id.as_u128()), ())?;
-                    out.push(Ok(job));
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.write(move |tx| jobs.into_iter().map(|job| enqueue_in(tx, (job, limits))).collect())
+            .await
+    }
+
+    /// Adds a job, checked against `limits`, and returns after the commit; enqueues made at the
+    /// same time share that transaction and its fsync (group commit).
+    pub async fn enqueue_job(
+        &self,
+        job: Job,
+        limits: QueueLimits,
+    ) -> Result<Result<Job, Refusal>, StoreError> {
+        self.enqueues.write(self, (job, limits)).await
     }
 
     /// Takes the queued job due first (run_at ≤ now) for one attempt until `lease_until`.
@@ -565,6 +585,17 @@ mod tests {
 
     const LIMITS: QueueLimits = QueueLimits { per_user: 10, total: 100 };
 
+    /// A user jobs can be stored for (a job of nobody is refused).
+    async fn user(store: &Store, name: &str) -> Uuid {
+        let new = crate::store::NewUser {
+            username: name.into(),
+            email: format!("{name}@x.io"),
+            password_hash: "$argon2id$x".into(),
+            is_admin: false,
+        };
+        store.create_user(new, 0).await.unwrap().id
+    }
+
     fn count_of(store: &Store, state: JobState) -> u64 {
         let stats = store.job_stats(0, 0, 10).unwrap();
         stats.counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n)
@@ -574,7 +605,7 @@ mod tests {
     async fn expired_leases_are_rescued_and_old_finished_jobs_purged_in_batches() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let user = Uuid::now_v7();
+        let user = user(&store, "ann").await;
         let jobs = (0..4).map(|i| Job::new(user, json!({ "n": i }), 10)).collect();
         assert!(store.enqueue_jobs(jobs, LIMITS).await.unwrap().iter().all(Result::is_ok));
 
@@ -610,7 +641,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let limits = QueueLimits { per_user: 2, total: 3 };
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (a, b) = (user(&store, "ann").await, user(&store, "ben").await);
         let jobs =
             vec![Job::new(a, json!({}), 0), Job::new(a, json!({}), 0), Job::new(a, json!({}), 0)];
         let out = store.enqueue_jobs(jobs, limits).await.unwrap();
@@ -619,5 +650,10 @@ mod tests {
         let out = store.enqueue_jobs(jobs, limits).await.unwrap();
         assert!(out[0].is_ok());
         assert_eq!(out[1].as_ref().err(), Some(&Refusal::QueueFull(3)));
+        // A user deleted while the request was on its way gets nothing stored.
+        let nobody = Job::new(Uuid::now_v7(), json!({}), 0);
+        let out = store.enqueue_job(nobody, QueueLimits { per_user: 9, total: 9 }).await;
+        assert_eq!(out.unwrap().err(), Some(Refusal::UserGone));
+        assert_eq!(store.job_backlog().unwrap().0, 3, "nothing was stored for nobody");
     }
 }

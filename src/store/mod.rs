@@ -170,6 +170,8 @@ pub struct Store {
     shared: Arc<Shared>,
     /// Chat turns, group-committed (`record_turn`).
     turns: Arc<group::Group<conversations::Turn, conversations::Recorded>>,
+    /// Background jobs, group-committed (`enqueue_job`).
+    enqueues: Arc<group::Group<jobs::Enqueue, Result<Job, Refusal>>>,
     /// Write transactions begun, for tests to see what shares one.
     #[cfg(test)]
     transactions: Arc<std::sync::atomic::AtomicU64>,
@@ -239,6 +241,7 @@ impl Store {
         Ok(Store {
             shared: Shared::new(path, cache_bytes, db, disk),
             turns: group::Group::new(conversations::record_grouped),
+            enqueues: group::Group::new(jobs::enqueue_in),
             #[cfg(test)]
             transactions: Default::default(),
         })

@@ -215,9 +215,11 @@ impl Shared {
             drop(guard);
             return Err(self.reopening());
         };
-        let result = f(db);
+        // Noted while the database is still held: a reopen cannot slip in between, so a late
+        // error is never taken for a new failure of the reopened file.
+        let result = f(db).map_err(|e| self.noted(e));
         drop(guard);
-        result.map_err(|e| self.noted(e))
+        result
     }
 
     /// The answer while the database is closed for a reopen.
@@ -293,8 +295,9 @@ impl Shared {
         state.failure = None;
         state.recovering = false;
         let refused_ms = state.since.elapsed().as_millis() as u64;
-        drop(state);
+        // Under the state lock, as `fail` does: the flag and `failure` never disagree.
         self.writable.send_replace(true);
+        drop(state);
         tracing::info!(path = %self.path.display(), refused_ms, "storage writable again: database reopened");
     }
 
