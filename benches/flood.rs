@@ -3,7 +3,8 @@
 //! prober on 127.0.0.2 opening a new connection to `GET /health` every 100 ms. Goal: no failed
 //! probe, p99 < 50 ms. All on loopback, bounded: `FLOOD_SECS` of probing (default 30) after a
 //! 5 s ramp; `FLOOD_CONNS` attackers of each kind (default 2,000); `FLOOD_IDLE_SECS` sets the
-//! server's idle timeout (default: the server's own, 60 s).
+//! server's idle timeout (default: the server's own, 60 s). `FLOOD_BINARY` runs another
+//! edgechat binary instead (an older build, to compare).
 
 #[path = "../tests/common/flood.rs"]
 mod flood;
@@ -22,9 +23,12 @@ fn main() {
     let conns = env_or("FLOOD_CONNS", 2000) as usize;
     assert!(limit as usize > 2 * conns + 1024, "open-file hard limit {limit} is too low");
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgechat"));
+    let binary = std::env::var("FLOOD_BINARY");
+    let mut cmd = Command::new(binary.as_deref().unwrap_or(env!("CARGO_BIN_EXE_edgechat")));
+    // In the temp dir, so that no ./config.toml is read (an older build would refuse newer keys).
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
+        .current_dir(dir.path())
         .env("EDGECHAT_AUTH__JWT_SECRET", "flood-secret-flood-secret-flood-secret-01")
         .env("EDGECHAT_LOCAL__ENABLED", "false")
         .stdout(Stdio::piped())
