@@ -311,6 +311,7 @@ impl Drop for Lease {
 }
 
 impl Registry {
+    /// An empty registry enforcing `policy`.
     pub fn new(policy: Policy) -> Arc<Registry> {
         Arc::new(Registry {
             policy,
@@ -321,6 +322,7 @@ impl Registry {
         })
     }
 
+    /// The caps and deadlines it enforces.
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

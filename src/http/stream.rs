@@ -22,6 +22,7 @@ pub(super) struct Tracked<S> {
 }
 
 impl<S> Tracked<S> {
+    /// `inner` as hyper sees it, `prefix` (the bytes sniffing read) first.
     pub fn new(prefix: Vec<u8>, inner: S, state: Arc<ConnState>, h2: bool) -> Self {
         Tracked { prefix, pos: 0, inner, state, h2, pending: None }
     }

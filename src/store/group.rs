@@ -31,6 +31,7 @@ struct Lane<I, O> {
 }
 
 impl<I: Send + 'static, O: Send + 'static> Group<I, O> {
+    /// A group that applies each queued item with `apply`.
     pub(super) fn new(apply: Apply<I, O>) -> Arc<Group<I, O>> {
         let lane = Mutex::new(Lane { waiting: Vec::new(), committing: false });
         Arc::new(Group { apply, lane })
