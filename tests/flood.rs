@@ -17,7 +17,8 @@ async fn idle_and_silent_floods_from_one_address_do_not_deny_service_to_another(
     let limit = flood::raise_fd_limit();
     // Both sides' sockets live on this machine: the attackers' and the server's.
     let per_kind = ((limit.saturating_sub(1024) / 2) as usize).min(2000);
-    assert!(per_kind >= 500, "open-file hard limit {limit} is too low for this test");
+    // Past the per-address cap (256) with room to spare, even under a low hard limit.
+    assert!(per_kind >= 300, "open-file hard limit {limit} is too low for this test");
     let (_dir, path) = data_dir();
     let server = Binary::spawn(&path, &[], &[("EDGECHAT_SERVER__IDLE_TIMEOUT_SECS", "3")]);
     let target: SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
