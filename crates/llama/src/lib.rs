@@ -8,13 +8,17 @@
 //! edgechat's `local` engine picks it for llama files on the CPU; its tests hold it to
 //! candle-transformers' model (same logits within rounding, same greedy tokens).
 
+mod cpu;
+mod matmul;
 mod q4_1;
 
+pub use cpu::Isa;
+
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::utils::barrier_pool;
-use candle_core::{bail, Device, Module, Result, Tensor};
-use q4_1::{Disjoint, Q41Matrix};
+use candle_core::{bail, Device, Result, Tensor};
+use matmul::{Disjoint, Fused, Linear};
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
@@ -245,78 +249,6 @@ impl Rope {
     }
 }
 
-/// A matrix: Q4_1 through our kernel, anything else through candle's.
-enum Linear {
-    Q41(Q41Matrix),
-    Candle { matmul: QMatMul, k: usize },
-}
-
-impl Linear {
-    fn new(t: Arc<QTensor>) -> Result<Self> {
-        let (n, k) = t.shape().dims2()?;
-        if t.dtype() == GgmlDType::Q4_1 {
-            if let Some(m) = Q41Matrix::from_bytes(&t.data()?, n, k) {
-                return Ok(Linear::Q41(m));
-            }
-        }
-        Ok(Linear::Candle { matmul: QMatMul::from_arc(t)?, k })
-    }
-
-    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        match self {
-            Linear::Q41(m) => Ok(m.matmul(x)),
-            Linear::Candle { matmul, k } => {
-                let x = Tensor::from_slice(x, (x.len() / k, *k), &Device::Cpu)?;
-                matmul.forward(&x)?.flatten_all()?.to_vec1()
-            }
-        }
-    }
-}
-
-/// Matrices that read the same input. Where all are Q4_1 they are stacked into one, which
-/// costs one pass over the worker pool instead of one each.
-enum Fused {
-    Stacked { matrix: Q41Matrix, widths: Vec<usize> },
-    Apart(Vec<Linear>),
-}
-
-impl Fused {
-    fn new(parts: Vec<QTensor>) -> Result<Self> {
-        let parts: Vec<Linear> =
-            parts.into_iter().map(|t| Linear::new(Arc::new(t))).collect::<Result<_>>()?;
-        let q41: Vec<&Q41Matrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Linear::Q41(m) => Some(m),
-                Linear::Candle { .. } => None,
-            })
-            .collect();
-        match (q41.len() == parts.len()).then(|| Q41Matrix::stack(&q41)).flatten() {
-            Some(matrix) => {
-                Ok(Fused::Stacked { matrix, widths: q41.iter().map(|m| m.rows()).collect() })
-            }
-            None => Ok(Fused::Apart(parts)),
-        }
-    }
-
-    /// Each matrix's output, in the order given.
-    fn forward(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let (matrix, widths) = match self {
-            Fused::Apart(parts) => return parts.iter().map(|p| p.forward(x)).collect(),
-            Fused::Stacked { matrix, widths } => (matrix, widths),
-        };
-        let out = matrix.matmul(x);
-        let mut parts: Vec<Vec<f32>> = Vec::with_capacity(widths.len());
-        let mut offset = 0;
-        for &w in widths {
-            let part = out.chunks_exact(matrix.rows()).flat_map(|row| &row[offset..offset + w]);
-            parts.push(part.copied().collect());
-            offset += w;
-        }
-        Ok(parts)
-    }
-}
-
 fn dims(content: &Content) -> Result<Dims> {
     let u = |key: &str| usize_meta(content, key);
     let (hidden, heads) = (u("llama.embedding_length")?, u("llama.attention.head_count")?);
@@ -469,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_tensor_of_the_wrong_shape_is_named() {
-        use candle_core::quantized::gguf_file;
+        use candle_core::quantized::{gguf_file, GgmlDType};
         let (dir, path) = tiny_model();
         let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
         let content = Content::read(&mut file).unwrap();
