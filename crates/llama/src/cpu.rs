@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// Plain Rust, for any CPU (and the reference the SIMD paths are tested against).
     Portable,
-    /// x86-64 with AVX2 and FMA (Haswell, Zen and newer).
+    /// x86-64 with AVX2, FMA and F16C (Haswell, Zen and newer).
     Avx2,
     /// x86-64 with AVX-512 F/BW/VL and VNNI (Ice Lake, Zen 4 and newer).
     Avx512Vnni,
@@ -42,10 +42,14 @@ impl Isa {
                 && std::is_x86_feature_detected!("avx512vnni")
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
             {
                 return Isa::Avx512Vnni;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2;
             }
         }

@@ -10,7 +10,7 @@
 
 mod cpu;
 mod matmul;
-mod q4_1;
+mod quant;
 
 pub use cpu::Isa;
 

@@ -1,32 +1,35 @@
-//! Weight matrices times activations: each matrix through the kernel for its block format,
-//! the CPU's best instruction set chosen once at start ([`crate::Isa`]).
+//! Weight matrices times activations: each matrix through our kernel for its block format
+//! (`quant`), or candle's quantized matmul for the types we have no kernel for (F16, F32,
+//! the 2- and 3-bit K-quants).
 
-pub(crate) use crate::q4_1::Disjoint;
-use crate::q4_1::Q41Matrix;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+pub(crate) use crate::quant::Disjoint;
+use crate::quant::{self, Format, QMatrix};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use std::sync::Arc;
 
-/// A matrix: Q4_1 through our kernel, anything else through candle's.
+/// A matrix of the model.
 pub(crate) enum Linear {
-    Q41(Q41Matrix),
+    Quant(QMatrix),
     Candle { matmul: QMatMul, k: usize },
 }
 
 impl Linear {
+    /// Our kernel where the tensor's type has one, else candle's matmul.
     pub fn new(t: Arc<QTensor>) -> Result<Self> {
         let (n, k) = t.shape().dims2()?;
-        if t.dtype() == GgmlDType::Q4_1 {
-            if let Some(m) = Q41Matrix::from_bytes(&t.data()?, n, k) {
-                return Ok(Linear::Q41(m));
+        if let Some(format) = Format::of(t.dtype()) {
+            if let Some(m) = QMatrix::new(format, t.data()?.into_owned(), n, k) {
+                return Ok(Linear::Quant(m));
             }
         }
         Ok(Linear::Candle { matmul: QMatMul::from_arc(t)?, k })
     }
 
+    /// `x` (`m × k`, row-major) times this matrix transposed: `m × n`.
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         match self {
-            Linear::Q41(m) => Ok(m.matmul(x)),
+            Linear::Quant(m) => Ok(quant::matmul(&[m], x).remove(0)),
             Linear::Candle { matmul, k } => {
                 let x = Tensor::from_slice(x, (x.len() / k, *k), &Device::Cpu)?;
                 matmul.forward(&x)?.flatten_all()?.to_vec1()
@@ -35,46 +38,33 @@ impl Linear {
     }
 }
 
-/// Matrices that read the same input. Where all are Q4_1 they are stacked into one, which
-/// costs one pass over the worker pool instead of one each.
-pub(crate) enum Fused {
-    Stacked { matrix: Q41Matrix, widths: Vec<usize> },
-    Apart(Vec<Linear>),
-}
+/// Matrices that read the same input (Q, K, V; gate and up): those our kernels take run in
+/// one pass over the worker pool instead of one each, whatever their formats.
+pub(crate) struct Fused(Vec<Linear>);
 
 impl Fused {
     pub fn new(parts: Vec<QTensor>) -> Result<Self> {
-        let parts: Vec<Linear> =
-            parts.into_iter().map(|t| Linear::new(Arc::new(t))).collect::<Result<_>>()?;
-        let q41: Vec<&Q41Matrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Linear::Q41(m) => Some(m),
-                Linear::Candle { .. } => None,
-            })
-            .collect();
-        match (q41.len() == parts.len()).then(|| Q41Matrix::stack(&q41)).flatten() {
-            Some(matrix) => {
-                Ok(Fused::Stacked { matrix, widths: q41.iter().map(|m| m.rows()).collect() })
-            }
-            None => Ok(Fused::Apart(parts)),
-        }
+        let parts = parts.into_iter().map(|t| Linear::new(Arc::new(t))).collect::<Result<_>>()?;
+        Ok(Fused(parts))
     }
 
     /// Each matrix's output, in the order given.
     pub fn forward(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let (matrix, widths) = match self {
-            Fused::Apart(parts) => return parts.iter().map(|p| p.forward(x)).collect(),
-            Fused::Stacked { matrix, widths } => (matrix, widths),
-        };
-        let out = matrix.matmul(x);
-        let mut parts: Vec<Vec<f32>> = Vec::with_capacity(widths.len());
-        let mut offset = 0;
-        for &w in widths {
-            let part = out.chunks_exact(matrix.rows()).flat_map(|row| &row[offset..offset + w]);
-            parts.push(part.copied().collect());
-            offset += w;
-        }
-        Ok(parts)
+        let ours: Vec<&QMatrix> = self
+            .0
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Quant(m) => Some(m),
+                Linear::Candle { .. } => None,
+            })
+            .collect();
+        let mut ours = quant::matmul(&ours, x).into_iter();
+        self.0
+            .iter()
+            .map(|p| match p {
+                Linear::Quant(_) => Ok(ours.next().expect("one output per matrix")),
+                Linear::Candle { .. } => p.forward(x),
+            })
+            .collect()
     }
 }

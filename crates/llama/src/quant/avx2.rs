@@ -1,0 +1,272 @@
+//! AVX2 + FMA kernels (x86-64 since Haswell and Zen). Each is compiled with those features
+//! enabled on the function alone, so the binary runs anywhere and takes this path only where
+//! [`crate::Isa`] found them. A weight block is unpacked to bytes once and multiplied into
+//! every activation row of the tile (`R` of them, a constant so the sums stay in registers).
+
+// Index loops over `R`-long arrays of registers read better than zipped iterators here.
+#![allow(clippy::needless_range_loop)]
+
+use super::{scales_k4, Format, Kernel, Q8, Q8K, TILE};
+use std::arch::x86_64::*;
+
+pub(super) fn kernel(format: Format) -> Kernel {
+    match format {
+        Format::Q4_0 => Kernel::Narrow(q4_0),
+        Format::Q4_1 => Kernel::Narrow(q4_1),
+        Format::Q5_0 => Kernel::Narrow(q5_0),
+        Format::Q8_0 => Kernel::Narrow(q8_0),
+        Format::Q4K => Kernel::Wide(q4_k),
+        Format::Q5K => Kernel::Wide(q5_k),
+        Format::Q6K => Kernel::Wide(q6_k),
+    }
+}
+
+/// A safe entry point per format: checks the slices, then runs the `R`-row kernel.
+macro_rules! entry {
+    ($name:ident, $act:ty, $bytes:expr, $inner:ident) => {
+        fn $name(w: &[u8], acts: &[$act], nb: usize, rows: usize) -> [f32; TILE] {
+            assert!(w.len() >= nb * $bytes && acts.len() >= rows * nb && rows <= TILE);
+            let (w, a) = (w.as_ptr(), acts.as_ptr());
+            // SAFETY: `kernel` hands these out only where the CPU has AVX2, FMA and F16C; the
+            // assert above keeps every read inside the slices.
+            unsafe {
+                match rows {
+                    1 => $inner::<1>(w, a, nb),
+                    2 => $inner::<2>(w, a, nb),
+                    3 => $inner::<3>(w, a, nb),
+                    _ => $inner::<4>(w, a, nb),
+                }
+            }
+        }
+    };
+}
+
+entry!(q4_0, Q8, 18, q4_0_rows);
+entry!(q4_1, Q8, 20, q4_1_rows);
+entry!(q5_0, Q8, 22, q5_0_rows);
+entry!(q8_0, Q8, 34, q8_0_rows);
+entry!(q4_k, Q8K, 144, q4_k_rows);
+entry!(q5_k, Q8K, 176, q5_k_rows);
+entry!(q6_k, Q8K, 210, q6_k_rows);
+
+/// The 32-weight formats: each names how its block unpacks to 32 unsigned (or, for Q8_0,
+/// signed) bytes, its scale, and what multiplies the activations' `s`.
+macro_rules! narrow {
+    ($name:ident, $bytes:expr, $signed:expr, |$b:ident| $unpack:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<const R: usize>(w: *const u8, acts: *const Q8, nb: usize) -> [f32; TILE] {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut bias = [0f32; R];
+            for i in 0..nb {
+                let $b = w.add(i * $bytes);
+                let (q, d, c): (__m256i, f32, f32) = $unpack;
+                for r in 0..R {
+                    let a = &*acts.add(r * nb + i);
+                    let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
+                    let p = if $signed { dot_i8(q, y) } else { dot_u8(q, y) };
+                    let p = _mm256_cvtepi32_ps(p);
+                    acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a.d), acc[r]);
+                    bias[r] += c * a.s;
+                }
+            }
+            let mut out = [0f32; TILE];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + bias[r];
+            }
+            out
+        }
+    };
+}
+
+narrow!(q4_0_rows, 18, false, |b| {
+    let d = half(b);
+    (nibbles(b.add(2)), d, -8.0 * d)
+});
+narrow!(q4_1_rows, 20, false, |b| (nibbles(b.add(4)), half(b), half(b.add(2))));
+narrow!(q5_0_rows, 22, false, |b| {
+    let d = half(b);
+    let high = fifth_bits(b.add(2).cast::<u32>().read_unaligned());
+    (_mm256_or_si256(nibbles(b.add(6)), high), d, -16.0 * d)
+});
+narrow!(q8_0_rows, 34, true, |b| (_mm256_loadu_si256(b.add(2).cast()), half(b), 0.0));
+
+/// Q4_K and Q5_K (`$fifth`: the offset of the 32 bytes of 5th bits, or none).
+macro_rules! k4 {
+    ($name:ident, $bytes:expr, $qs:expr, $fifth:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<const R: usize>(w: *const u8, acts: *const Q8K, nb: usize) -> [f32; TILE] {
+            let low4 = _mm256_set1_epi8(0x0F);
+            let one = _mm256_set1_epi8(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for i in 0..nb {
+                let b = w.add(i * $bytes);
+                let (sc, mn) = scales_k4(std::slice::from_raw_parts(b.add(4), 12));
+                let mins = pairs(mn);
+                let fifth: Option<usize> = $fifth;
+                let hbits = match fifth {
+                    Some(at) => Some(_mm256_loadu_si256(b.add(at).cast())),
+                    None => None,
+                };
+                let mut sums = [_mm256_setzero_si256(); R];
+                for c in 0..4 {
+                    let raw = _mm256_loadu_si256(b.add($qs + 32 * c).cast());
+                    let mut lo = _mm256_and_si256(raw, low4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                    if let Some(h) = hbits {
+                        let shift = _mm_cvtsi32_si128(2 * c as i32);
+                        let h = _mm256_srl_epi16(h, shift);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
+                        let h = _mm256_srli_epi16(h, 1);
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
+                    }
+                    let s_lo = _mm256_set1_epi16(i16::from(sc[2 * c]));
+                    let s_hi = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
+                    for r in 0..R {
+                        let y = (*acts.add(r * nb + i)).qs.as_ptr().add(64 * c);
+                        let p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(y.cast()));
+                        let p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(y.add(32).cast()));
+                        let p = _mm256_add_epi32(
+                            _mm256_madd_epi16(p_lo, s_lo),
+                            _mm256_madd_epi16(p_hi, s_hi),
+                        );
+                        sums[r] = _mm256_add_epi32(sums[r], p);
+                    }
+                }
+                let (d, dmin) = (half(b), half(b.add(2)));
+                for r in 0..R {
+                    let a = &*acts.add(r * nb + i);
+                    let bsums = _mm256_loadu_si256(a.bsums.as_ptr().cast());
+                    let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, mins));
+                    let s = _mm256_cvtepi32_ps(sums[r]);
+                    acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * a.d), acc[r]);
+                    acc[r] = _mm256_fnmadd_ps(m, _mm256_set1_ps(dmin * a.d), acc[r]);
+                }
+            }
+            let mut out = [0f32; TILE];
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+            out
+        }
+    };
+}
+
+k4!(q4_k_rows, 144, 16, None);
+k4!(q5_k_rows, 176, 48, Some(16));
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_rows<const R: usize>(w: *const u8, acts: *const Q8K, nb: usize) -> [f32; TILE] {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..nb {
+        let b = w.add(i * 210);
+        let sc = b.add(192).cast::<i8>();
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.cast()));
+        let mut sums = [_mm256_setzero_si256(); R];
+        for h in 0..2 {
+            let ql = [
+                _mm256_loadu_si256(b.add(64 * h).cast()),
+                _mm256_loadu_si256(b.add(64 * h + 32).cast()),
+            ];
+            let qh = _mm256_loadu_si256(b.add(128 + 32 * h).cast());
+            for t in 0..4 {
+                let low = match t < 2 {
+                    true => _mm256_and_si256(ql[t], low4),
+                    false => _mm256_and_si256(_mm256_srli_epi16(ql[t - 2], 4), low4),
+                };
+                let shift = _mm_cvtsi32_si128(2 * t as i32);
+                let high = _mm256_and_si256(_mm256_srl_epi16(qh, shift), three);
+                let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                let g = 8 * h + 2 * t;
+                let s = _mm256_set_m128i(
+                    _mm_set1_epi16(i16::from(*sc.add(g + 1))),
+                    _mm_set1_epi16(i16::from(*sc.add(g))),
+                );
+                for r in 0..R {
+                    let y = (*acts.add(r * nb + i)).qs.as_ptr().add(128 * h + 32 * t);
+                    let p = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y.cast()));
+                    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(p, s));
+                }
+            }
+        }
+        let d = half(b.add(208));
+        for r in 0..R {
+            let a = &*acts.add(r * nb + i);
+            let bsums = _mm256_loadu_si256(a.bsums.as_ptr().cast());
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales), 5);
+            let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums[r], offset));
+            acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * a.d), acc[r]);
+        }
+    }
+    let mut out = [0f32; TILE];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+/// `Σ q·y` of unsigned bytes `q` and signed `y`, as eight 32-bit partial sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_u8(q: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1))
+}
+
+/// The same for signed `q`: the sign moves onto `y` so `q` can be taken unsigned.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_i8(q: __m256i, y: __m256i) -> __m256i {
+    dot_u8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+}
+
+/// 16 bytes of nibbles as 32 bytes, low nibbles first (the blocks' weight order).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let mask = _mm_set1_epi8(0x0F);
+    let raw = _mm_loadu_si128(p.cast());
+    let lo = _mm_and_si128(raw, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Byte `j` is 16 where bit `j` of `bits` is set: Q5_0's fifth bits, in place.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Eight minimums as 16 words, each twice: multiplied with the activations' 16 sums, word
+/// pairs `2j, 2j+1` (sub-block `j`'s two halves) meet minimum `j`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pairs(mn: [u8; 8]) -> __m256i {
+    let v = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
+    _mm256_set_m128i(_mm_unpackhi_epi16(v, v), _mm_unpacklo_epi16(v, v))
+}
+
+/// A little-endian f16 at `p`, through F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn half(p: *const u8) -> f32 {
+    let bits = p.cast::<u16>().read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}

@@ -1,0 +1,292 @@
+//! Quantized weight matrices times f32 activations on the CPU, for the GGUF block formats
+//! people download (Q4_0, Q4_1, Q5_0, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K that make up
+//! Q4_K_M and Q5_K_M files). candle 0.11 runs most of these one activation row at a time and
+//! picks its SIMD code at compile time; ours reads each weight block once per tile of up to
+//! [`TILE`] activation rows and picks its kernels at run time ([`crate::Isa`]).
+//!
+//! The arithmetic is ggml's: activations are quantized per block to 8 bits, so each block's
+//! dot product is an integer sum scaled once. Weights stay in the file's bytes, unpacked in
+//! registers as they are read.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod scalar;
+
+use crate::Isa;
+use candle_core::quantized::GgmlDType;
+use candle_core::utils::barrier_pool;
+use half::f16;
+use std::ops::Range;
+
+/// Activation rows that share one read of a weight row.
+pub(crate) const TILE: usize = 4;
+
+/// A GGUF block format our kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl Format {
+    /// The format for a candle dtype; `None` for those candle's own matmul keeps.
+    pub fn of(dtype: GgmlDType) -> Option<Format> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q5K => Format::Q5K,
+            GgmlDType::Q6K => Format::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Weights per block.
+    pub fn block(self) -> usize {
+        if self.wide() {
+            256
+        } else {
+            32
+        }
+    }
+
+    /// Bytes per block, as stored in the file.
+    pub fn bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
+            Format::Q8_0 => 34,
+            Format::Q4K => 144,
+            Format::Q5K => 176,
+            Format::Q6K => 210,
+        }
+    }
+
+    /// K-quants: 256-weight super-blocks, multiplied with [`Q8K`] activations.
+    fn wide(self) -> bool {
+        matches!(self, Format::Q4K | Format::Q5K | Format::Q6K)
+    }
+
+    fn kernel(self, isa: Isa) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+            return avx2::kernel(self);
+        }
+        let _ = isa;
+        scalar::kernel(self)
+    }
+}
+
+/// 32 activations quantized to 8 bits: value `j` is `d · qs[j]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Q8 {
+    pub qs: [i8; 32],
+    pub d: f32,
+    /// `d · Σ qs`: what a weight format's offset or minimum multiplies.
+    pub s: f32,
+}
+
+/// 256 activations quantized to 8 bits with one scale, and the sum of each 16.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Q8K {
+    pub qs: [i8; 256],
+    pub bsums: [i16; 16],
+    pub d: f32,
+}
+
+/// Dot products of one weight row (`nb` blocks) with `rows ≤ TILE` activation rows of `nb`
+/// blocks each, laid out one row after another.
+pub(crate) type NarrowDot = fn(w: &[u8], acts: &[Q8], nb: usize, rows: usize) -> [f32; TILE];
+/// The same for K-quants.
+pub(crate) type WideDot = fn(w: &[u8], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE];
+
+#[derive(Clone, Copy)]
+pub(crate) enum Kernel {
+    Narrow(NarrowDot),
+    Wide(WideDot),
+}
+
+/// An `n × k` matrix in one of our formats (GGUF's layout: a row of `k` weights per output).
+pub(crate) struct QMatrix {
+    format: Format,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+    kernel: Kernel,
+}
+
+impl QMatrix {
+    /// Takes the raw bytes of a tensor of shape `(n, k)`; `None` if they do not fit it.
+    pub fn new(format: Format, data: Vec<u8>, n: usize, k: usize) -> Option<Self> {
+        Self::with_isa(format, data, n, k, Isa::get())
+    }
+
+    pub(crate) fn with_isa(
+        format: Format,
+        data: Vec<u8>,
+        n: usize,
+        k: usize,
+        isa: Isa,
+    ) -> Option<Self> {
+        let fits = k > 0 && k % format.block() == 0;
+        if !fits || data.len() != n * k / format.block() * format.bytes() {
+            return None;
+        }
+        Some(QMatrix { format, n, k, data, kernel: format.kernel(isa) })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.k / self.format.block() * self.format.bytes()
+    }
+
+    fn row(&self, i: usize) -> &[u8] {
+        &self.data[i * self.row_bytes()..][..self.row_bytes()]
+    }
+
+    /// Row `i` as floats (an embedding lookup).
+    #[allow(dead_code)] // the embedding lookup moves here with the memory-mapped weights
+    pub fn dequantize_row(&self, i: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.k];
+        scalar::dequantize(self.format, self.row(i), &mut out);
+        out
+    }
+}
+
+/// `x` (`m × k`, row-major) times each of `parts` transposed, in one pass over the worker
+/// pool: part `i`'s result is `m × n_i`. All parts must share `k`.
+pub(crate) fn matmul(parts: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
+    let Some(k) = parts.first().map(|p| p.k) else { return Vec::new() };
+    assert!(parts.iter().all(|p| p.k == k) && x.len() % k == 0, "inputs of the wrong width");
+    let m = x.len() / k;
+    let narrow: Vec<Q8> = match parts.iter().any(|p| !p.format.wide()) {
+        true => x.chunks_exact(32).map(quantize).collect(),
+        false => Vec::new(),
+    };
+    let wide: Vec<Q8K> = match parts.iter().any(|p| p.format.wide()) && k % 256 == 0 {
+        true => x.chunks_exact(256).map(quantize_k).collect(),
+        false => Vec::new(),
+    };
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
+    let dsts: Vec<Disjoint> = outs.iter_mut().map(|o| Disjoint::new(o)).collect();
+    let starts: Vec<usize> = parts
+        .iter()
+        .scan(0, |at, p| {
+            *at += p.n;
+            Some(*at - p.n)
+        })
+        .collect();
+    let total = starts.last().unwrap_or(&0) + parts.last().map_or(0, |p| p.n);
+    barrier_pool().execute_chunked(total, |cols| {
+        // A chunk may straddle parts: run each part's share of it.
+        for (i, part) in parts.iter().enumerate() {
+            let own = starts[i]..starts[i] + part.n;
+            let (lo, hi) = (cols.start.max(own.start), cols.end.min(own.end));
+            if lo < hi {
+                let range = lo - own.start..hi - own.start;
+                part.columns(range, m, &narrow, &wide, &dsts[i]);
+            }
+        }
+    });
+    outs
+}
+
+impl QMatrix {
+    /// Output columns `cols` for every activation row, `TILE` rows per read of a weight row.
+    fn columns(&self, cols: Range<usize>, m: usize, narrow: &[Q8], wide: &[Q8K], dst: &Disjoint) {
+        let nb = self.k / self.format.block();
+        for col in cols {
+            let w = self.row(col);
+            for first in (0..m).step_by(TILE) {
+                let rows = TILE.min(m - first);
+                let sums = match self.kernel {
+                    Kernel::Narrow(dot) => {
+                        dot(w, &narrow[first * nb..(first + rows) * nb], nb, rows)
+                    }
+                    Kernel::Wide(dot) => dot(w, &wide[first * nb..(first + rows) * nb], nb, rows),
+                };
+                for (r, v) in sums.iter().take(rows).enumerate() {
+                    // SAFETY: each (row, col) is written by the one worker that owns `col`.
+                    unsafe { dst.slice((first + r) * self.n + col, 1)[0] = *v };
+                }
+            }
+        }
+    }
+}
+
+/// An output buffer that pool workers fill at disjoint indices; borrowing it for the whole
+/// pool call keeps it alive until every worker is done.
+pub(crate) struct Disjoint<'a>(*mut f32, usize, std::marker::PhantomData<&'a mut [f32]>);
+// SAFETY: callers of `slice` promise disjoint ranges, so no element is shared between threads.
+unsafe impl Sync for Disjoint<'_> {}
+
+impl<'a> Disjoint<'a> {
+    pub fn new(buf: &'a mut [f32]) -> Self {
+        Disjoint(buf.as_mut_ptr(), buf.len(), std::marker::PhantomData)
+    }
+
+    /// # Safety
+    /// No other worker may use any index in `start..start + len` during this pool call.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1, "{start}+{len} out of {}", self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// ggml's 8-bit block quantization: scale by the largest magnitude to ±127, round to nearest.
+fn quantize(x: &[f32]) -> Q8 {
+    let (qs, d) = quantize_to::<32>(x);
+    let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+    Q8 { qs, d, s: d * sum as f32 }
+}
+
+fn quantize_k(x: &[f32]) -> Q8K {
+    let (qs, d) = quantize_to::<256>(x);
+    let mut bsums = [0i16; 16];
+    for (b, group) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *b = group.iter().map(|&q| i16::from(q)).sum();
+    }
+    Q8K { qs, bsums, d }
+}
+
+fn quantize_to<const N: usize>(x: &[f32]) -> ([i8; N], f32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; N];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+    }
+    (qs, d)
+}
+
+/// A little-endian f16 at `at`.
+fn half(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The 6-bit scale and minimum of each of a Q4_K/Q5_K block's eight sub-blocks, from their
+/// 12 packed bytes.
+fn scales_k4(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = q[j] & 63;
+        mn[j] = q[j + 4] & 63;
+        sc[j + 4] = (q[j + 8] & 0x0F) | ((q[j] >> 6) << 4);
+        mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+#[cfg(test)]
+mod tests;
