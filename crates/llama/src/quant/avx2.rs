@@ -6,6 +6,7 @@
 // Index loops over `R`-long arrays of registers read better than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
 
+use super::unpack::Unpacked;
 use super::{scales_k4, Format, Kernel, Q8, Q8K, TILE};
 use std::arch::x86_64::*;
 
@@ -269,4 +270,55 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+/// Prefill of K-quants on unpacked blocks (`super::unpack`).
+pub(super) fn unpacked(w: &[Unpacked], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE] {
+    assert!(w.len() >= nb && acts.len() >= rows * nb && rows <= TILE);
+    let (w, a) = (w.as_ptr(), acts.as_ptr());
+    // SAFETY: handed out only where the CPU has AVX2, FMA and F16C; reads stay in the slices.
+    unsafe {
+        match rows {
+            1 => unpacked_rows::<1>(w, a, nb),
+            2 => unpacked_rows::<2>(w, a, nb),
+            3 => unpacked_rows::<3>(w, a, nb),
+            _ => unpacked_rows::<4>(w, a, nb),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpacked_rows<const R: usize>(
+    w: *const Unpacked,
+    acts: *const Q8K,
+    nb: usize,
+) -> [f32; TILE] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..nb {
+        let u = &*w.add(i);
+        let mut sums = [_mm256_setzero_si256(); R];
+        for c in 0..8 {
+            let q = _mm256_load_si256(u.q.as_ptr().add(32 * c).cast());
+            let s = _mm256_load_si256(u.scales[c].as_ptr().cast());
+            for r in 0..R {
+                let y = (*acts.add(r * nb + i)).qs.as_ptr().add(32 * c);
+                let p = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y.cast()));
+                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(p, s));
+            }
+        }
+        let mins = _mm256_load_si256(u.mins.as_ptr().cast());
+        for r in 0..R {
+            let a = &*acts.add(r * nb + i);
+            let bsums = _mm256_loadu_si256(a.bsums.as_ptr().cast());
+            let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, mins));
+            acc[r] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(u.d * a.d), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(m, _mm256_set1_ps(u.dmin * a.d), acc[r]);
+        }
+    }
+    let mut out = [0f32; TILE];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
 }

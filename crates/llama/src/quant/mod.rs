@@ -11,6 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod scalar;
+mod unpack;
 
 use crate::Isa;
 use candle_core::quantized::GgmlDType;
@@ -116,6 +117,17 @@ pub(crate) enum Kernel {
     Wide(WideDot),
 }
 
+/// Dot products of one K-quant weight row already [`unpack`]ed with up to `TILE` rows.
+pub(crate) type UnpackedDot =
+    fn(w: &[unpack::Unpacked], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE];
+
+/// Activation rows from which a K-quant matrix is unpacked column by column before the
+/// tiles read it: unpacking costs about as much as one tile, so it pays from a few tiles on.
+const UNPACK_FROM_ROWS: usize = 3 * TILE;
+/// Columns unpacked at a time: their unpacked rows stay in L2 while one tile of activations
+/// (up to 4 × 8 KiB for the widest matrices) stays in L1 across them.
+const UNPACK_COLUMNS: usize = 8;
+
 /// An `n × k` matrix in one of our formats (GGUF's layout: a row of `k` weights per output).
 pub(crate) struct QMatrix {
     format: Format,
@@ -123,6 +135,7 @@ pub(crate) struct QMatrix {
     k: usize,
     data: Vec<u8>,
     kernel: Kernel,
+    unpacked: Option<UnpackedDot>,
 }
 
 impl QMatrix {
@@ -142,7 +155,8 @@ impl QMatrix {
         if !fits || data.len() != n * k / format.block() * format.bytes() {
             return None;
         }
-        Some(QMatrix { format, n, k, data, kernel: format.kernel(isa) })
+        let unpacked = format.wide().then(|| unpack::kernel(isa)).flatten();
+        Some(QMatrix { format, n, k, data, kernel: format.kernel(isa), unpacked })
     }
 
     fn row_bytes(&self) -> usize {
@@ -203,6 +217,9 @@ pub(crate) fn matmul(parts: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
 impl QMatrix {
     /// Output columns `cols` for every activation row, `TILE` rows per read of a weight row.
     fn columns(&self, cols: Range<usize>, m: usize, narrow: &[Q8], wide: &[Q8K], dst: &Disjoint) {
+        if let (Some(dot), true) = (self.unpacked, m >= UNPACK_FROM_ROWS) {
+            return self.unpacked_columns(dot, cols, m, wide, dst);
+        }
         let nb = self.k / self.format.block();
         for col in cols {
             let w = self.row(col);
@@ -214,11 +231,44 @@ impl QMatrix {
                     }
                     Kernel::Wide(dot) => dot(w, &wide[first * nb..(first + rows) * nb], nb, rows),
                 };
-                for (r, v) in sums.iter().take(rows).enumerate() {
-                    // SAFETY: each (row, col) is written by the one worker that owns `col`.
-                    unsafe { dst.slice((first + r) * self.n + col, 1)[0] = *v };
+                self.store(dst, first, col, &sums[..rows]);
+            }
+        }
+    }
+
+    /// Prefill of K-quants: [`UNPACK_COLUMNS`] weight rows unpacked to bytes and ready-made
+    /// scale vectors, then every tile of activation rows against each of them.
+    fn unpacked_columns(
+        &self,
+        dot: UnpackedDot,
+        cols: Range<usize>,
+        m: usize,
+        acts: &[Q8K],
+        dst: &Disjoint,
+    ) {
+        let nb = self.k / 256;
+        let mut scratch = vec![unpack::Unpacked::default(); UNPACK_COLUMNS * nb];
+        for first_col in cols.clone().step_by(UNPACK_COLUMNS) {
+            let chunk = first_col..cols.end.min(first_col + UNPACK_COLUMNS);
+            for (col, out) in chunk.clone().zip(scratch.chunks_exact_mut(nb)) {
+                unpack::unpack(self.format, self.row(col), out);
+            }
+            for first in (0..m).step_by(TILE) {
+                let rows = TILE.min(m - first);
+                let tile = &acts[first * nb..(first + rows) * nb];
+                for (col, w) in chunk.clone().zip(scratch.chunks_exact(nb)) {
+                    self.store(dst, first, col, &dot(w, tile, nb, rows)[..rows]);
                 }
             }
+        }
+    }
+
+    /// Writes one column's sums for activation rows `first..`.
+    #[inline(always)]
+    fn store(&self, dst: &Disjoint, first: usize, col: usize, sums: &[f32]) {
+        for (r, v) in sums.iter().enumerate() {
+            // SAFETY: each (row, col) is written by the one worker that owns `col`.
+            unsafe { dst.slice((first + r) * self.n + col, 1)[0] = *v };
         }
     }
 }
@@ -271,12 +321,14 @@ fn quantize_to<const N: usize>(x: &[f32]) -> ([i8; N], f32) {
 }
 
 /// A little-endian f16 at `at`.
+#[inline(always)]
 fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// The 6-bit scale and minimum of each of a Q4_K/Q5_K block's eight sub-blocks, from their
 /// 12 packed bytes.
+#[inline(always)]
 fn scales_k4(q: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
