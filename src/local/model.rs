@@ -1,5 +1,6 @@
-//! The network itself: one of candle-transformers' quantized models, picked by the GGUF's
-//! `general.architecture`.
+//! The network itself, picked by the GGUF's `general.architecture`: our own pass (the
+//! `edgechat-llama` crate) on the CPU for the llama, qwen2 and qwen3 files it covers,
+//! else one of candle-transformers' quantized models.
 
 use super::gguf::GgufFile;
 use super::LocalError;
@@ -7,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{
     quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
 };
-use edgechat_llama::Llama;
+use edgechat_llama::Model;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -18,9 +19,9 @@ pub(crate) const SUPPORTED: &str = "llama, qwen2, qwen3, gemma3";
 /// be cloned: its one model (and cache) is shared, so it runs one sequence at a time.
 #[derive(Clone)]
 pub(crate) enum Weights {
-    /// Our own pass (the `edgechat-llama` crate): llama files on the CPU.
-    Native(Llama),
-    /// candle-transformers' llama: GPUs, the variants ours does not cover, and the reference.
+    /// Our own pass (the `edgechat-llama` crate): the files it covers, on the CPU.
+    Native(Model),
+    /// candle-transformers' models: GPUs, the files ours does not cover, and the reference.
     Llama(quantized_llama::ModelWeights),
     Qwen2(Arc<Mutex<quantized_qwen2::ModelWeights>>),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -35,9 +36,9 @@ impl Weights {
         let trained = gguf.u32(&format!("{architecture}.context_length")).unwrap_or(0) as usize;
         let GgufFile { path, content, mut reader } = gguf;
         let r = &mut reader;
-        let native = device.is_cpu() && Llama::covers(&content) && !candle_llama_wanted();
+        let native = device.is_cpu() && Model::covers(&content) && !candle_wanted();
         let loaded = guard(|| match architecture.as_str() {
-            "llama" if native => Ok(Some((Weights::Native(Llama::load(&content, r)?), trained))),
+            _ if native => Ok(Some((Weights::Native(Model::load(&content, r)?), trained))),
             "llama" => Ok(Some((
                 Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, r, device)?),
                 cap(trained, quantized_llama::MAX_SEQ_LEN),
@@ -60,7 +61,9 @@ impl Weights {
         })
         .map_err(|message| LocalError::Corrupt { path: path.clone(), message })?;
         match loaded {
-            Some((w, 0)) => Err(LocalError::corrupt(&path, format!("no `{}` > 0", ctx_key(&w)))),
+            Some((_, 0)) => {
+                Err(LocalError::corrupt(&path, format!("no `{architecture}.context_length` > 0")))
+            }
             Some(found) => Ok(found),
             None => Err(LocalError::UnsupportedArchitecture {
                 path,
@@ -116,18 +119,10 @@ impl Weights {
     }
 }
 
-fn ctx_key(w: &Weights) -> &'static str {
-    match w {
-        Weights::Native(_) | Weights::Llama(_) => "llama.context_length",
-        Weights::Qwen2(_) => "qwen2.context_length",
-        Weights::Qwen3(_) => "qwen3.context_length",
-        Weights::Gemma3(_) => "gemma3.context_length",
-    }
-}
-
-/// `EDGECHAT_CANDLE_LLAMA=1` runs llama files through candle-transformers' model instead of
-/// ours: for comparing the two (`cargo bench --bench local`), or to rule ours out.
-fn candle_llama_wanted() -> bool {
+/// `EDGECHAT_CANDLE_LLAMA=1` runs every file through candle-transformers' model of its
+/// architecture instead of ours (the name predates qwen and gemma in our pass): for comparing
+/// the two (`cargo bench --bench local`), or to rule ours out.
+fn candle_wanted() -> bool {
     std::env::var_os("EDGECHAT_CANDLE_LLAMA").is_some_and(|v| v == "1")
 }
 

@@ -1,5 +1,5 @@
-//! Shared helpers for the local-engine tests: a tiny random-weight llama GGUF written with
-//! candle's own writer, and the path of the default model.
+//! Shared helpers for the local-engine tests: a tiny random-weight GGUF (llama, qwen2, qwen3,
+//! gemma3) written with candle's own writer, and the path of the default model.
 #![allow(dead_code)]
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 pub const HIDDEN: usize = 64;
 pub const CONTEXT: u32 = 96;
-const LAYERS: usize = 2;
-const HEADS: u32 = 4;
-const KV_HEADS: u32 = 2;
-const FFN: usize = 128;
+pub const LAYERS: usize = 2;
+pub const HEADS: u32 = 4;
+pub const KV_HEADS: u32 = 2;
+pub const FFN: usize = 128;
 
 /// Special tokens first, as SmolLM2 has them.
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -26,11 +26,30 @@ pub const TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + mes
 pub struct Tiny {
     pub architecture: &'static str,
     pub seed: u64,
+    /// Attention head width (`attention.key_length`) where it should differ from hidden /
+    /// heads, as Qwen3's does.
+    pub head_dim: Option<usize>,
+    /// No `output.weight`: the embedding doubles as the output matrix.
+    pub tied: bool,
+    /// Llama 3's per-pair RoPE divisors, written as `rope_freqs.weight`.
+    pub rope_freqs: Option<Vec<f32>>,
+    /// Norm weights drawn from 1 ± this instead of all ones, so a misapplied norm shows.
+    pub norm_noise: f32,
+    /// More metadata, keys without the architecture prefix (`rope.scaling.type`, …).
+    pub extra: Vec<(&'static str, Value)>,
 }
 
 impl Default for Tiny {
     fn default() -> Self {
-        Tiny { architecture: "llama", seed: 7 }
+        Tiny {
+            architecture: "llama",
+            seed: 7,
+            head_dim: None,
+            tied: false,
+            rope_freqs: None,
+            norm_noise: 0.0,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -74,36 +93,45 @@ impl Rng {
     }
 }
 
-/// Writes a 2-layer llama with a byte-level BPE vocabulary, ChatML template and random weights.
+/// Writes a 2-layer model of `opts.architecture` with a byte-level BPE vocabulary, ChatML
+/// template and random weights.
 pub fn write_tiny_model(path: &Path, opts: &Tiny) {
     let tokens = vocabulary();
     let vocab = tokens.len();
     let mut rng = Rng(opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let q = |t: Tensor, dtype| QTensor::quantize(&t, dtype).unwrap();
-    let ones = || Tensor::ones(HIDDEN, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(rng.tensor(vocab, HIDDEN, 1.0), GgmlDType::Q8_0)),
-        ("output_norm.weight".into(), q(ones(), GgmlDType::F32)),
-    ];
-    // Special tokens get zero output rows so random weights rarely end a generation early.
-    let output = rng.tensor(vocab, HIDDEN, 1.0);
+    let head = opts.head_dim.unwrap_or(HIDDEN / HEADS as usize);
+    // Without noise no numbers are drawn, so the other weights stay as they were.
+    let norm = |rng: &mut Rng, n: usize| match opts.norm_noise {
+        0.0 => q(Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32),
+        noise => q((rng.tensor(1, n, noise).flatten_all().unwrap() + 1.0).unwrap(), GgmlDType::F32),
+    };
+    // Special tokens get zero output rows so random weights rarely end a generation early
+    // (a tied embedding keeps them: the output is the embedding then).
     let mask: Vec<f32> = (0..vocab).map(|i| if i < SPECIALS.len() { 0.0 } else { 1.0 }).collect();
     let mask = Tensor::from_vec(mask, (vocab, 1), &Device::Cpu).unwrap();
-    tensors
-        .push(("output.weight".into(), q(output.broadcast_mul(&mask).unwrap(), GgmlDType::Q8_0)));
-    let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        ("token_embd.weight".into(), q(rng.tensor(vocab, HIDDEN, 1.0), GgmlDType::Q8_0)),
+        ("output_norm.weight".into(), norm(&mut rng, HIDDEN)),
+    ];
+    let output = rng.tensor(vocab, HIDDEN, 1.0).broadcast_mul(&mask).unwrap();
+    if !opts.tied {
+        tensors.push(("output.weight".into(), q(output, GgmlDType::Q8_0)));
+    }
+    if let Some(factors) = &opts.rope_freqs {
+        let t = Tensor::new(factors.as_slice(), &Device::Cpu).unwrap();
+        tensors.push(("rope_freqs.weight".into(), q(t, GgmlDType::F32)));
+    }
+    let (qw, kv) = (head * HEADS as usize, head * KV_HEADS as usize);
     for l in 0..LAYERS {
         let p = format!("blk.{l}");
         let w = 0.15;
-        tensors.push((
-            format!("{p}.attn_q.weight"),
-            q(rng.tensor(HIDDEN, HIDDEN, w), GgmlDType::Q4_1),
-        ));
+        tensors.push((format!("{p}.attn_q.weight"), q(rng.tensor(qw, HIDDEN, w), GgmlDType::Q4_1)));
         tensors.push((format!("{p}.attn_k.weight"), q(rng.tensor(kv, HIDDEN, w), GgmlDType::Q4_1)));
         tensors.push((format!("{p}.attn_v.weight"), q(rng.tensor(kv, HIDDEN, w), GgmlDType::Q4_1)));
         tensors.push((
             format!("{p}.attn_output.weight"),
-            q(rng.tensor(HIDDEN, HIDDEN, w), GgmlDType::Q4_1),
+            q(rng.tensor(HIDDEN, qw, w), GgmlDType::Q4_1),
         ));
         tensors
             .push((format!("{p}.ffn_gate.weight"), q(rng.tensor(FFN, HIDDEN, w), GgmlDType::Q4_1)));
@@ -111,16 +139,16 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
             .push((format!("{p}.ffn_up.weight"), q(rng.tensor(FFN, HIDDEN, w), GgmlDType::Q4_1)));
         tensors
             .push((format!("{p}.ffn_down.weight"), q(rng.tensor(HIDDEN, FFN, w), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.attn_norm.weight"), q(ones(), GgmlDType::F32)));
-        tensors.push((format!("{p}.ffn_norm.weight"), q(ones(), GgmlDType::F32)));
-        tensors.extend(family_tensors(opts.architecture, &p, &mut rng));
+        tensors.push((format!("{p}.attn_norm.weight"), norm(&mut rng, HIDDEN)));
+        tensors.push((format!("{p}.ffn_norm.weight"), norm(&mut rng, HIDDEN)));
+        tensors.extend(family_tensors(opts.architecture, &p, head, &mut rng, &norm));
     }
     let arch = opts.architecture;
     let string = |s: &str| Value::String(s.to_owned());
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let types: Vec<Value> =
         (0..vocab).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
-    let metadata: Vec<(String, Value)> = vec![
+    let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), string(arch)),
         ("general.name".into(), string("tiny test llama")),
         (format!("{arch}.context_length"), Value::U32(CONTEXT)),
@@ -129,11 +157,11 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         (format!("{arch}.block_count"), Value::U32(LAYERS as u32)),
         (format!("{arch}.attention.head_count"), Value::U32(HEADS)),
         (format!("{arch}.attention.head_count_kv"), Value::U32(KV_HEADS)),
-        (format!("{arch}.rope.dimension_count"), Value::U32(HIDDEN as u32 / HEADS)),
+        (format!("{arch}.rope.dimension_count"), Value::U32(head as u32)),
         (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
-        (format!("{arch}.attention.key_length"), Value::U32(HIDDEN as u32 / HEADS)),
-        (format!("{arch}.attention.value_length"), Value::U32(HIDDEN as u32 / HEADS)),
+        (format!("{arch}.attention.key_length"), Value::U32(head as u32)),
+        (format!("{arch}.attention.value_length"), Value::U32(head as u32)),
         // gemma3 alternates sliding-window and global layers; a window shorter than the
         // context makes the tiny model exercise both.
         (format!("{arch}.attention.sliding_window"), Value::U32(CONTEXT / 2)),
@@ -151,6 +179,7 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ("tokenizer.chat_template".into(), string(TEMPLATE)),
     ];
+    metadata.extend(opts.extra.iter().map(|(k, v)| (format!("{arch}.{k}"), v.clone())));
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
@@ -159,26 +188,31 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
 
 /// What a family adds to llama's layer: qwen2's attention biases, qwen3's q/k norms, and
 /// gemma3's q/k norms plus its norms after attention and feed-forward.
-fn family_tensors(architecture: &str, p: &str, rng: &mut Rng) -> Vec<(String, QTensor)> {
+fn family_tensors(
+    architecture: &str,
+    p: &str,
+    head: usize,
+    rng: &mut Rng,
+    norm: &dyn Fn(&mut Rng, usize) -> QTensor,
+) -> Vec<(String, QTensor)> {
     let f32 = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
-    let head = HIDDEN / HEADS as usize;
-    let kv = head * KV_HEADS as usize;
-    let vector = |rng: &mut Rng, n: usize| rng.tensor(1, n, 0.1).flatten_all().unwrap();
+    let (qw, kv) = (head * HEADS as usize, head * KV_HEADS as usize);
+    // Biases as large as a projection's outputs, so that leaving one out shows.
+    let vector = |rng: &mut Rng, n: usize| rng.tensor(1, n, 0.5).flatten_all().unwrap();
     match architecture {
         "qwen2" => vec![
-            (format!("{p}.attn_q.bias"), f32(vector(rng, HIDDEN))),
+            (format!("{p}.attn_q.bias"), f32(vector(rng, qw))),
             (format!("{p}.attn_k.bias"), f32(vector(rng, kv))),
             (format!("{p}.attn_v.bias"), f32(vector(rng, kv))),
         ],
         "qwen3" | "gemma3" => {
-            let ones = |n| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
             let mut extra = vec![
-                (format!("{p}.attn_q_norm.weight"), f32(ones(head))),
-                (format!("{p}.attn_k_norm.weight"), f32(ones(head))),
+                (format!("{p}.attn_q_norm.weight"), norm(rng, head)),
+                (format!("{p}.attn_k_norm.weight"), norm(rng, head)),
             ];
             if architecture == "gemma3" {
-                extra.push((format!("{p}.post_attention_norm.weight"), f32(ones(HIDDEN))));
-                extra.push((format!("{p}.post_ffw_norm.weight"), f32(ones(HIDDEN))));
+                extra.push((format!("{p}.post_attention_norm.weight"), norm(rng, HIDDEN)));
+                extra.push((format!("{p}.post_ffw_norm.weight"), norm(rng, HIDDEN)));
             }
             extra
         }

@@ -6,7 +6,7 @@
 //! (threads: `CANDLE_NUM_THREADS`; kernels: `EDGECHAT_ISA`).
 
 use candle_core::quantized::gguf_file::Content;
-use edgechat_llama::{Isa, Llama};
+use edgechat_llama::{Isa, Model};
 use std::time::Instant;
 
 fn main() {
@@ -16,8 +16,8 @@ fn main() {
     let started = Instant::now();
     let mut file = std::io::BufReader::new(std::fs::File::open(&path).expect("open the model"));
     let content = Content::read(&mut file).expect("a GGUF file");
-    assert!(Llama::covers(&content), "our pass does not cover this file");
-    let mut model = Llama::load(&content, &mut file).expect("load");
+    assert!(Model::covers(&content), "our pass does not cover this file");
+    let mut model = Model::load(&content, &mut file).expect("load");
     let load = started.elapsed();
     let vocab = content.tensor_infos["token_embd.weight"].shape.dims()[0] as u32;
     let prompt: Vec<u32> = (0..256u32).map(|i| (i * 7919 + 13) % vocab).collect();

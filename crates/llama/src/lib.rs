@@ -1,69 +1,75 @@
-//! The llama forward pass on the CPU, ours rather than candle-transformers': it runs Q4_1
-//! matrices through our SIMD kernel (candle's is scalar), keeps the token embedding quantized
-//! (candle's model dequantizes it, ~113 MB for SmolLM2), appends to a growing KV cache instead
-//! of concatenating it every token, and reads grouped-query K/V heads in place instead of
-//! repeating them. Other matrix types still go through candle's quantized matmul. GPUs and the
-//! llama variants this does not cover (mixture of experts, partial RoPE) keep candle's model.
+//! The transformer forward pass on the CPU, ours rather than candle-transformers': it runs
+//! matrices through our kernels (`matmul.rs`), keeps the token embedding quantized (candle's
+//! models dequantize it, ~113 MB for SmolLM2), appends to a growing KV cache instead of
+//! concatenating it every token, and reads grouped-query K/V heads in place instead of
+//! repeating them. One pass covers llama (Llama 3's `rope_freqs` included), qwen2 and qwen3:
+//! each is llama's block with a few options read from the metadata (`config.rs`).
+//! GPUs and the files this does not cover (mixture of experts, partial RoPE, other
+//! architectures) keep candle's models.
 //!
-//! edgechat's `local` engine picks it for llama files on the CPU; its tests hold it to
-//! candle-transformers' model (same logits within rounding, same greedy tokens).
+//! edgechat's `local` engine picks it on the CPU; its tests hold it to candle-transformers'
+//! models (same logits within rounding, same greedy tokens).
 
+mod config;
 mod cpu;
 mod matmul;
 mod quant;
+mod rope;
 
+pub use config::value_u32;
 pub use cpu::Isa;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::utils::barrier_pool;
 use candle_core::{bail, Device, Result, Tensor};
+use config::{msg, Config, Dims};
 use matmul::{Disjoint, Fused, Linear};
+use rope::Rope;
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
 /// Weights (shared between sequences) and one sequence's KV cache.
 #[derive(Clone)]
-pub struct Llama {
+pub struct Model {
     net: Arc<Net>,
     cache: Vec<Kv>,
 }
 
 struct Net {
     dims: Dims,
+    /// gemma3 multiplies the embedding by √hidden.
+    embed_scale: Option<f32>,
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
-    /// RoPE frequencies, one per rotated pair.
-    inv_freq: Vec<f32>,
-}
-
-#[derive(Clone, Copy)]
-struct Dims {
-    vocab: usize,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f32,
-}
-
-impl Dims {
-    fn kv_width(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
+    /// RoPE frequencies, one per rotated pair: the global table, then gemma3's local one.
+    freqs: Vec<Vec<f32>>,
+    halves: bool,
 }
 
 struct Layer {
     attn_norm: Vec<f32>,
     /// Queries, keys and values.
     qkv: Fused,
+    /// Their biases where the file has them (qwen2).
+    qkv_bias: [Option<Vec<f32>>; 3],
+    /// Per-head RMSNorm weights of q and k (qwen3, gemma3).
+    qk_norm: Option<[Vec<f32>; 2]>,
     o: Linear,
+    post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     /// The gate and up projections.
     gate_up: Fused,
     down: Linear,
+    post_ffn_norm: Option<Vec<f32>>,
+    /// gemma3: a GELU-tanh gate instead of SiLU.
+    gelu: bool,
+    /// Which of the net's RoPE tables this layer rotates with.
+    rope: usize,
+    /// Positions a query sees, itself included (gemma3's sliding layers); `None`: all.
+    window: Option<usize>,
 }
 
 /// Keys and values of every position so far, `kv_width` floats per position.
@@ -73,67 +79,46 @@ struct Kv {
     v: Vec<f32>,
 }
 
-impl Llama {
-    /// Whether this pass covers the file: plain llama blocks with RoPE over whole heads.
+impl Model {
+    /// Whether this pass covers the file (architecture, shapes, RoPE and tensors; see
+    /// `Config::covers`): if not, candle's model is the one to run it.
     pub fn covers(content: &Content) -> bool {
-        let u = |key: &str| usize_meta(content, key).ok();
-        let Ok(d) = dims(content) else { return false };
-        u("llama.expert_count").unwrap_or(0) == 0
-            && d.kv_heads > 0
-            && d.heads % d.kv_heads == 0
-            && d.head_dim * d.heads == d.hidden
-            && d.head_dim % 2 == 0
-            && u("llama.rope.dimension_count").unwrap_or(d.head_dim) == d.head_dim
+        Config::covers(content)
     }
 
     /// Reads every tensor the pass needs, each checked against the shape the metadata implies
-    /// (a wrong one would otherwise fail deep inside a matmul); call [`Llama::covers`] first.
+    /// (a wrong one would otherwise fail deep inside a matmul); call [`Model::covers`] first.
     pub fn load<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Self> {
-        let dims = dims(content)?;
-        let (h, kv, ffn) =
-            (dims.hidden, dims.kv_width(), usize_meta(content, "llama.feed_forward_length")?);
-        let mut tensor = |name: &str, shape: &[usize]| -> Result<QTensor> {
-            let t = content.tensor(reader, name, &Device::Cpu)?;
-            match t.shape().dims() == shape {
-                true => Ok(t),
-                false => bail!(
-                    "`{name}` has shape {:?}; the metadata implies {shape:?}",
-                    t.shape().dims()
-                ),
-            }
+        let c = Config::read(content)?;
+        let d = c.dims;
+        let mut t = Tensors { content, reader };
+        let embed = Arc::new(t.get("token_embd.weight", &[d.vocab, d.hidden])?);
+        let norm = t.vector("output_norm.weight", d.hidden)?;
+        let output = match t.get_if("output.weight", &[d.vocab, d.hidden])? {
+            Some(o) => Linear::new(Arc::new(o))?,
+            None => Linear::new(embed.clone())?,
         };
-        let embed = Arc::new(tensor("token_embd.weight", &[dims.vocab, h])?);
-        let norm = vector(tensor("output_norm.weight", &[h])?)?;
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => Linear::new(Arc::new(tensor("output.weight", &[dims.vocab, h])?))?,
-            false => Linear::new(embed.clone())?,
+        let pairs = d.head_dim / 2;
+        let factors = match c.family.rope_freqs {
+            true => t.get_if("rope_freqs.weight", &[pairs])?.map(vector).transpose()?,
+            false => None,
         };
-        let blocks = usize_meta(content, "llama.block_count")?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut w =
-                |part: &str, shape: &[usize]| tensor(&format!("blk.{i}.{part}.weight"), shape);
-            layers.push(Layer {
-                attn_norm: vector(w("attn_norm", &[h])?)?,
-                qkv: Fused::new(vec![
-                    w("attn_q", &[h, h])?,
-                    w("attn_k", &[kv, h])?,
-                    w("attn_v", &[kv, h])?,
-                ])?,
-                o: Linear::new(Arc::new(w("attn_output", &[h, h])?))?,
-                ffn_norm: vector(w("ffn_norm", &[h])?)?,
-                gate_up: Fused::new(vec![w("ffn_gate", &[ffn, h])?, w("ffn_up", &[ffn, h])?])?,
-                down: Linear::new(Arc::new(w("ffn_down", &[h, ffn])?))?,
-            });
+        let mut freqs = vec![rope::frequencies(d.head_dim, c.rope_base, c.rope_scale, factors)];
+        if let Some(s) = c.sliding {
+            freqs.push(rope::frequencies(d.head_dim, s.base, 1.0, None));
         }
-        let base = match content.metadata.get("llama.rope.freq_base") {
-            Some(v) => v.to_f32()?,
-            None => 10_000.0,
+        let layers = (0..c.blocks).map(|i| Layer::load(&mut t, &c, i)).collect::<Result<_>>()?;
+        let net = Net {
+            dims: d,
+            embed_scale: c.family.gemma.then(|| (d.hidden as f32).sqrt()),
+            embed,
+            layers,
+            norm,
+            output,
+            freqs,
+            halves: c.family.halves,
         };
-        let d = dims.head_dim;
-        let inv_freq = (0..d).step_by(2).map(|i| 1.0 / base.powf(i as f32 / d as f32)).collect();
-        let net = Net { dims, embed, layers, norm, output, inv_freq };
-        Ok(Llama { cache: vec![Kv::default(); net.layers.len()], net: Arc::new(net) })
+        Ok(Model { cache: vec![Kv::default(); net.layers.len()], net: Arc::new(net) })
     }
 
     /// Forgets the sequence; the weights stay shared.
@@ -153,44 +138,135 @@ impl Llama {
         let Some(last) = tokens.len().checked_sub(1) else { bail!("no tokens to run") };
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut x: Vec<f32> = net.embed.embedding(&ids)?.flatten_all()?.to_vec1()?;
-        let rope = Rope::new(&net.inv_freq, pos, tokens.len());
+        if let Some(s) = net.embed_scale {
+            x.iter_mut().for_each(|x| *x *= s);
+        }
+        let ropes: Vec<Rope> =
+            net.freqs.iter().map(|f| Rope::new(f, pos, tokens.len(), net.halves)).collect();
         for (layer, kv) in net.layers.iter().zip(&mut self.cache) {
             if kv.k.len() < pos * d.kv_width() {
                 bail!("position {pos} is past the {} cached", kv.k.len() / d.kv_width())
             }
             kv.k.truncate(pos * d.kv_width());
             kv.v.truncate(pos * d.kv_width());
-            layer.forward(&mut x, kv, &rope, d)?;
+            layer.forward(&mut x, kv, &ropes[layer.rope], d)?;
         }
         let h = rms_norm(&x[last * d.hidden..], &net.norm, d.eps);
         net.output.forward(&h)
     }
 }
 
+/// The one place tensors are read from the file, each checked against the shape the metadata
+/// implies (so that reading them in place from a memory map changes only this).
+struct Tensors<'a, R> {
+    content: &'a Content,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> Tensors<'_, R> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        let t = self.content.tensor(self.reader, name, &Device::Cpu)?;
+        match t.shape().dims() == shape {
+            true => Ok(t),
+            false => {
+                bail!("`{name}` has shape {:?}; the metadata implies {shape:?}", t.shape().dims())
+            }
+        }
+    }
+
+    /// A tensor the file may leave out.
+    fn get_if(&mut self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        match self.content.tensor_infos.contains_key(name) {
+            true => self.get(name, shape).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        vector(self.get(name, &[len])?)
+    }
+}
+
 impl Layer {
+    fn load<R: Read + Seek>(t: &mut Tensors<'_, R>, c: &Config, i: usize) -> Result<Layer> {
+        let d = c.dims;
+        let (h, q, kv, hd, ffn) = (d.hidden, d.q_width(), d.kv_width(), d.head_dim, c.ffn);
+        let n = |part: &str| format!("blk.{i}.{part}");
+        let w = |t: &mut Tensors<'_, R>, part: &str, shape: &[usize]| {
+            t.get(&n(&format!("{part}.weight")), shape)
+        };
+        let bias = |t: &mut Tensors<'_, R>, part: &str, len: usize| {
+            t.get_if(&n(&format!("{part}.bias")), &[len])?.map(vector).transpose()
+        };
+        let norm = |t: &mut Tensors<'_, R>, part: &str, len: usize| {
+            t.vector(&n(&format!("{part}.weight")), len)
+        };
+        let gemma = c.family.gemma;
+        let sliding = c.sliding.filter(|s| s.covers(i));
+        Ok(Layer {
+            attn_norm: norm(t, "attn_norm", h)?,
+            qkv: Fused::new(vec![
+                w(t, "attn_q", &[q, h])?,
+                w(t, "attn_k", &[kv, h])?,
+                w(t, "attn_v", &[kv, h])?,
+            ])?,
+            qkv_bias: [bias(t, "attn_q", q)?, bias(t, "attn_k", kv)?, bias(t, "attn_v", kv)?],
+            qk_norm: match c.family.qk_norm {
+                true => Some([norm(t, "attn_q_norm", hd)?, norm(t, "attn_k_norm", hd)?]),
+                false => None,
+            },
+            o: Linear::new(Arc::new(w(t, "attn_output", &[h, q])?))?,
+            post_attn_norm: gemma.then(|| norm(t, "post_attention_norm", h)).transpose()?,
+            ffn_norm: norm(t, "ffn_norm", h)?,
+            gate_up: Fused::new(vec![w(t, "ffn_gate", &[ffn, h])?, w(t, "ffn_up", &[ffn, h])?])?,
+            down: Linear::new(Arc::new(w(t, "ffn_down", &[h, ffn])?))?,
+            post_ffn_norm: gemma.then(|| norm(t, "post_ffw_norm", h)).transpose()?,
+            gelu: gemma,
+            rope: usize::from(sliding.is_some()),
+            window: sliding.map(|s| s.window),
+        })
+    }
+
     fn forward(&self, x: &mut [f32], kv: &mut Kv, rope: &Rope, d: Dims) -> Result<()> {
         let h = rms_norm(x, &self.attn_norm, d.eps);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = self.qkv.forward(&h)?.try_into().expect("three");
+        let mut qkv: [Vec<f32>; 3] = self.qkv.forward(&h)?.try_into().map_err(|_| shape())?;
+        for (part, bias) in qkv.iter_mut().zip(&self.qkv_bias) {
+            if let Some(b) = bias {
+                part.chunks_exact_mut(b.len()).for_each(|row| add(row, b));
+            }
+        }
+        let [mut q, mut k, v] = qkv;
+        if let Some([qn, kn]) = &self.qk_norm {
+            q = rms_norm(&q, qn, d.eps);
+            k = rms_norm(&k, kn, d.eps);
+        }
         rope.apply(&mut q, d.head_dim);
         rope.apply(&mut k, d.head_dim);
         kv.k.extend_from_slice(&k);
         kv.v.extend_from_slice(&v);
-        add(x, &self.o.forward(&attention(&q, kv, d))?);
+        let out = self.o.forward(&attention(&q, kv, d, self.window))?;
+        add(x, &norm_if(out, self.post_attn_norm.as_deref(), d.eps));
         let h = rms_norm(x, &self.ffn_norm, d.eps);
-        let [mut gate, up]: [Vec<f32>; 2] = self.gate_up.forward(&h)?.try_into().expect("two");
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-        add(x, &self.down.forward(&gate)?);
+        let [mut gate, up]: [Vec<f32>; 2] =
+            self.gate_up.forward(&h)?.try_into().map_err(|_| shape())?;
+        let act = if self.gelu { gelu_tanh } else { silu };
+        gate.iter_mut().zip(&up).for_each(|(g, u)| *g = act(*g) * u);
+        let out = self.down.forward(&gate)?;
+        add(x, &norm_if(out, self.post_ffn_norm.as_deref(), d.eps));
         Ok(())
     }
 }
 
-/// Causal attention of the new positions (the last rows of the cache) over the whole cache,
-/// one pool item per (position, head); a query head reads its group's K/V head in place.
-fn attention(q: &[f32], kv: &Kv, d: Dims) -> Vec<f32> {
+fn shape() -> candle_core::Error {
+    msg("a fused matmul returned the wrong number of parts".to_owned())
+}
+
+/// Causal attention of the new positions (the last rows of the cache) over the cache, or over
+/// its last `window` positions, one pool item per (position, head); a query head reads its
+/// group's K/V head in place.
+fn attention(q: &[f32], kv: &Kv, d: Dims, window: Option<usize>) -> Vec<f32> {
     let (hd, heads) = (d.head_dim, d.heads);
-    let m = q.len() / (heads * hd);
+    let m = q.len() / d.q_width();
     let first = kv.k.len() / d.kv_width() - m;
     let per_group = heads / d.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -202,93 +278,19 @@ fn attention(q: &[f32], kv: &Kv, d: Dims) -> Vec<f32> {
             let (i, h) = (item / heads, item % heads);
             let qh = &q[item * hd..][..hd];
             let at = |t: usize| t * d.kv_width() + h / per_group * hd;
+            let end = first + i + 1;
+            let seen = window.map_or(0, |w| end.saturating_sub(w))..end;
             scores.clear();
-            scores.extend((0..=first + i).map(|t| dot(qh, &kv.k[at(t)..][..hd]) * scale));
+            scores.extend(seen.clone().map(|t| dot(qh, &kv.k[at(t)..][..hd]) * scale));
             softmax(&mut scores);
             // SAFETY: item `i·heads + h` owns this head's slice of the output row.
             let o = unsafe { dst.slice(item * hd, hd) };
-            for (t, p) in scores.iter().enumerate() {
+            for (t, p) in seen.zip(&scores) {
                 o.iter_mut().zip(&kv.v[at(t)..][..hd]).for_each(|(o, v)| *o += p * v);
             }
         }
     });
     out
-}
-
-/// Rotation angles of the new positions, shared by every layer.
-struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    pairs: usize,
-}
-
-impl Rope {
-    fn new(inv_freq: &[f32], pos: usize, len: usize) -> Self {
-        let angles: Vec<f32> =
-            (pos..pos + len).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
-        Rope {
-            cos: angles.iter().map(|a| a.cos()).collect(),
-            sin: angles.iter().map(|a| a.sin()).collect(),
-            pairs: inv_freq.len(),
-        }
-    }
-
-    /// Rotates adjacent pairs `(2j, 2j+1)` of every head (GGUF llama's layout).
-    fn apply(&self, rows: &mut [f32], head_dim: usize) {
-        let len = self.cos.len() / self.pairs;
-        for (i, row) in rows.chunks_exact_mut(rows.len() / len).enumerate() {
-            let (cos, sin) = (&self.cos[i * self.pairs..], &self.sin[i * self.pairs..]);
-            for head in row.chunks_exact_mut(head_dim) {
-                for (j, pair) in head.chunks_exact_mut(2).enumerate() {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * cos[j] - b * sin[j];
-                    pair[1] = a * sin[j] + b * cos[j];
-                }
-            }
-        }
-    }
-}
-
-fn dims(content: &Content) -> Result<Dims> {
-    let u = |key: &str| usize_meta(content, key);
-    let (hidden, heads) = (u("llama.embedding_length")?, u("llama.attention.head_count")?);
-    let kv_heads = u("llama.attention.head_count_kv").unwrap_or(heads);
-    let eps = meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
-    let Some(embed) = content.tensor_infos.get("token_embd.weight") else {
-        bail!("no `token_embd.weight` tensor")
-    };
-    let vocab = embed.shape.dims().first().copied().unwrap_or(0);
-    let Some(head_dim) = hidden.checked_div(heads) else { bail!("no attention heads") };
-    Ok(Dims { vocab, hidden, heads, kv_heads, head_dim, eps })
-}
-
-fn usize_meta(content: &Content, key: &str) -> Result<usize> {
-    let v = meta(content, key)?;
-    value_u32(v).map(|n| n as usize).ok_or_else(|| msg(format!("`{key}` is not an integer")))
-}
-
-/// GGUF integer metadata as u32, whatever width the file stored it in (token ids and counts
-/// fit); edgechat's GGUF reader uses it too.
-pub fn value_u32(v: &Value) -> Option<u32> {
-    match v {
-        Value::U8(x) => Some(u32::from(*x)),
-        Value::U16(x) => Some(u32::from(*x)),
-        Value::U32(x) => Some(*x),
-        Value::U64(x) => u32::try_from(*x).ok(),
-        Value::I8(x) => u32::try_from(*x).ok(),
-        Value::I16(x) => u32::try_from(*x).ok(),
-        Value::I32(x) => u32::try_from(*x).ok(),
-        Value::I64(x) => u32::try_from(*x).ok(),
-        _ => None,
-    }
-}
-
-fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
-    content.metadata.get(key).ok_or_else(|| msg(format!("no `{key}` metadata")))
-}
-
-fn msg(m: String) -> candle_core::Error {
-    candle_core::Error::Msg(m)
 }
 
 fn vector(t: QTensor) -> Result<Vec<f32>> {
@@ -303,6 +305,23 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         out.extend(row.iter().zip(w).map(|(x, w)| x * scale * w));
     }
     out
+}
+
+fn norm_if(x: Vec<f32>, w: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    match w {
+        Some(w) => rms_norm(&x, w, eps),
+        None => x,
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU's tanh approximation (PyTorch's `gelu(approximate="tanh")`, llama.cpp's `ggml_gelu`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
@@ -337,104 +356,4 @@ fn softmax(xs: &mut [f32]) {
 mod common_local;
 
 #[cfg(test)]
-mod tests {
-    use super::common_local::tiny_model;
-    use super::*;
-    use candle_transformers::models::quantized_llama::ModelWeights;
-    use std::path::{Path, PathBuf};
-
-    /// The default model at the workspace root (this crate's manifest is two levels down).
-    fn default_model() -> PathBuf {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let fetch = "run `bash models/fetch-default.sh` (CI does) to fetch the default model";
-        assert!(path.exists(), "{} is missing: {fetch}", path.display());
-        path
-    }
-
-    /// Ours and candle's model, on the same file.
-    fn both(path: &Path) -> (Llama, ModelWeights) {
-        let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-        let content = Content::read(&mut file).unwrap();
-        assert!(Llama::covers(&content));
-        let ours = Llama::load(&content, &mut file).unwrap();
-        let theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-        (ours, theirs)
-    }
-
-    fn argmax(xs: &[f32]) -> usize {
-        (0..xs.len()).fold(0, |best, i| if xs[i] > xs[best] { i } else { best })
-    }
-
-    /// Prefills `prompt`, then decodes `steps` greedy tokens, checking at each step that the
-    /// logits agree within `tolerance` of their range and that both pick the same token. The
-    /// two differ by rounding alone (candle keeps activation scales in f16, ours in f32; sums
-    /// run in another order), which 30 layers grow to a few percent at worst.
-    fn agree(path: &Path, prompt: &[u32], steps: usize, tolerance: f32) {
-        let (mut ours, mut theirs) = both(path);
-        let (mut tokens, mut pos) = (prompt.to_vec(), 0);
-        for step in 0..=steps {
-            let a = ours.forward(&tokens, pos).unwrap();
-            let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let b = theirs.forward(&input, pos).unwrap().flatten_all().unwrap();
-            let b: Vec<f32> = b.to_vec1().unwrap();
-            let range = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst <= tolerance * range, "step {step}: off by {worst} of {range}");
-            assert_eq!(argmax(&a), argmax(&b), "step {step}");
-            pos += tokens.len();
-            tokens = vec![argmax(&b) as u32];
-        }
-    }
-
-    #[test]
-    fn the_tiny_model_matches_candles_llama() {
-        let (_dir, path) = tiny_model();
-        agree(&path, &[5, 40, 41, 42, 60, 61, 7], 12, 0.04);
-    }
-
-    #[test]
-    fn the_default_model_matches_candles_llama() {
-        let prompt = [1, 9690, 198, 2683, 314, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198];
-        agree(&default_model(), &prompt, 8, 0.08);
-    }
-
-    #[test]
-    fn a_tensor_of_the_wrong_shape_is_named() {
-        use candle_core::quantized::{gguf_file, GgmlDType};
-        let (dir, path) = tiny_model();
-        let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
-        let content = Content::read(&mut file).unwrap();
-        let mut tensors = Vec::new();
-        for name in content.tensor_infos.keys() {
-            let t = match name.as_str() {
-                "blk.1.attn_k.weight" => {
-                    let zeros = Tensor::zeros((8, 64), candle_core::DType::F32, &Device::Cpu);
-                    QTensor::quantize(&zeros.unwrap(), GgmlDType::Q4_1).unwrap()
-                }
-                _ => content.tensor(&mut file, name, &Device::Cpu).unwrap(),
-            };
-            tensors.push((name.as_str(), t));
-        }
-        let metadata: Vec<_> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensors: Vec<_> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        let bad = dir.path().join("bad.gguf");
-        gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &metadata, &tensors).unwrap();
-        let mut file = std::io::BufReader::new(std::fs::File::open(&bad).unwrap());
-        let content = Content::read(&mut file).unwrap();
-        let err = Llama::load(&content, &mut file).err().expect("refused").to_string();
-        assert!(err.contains("`blk.1.attn_k.weight` has shape [8, 64]"), "{err}");
-    }
-
-    #[test]
-    fn forgetting_the_cache_gives_the_same_answer_again() {
-        let (_dir, path) = tiny_model();
-        let (mut m, _) = both(&path);
-        let first = m.forward(&[5, 6, 7], 0).unwrap();
-        m.forward(&[8], 3).unwrap();
-        m.clear();
-        assert_eq!(m.forward(&[5, 6, 7], 0).unwrap(), first);
-        assert!(m.forward(&[9], 5).is_err(), "a position past the cache is refused");
-        assert!(m.forward(&[u32::MAX], 0).is_err(), "a token outside the vocabulary is refused");
-    }
-}
+mod tests;

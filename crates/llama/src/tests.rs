@@ -1,0 +1,330 @@
+//! The pass held to candle-transformers' models: per architecture, a tiny random-weight GGUF
+//! written here must give the same logits within rounding and the same greedy tokens.
+
+use super::common_local::{write_tiny_model, Tiny, FFN, HEADS, HIDDEN, KV_HEADS, LAYERS};
+use super::*;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::DType;
+use candle_transformers::models::{llama, quantized_llama, quantized_qwen2, quantized_qwen3};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The default model at the workspace root (this crate's manifest is two levels down).
+fn default_model() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let fetch = "run `bash models/fetch-default.sh` (CI does) to fetch the default model";
+    assert!(path.exists(), "{} is missing: {fetch}", path.display());
+    path
+}
+
+/// A tiny model written with `opts`, in a fresh directory kept alive by the guard.
+fn tiny(opts: Tiny) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_model(&path, &opts);
+    (dir, path)
+}
+
+fn open(path: &Path) -> (Content, std::io::BufReader<std::fs::File>) {
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    (Content::read(&mut file).unwrap(), file)
+}
+
+fn ours(path: &Path) -> Model {
+    let (content, mut file) = open(path);
+    assert!(Model::covers(&content), "{} is covered", path.display());
+    Model::load(&content, &mut file).unwrap()
+}
+
+/// A model under test: tokens at a position in, the last one's logits out.
+type Pass<'a> = Box<dyn FnMut(&[u32], usize) -> Vec<f32> + 'a>;
+
+fn logits(t: candle_core::Result<Tensor>) -> Vec<f32> {
+    t.unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+fn input(tokens: &[u32]) -> Tensor {
+    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+/// candle-transformers' quantized model of the file's architecture.
+fn candle_quantized(path: &Path) -> Pass<'static> {
+    let (content, mut file) = open(path);
+    let arch = content.metadata["general.architecture"].to_string().unwrap().clone();
+    let cpu = &Device::Cpu;
+    match arch.as_str() {
+        "llama" => {
+            let mut m = quantized_llama::ModelWeights::from_gguf(content, &mut file, cpu).unwrap();
+            Box::new(move |t, pos| logits(m.forward(&input(t), pos)))
+        }
+        "qwen2" => {
+            let mut m = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, cpu).unwrap();
+            Box::new(move |t, pos| logits(m.forward(&input(t), pos)))
+        }
+        "qwen3" => {
+            let mut m = quantized_qwen3::ModelWeights::from_gguf(content, &mut file, cpu).unwrap();
+            Box::new(move |t, pos| logits(m.forward(&input(t), pos)))
+        }
+        other => panic!("no candle reference for {other}"),
+    }
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    (0..xs.len()).fold(0, |best, i| if xs[i] > xs[best] { i } else { best })
+}
+
+/// Prefills `prompt`, then decodes `steps` greedy tokens, checking at each step that the
+/// logits agree within `tolerance` of their range and that both pick the same token. The
+/// two differ by rounding alone (candle keeps activation scales in f16, ours in f32; sums
+/// run in another order), which 30 layers grow to a few percent at worst.
+fn agree(mut ours: Model, mut theirs: Pass, prompt: &[u32], steps: usize, tolerance: f32) {
+    let (mut tokens, mut pos) = (prompt.to_vec(), 0);
+    for step in 0..=steps {
+        let a = ours.forward(&tokens, pos).unwrap();
+        let b = theirs(&tokens, pos);
+        let range = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= tolerance * range, "step {step}: off by {worst} of {range}");
+        assert_eq!(argmax(&a), argmax(&b), "step {step}");
+        pos += tokens.len();
+        tokens = vec![argmax(&b) as u32];
+    }
+}
+
+const PROMPT: [u32; 7] = [5, 40, 41, 42, 60, 61, 7];
+
+#[test]
+fn the_tiny_model_matches_candles_llama() {
+    let (_dir, path) = tiny(Tiny::default());
+    agree(ours(&path), candle_quantized(&path), &PROMPT, 12, 0.04);
+}
+
+#[test]
+fn the_default_model_matches_candles_llama() {
+    let path = default_model();
+    let prompt = [1, 9690, 198, 2683, 314, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198];
+    agree(ours(&path), candle_quantized(&path), &prompt, 8, 0.08);
+}
+
+/// Llama 3's RoPE scaling as Meta's config states it; small wavelengths so that the tiny
+/// model's 16-wide heads have pairs in all three bands (kept, interpolated, divided).
+fn llama3_rope() -> llama::Llama3RopeConfig {
+    llama::Llama3RopeConfig {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+        rope_type: llama::Llama3RopeType::Llama3,
+    }
+}
+
+/// `rope_freqs.weight` as llama.cpp's converter derives it from that config (per pair: 1 for
+/// short wavelengths, `factor` for long ones, a smooth blend between).
+fn llama3_rope_freqs(head_dim: usize, base: f32, r: &llama::Llama3RopeConfig) -> Vec<f32> {
+    let old = r.original_max_position_embeddings as f32;
+    let (low, high) = (old / r.low_freq_factor, old / r.high_freq_factor);
+    (0..head_dim / 2)
+        .map(|j| {
+            let wavelen = 2.0 * std::f32::consts::PI * base.powf(2.0 * j as f32 / head_dim as f32);
+            if wavelen < high {
+                1.0
+            } else if wavelen > low {
+                r.factor
+            } else {
+                let smooth =
+                    (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+                1.0 / ((1.0 - smooth) / r.factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// candle-transformers' full-precision llama (Hugging Face layout, Llama 3 RoPE from its
+/// config) with the GGUF's weights: dequantized, and q/k rows put back in the order the GGUF
+/// converter permuted them from (it interleaves each head's halves so that llama.cpp can
+/// rotate adjacent pairs).
+fn candle_llama3(path: &Path, rope: llama::Llama3RopeConfig) -> Pass<'static> {
+    let (content, mut file) = open(path);
+    let head = HIDDEN / HEADS as usize;
+    let unpermute = |t: Tensor, heads: usize| {
+        let idx: Vec<u32> = (0..heads * head)
+            .map(|r| {
+                let (h, within) = (r / head, r % head);
+                let (half, j) = (within / (head / 2), within % (head / 2));
+                (h * head + 2 * j + half) as u32
+            })
+            .collect();
+        t.index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0).unwrap()
+    };
+    let mut weights = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let t = t.dequantize(&Device::Cpu).unwrap();
+        let hf = match name.as_str() {
+            "token_embd.weight" => "model.embed_tokens.weight".to_owned(),
+            "output_norm.weight" => "model.norm.weight".to_owned(),
+            "output.weight" => "lm_head.weight".to_owned(),
+            "rope_freqs.weight" => continue,
+            _ => {
+                let (layer, part) = name["blk.".len()..].split_once('.').unwrap();
+                let part = match part {
+                    "attn_norm.weight" => "input_layernorm.weight",
+                    "ffn_norm.weight" => "post_attention_layernorm.weight",
+                    "attn_q.weight" => "self_attn.q_proj.weight",
+                    "attn_k.weight" => "self_attn.k_proj.weight",
+                    "attn_v.weight" => "self_attn.v_proj.weight",
+                    "attn_output.weight" => "self_attn.o_proj.weight",
+                    "ffn_gate.weight" => "mlp.gate_proj.weight",
+                    "ffn_up.weight" => "mlp.up_proj.weight",
+                    "ffn_down.weight" => "mlp.down_proj.weight",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("model.layers.{layer}.{part}")
+            }
+        };
+        let t = match name.rsplit('.').nth(1) {
+            Some("attn_q") => unpermute(t, HEADS as usize),
+            Some("attn_k") => unpermute(t, KV_HEADS as usize),
+            _ => t,
+        };
+        weights.insert(hf, t);
+    }
+    let config = llama::Config {
+        hidden_size: HIDDEN,
+        intermediate_size: FFN,
+        vocab_size: weights["model.embed_tokens.weight"].dim(0).unwrap(),
+        num_hidden_layers: LAYERS,
+        num_attention_heads: HEADS as usize,
+        num_key_value_heads: KV_HEADS as usize,
+        use_flash_attn: false,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: Some(rope),
+        max_position_embeddings: 96,
+        tie_word_embeddings: !weights.contains_key("lm_head.weight"),
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let model = llama::Llama::load(vb, &config).unwrap();
+    let mut cache = llama::Cache::new(true, DType::F32, &config, &Device::Cpu).unwrap();
+    Box::new(move |t, pos| logits(model.forward(&input(t), pos, &mut cache)))
+}
+
+#[test]
+fn a_llama3_file_with_rope_freqs_and_tied_output_matches_candles_llama3() {
+    let rope = llama3_rope();
+    let factors = llama3_rope_freqs(HIDDEN / HEADS as usize, 10_000.0, &rope);
+    assert!(factors.contains(&1.0) && factors.contains(&rope.factor));
+    assert!(factors.iter().any(|f| *f > 1.0 && *f < rope.factor), "{factors:?}");
+    let opts = Tiny { rope_freqs: Some(factors), tied: true, norm_noise: 0.3, ..Tiny::default() };
+    let (_dir, path) = tiny(opts);
+    let (content, _) = open(&path);
+    assert!(!content.tensor_infos.contains_key("output.weight"));
+    // Positions past the original 64 are where Llama 3's scaling matters most.
+    let prompt: Vec<u32> = (0..60).map(|i| 5 + (i * 37) % 240).collect();
+    agree(ours(&path), candle_llama3(&path, rope), &prompt, 12, 0.04);
+}
+
+#[test]
+fn linear_rope_scaling_divides_every_frequency() {
+    let linear = vec![
+        ("rope.scaling.type", Value::String("linear".into())),
+        ("rope.scaling.factor", Value::F32(4.0)),
+    ];
+    let (_d1, scaled) = tiny(Tiny { extra: linear, ..Tiny::default() });
+    let quarter =
+        Tiny { rope_freqs: Some(vec![4.0; HIDDEN / HEADS as usize / 2]), ..Tiny::default() };
+    let (_d2, divided) = tiny(quarter);
+    let (_d3, plain) = tiny(Tiny::default());
+    let (mut a, mut b, mut c) = (ours(&scaled), ours(&divided), ours(&plain));
+    let run = |m: &mut Model| m.forward(&PROMPT, 0).unwrap();
+    let (a, b, c) = (run(&mut a), run(&mut b), run(&mut c));
+    assert!(a == b, "linear scaling by 4 is rope_freqs of 4 for every pair");
+    assert!(a != c, "the scaling changes the answer");
+}
+
+#[test]
+fn a_qwen2_file_with_biases_and_tied_embeddings_matches_candles_qwen2() {
+    let opts = Tiny { architecture: "qwen2", tied: true, norm_noise: 0.3, ..Tiny::default() };
+    let (_dir, path) = tiny(opts);
+    let (content, _) = open(&path);
+    assert!(content.tensor_infos.contains_key("blk.0.attn_q.bias"));
+    assert!(!content.tensor_infos.contains_key("output.weight"));
+    agree(ours(&path), candle_quantized(&path), &PROMPT, 12, 0.04);
+}
+
+#[test]
+fn a_qwen3_file_with_heads_wider_than_hidden_over_heads_matches_candles_qwen3() {
+    // Seed 7 gives a near tie at step 3 (0.02 apart where rounding moves logits by 0.15).
+    let opts = Tiny {
+        architecture: "qwen3",
+        head_dim: Some(32),
+        norm_noise: 0.3,
+        seed: 8,
+        ..Tiny::default()
+    };
+    let (_dir, path) = tiny(opts);
+    let (content, _) = open(&path);
+    assert_eq!(content.tensor_infos["blk.0.attn_q.weight"].shape.dims(), [32 * 4, HIDDEN]);
+    agree(ours(&path), candle_quantized(&path), &PROMPT, 12, 0.04);
+}
+
+#[test]
+fn files_the_pass_would_run_wrongly_are_not_covered() {
+    let covered = |opts: Tiny| {
+        let (_dir, path) = tiny(opts);
+        Model::covers(&open(&path).0)
+    };
+    let with = |key: &'static str, v: Value| Tiny { extra: vec![(key, v)], ..Tiny::default() };
+    for arch in ["llama", "qwen2", "qwen3"] {
+        assert!(covered(Tiny { architecture: arch, ..Tiny::default() }), "{arch}");
+    }
+    assert!(!covered(Tiny { architecture: "mamba9", ..Tiny::default() }));
+    assert!(!covered(with("expert_count", Value::U32(8))), "mixture of experts");
+    assert!(!covered(with("rope.dimension_count", Value::U32(8))), "partial RoPE");
+    assert!(!covered(with("rope.scaling.type", Value::String("yarn".into()))), "YaRN");
+    let rope_freqs = Some(vec![1.0; HIDDEN / HEADS as usize / 2]);
+    assert!(
+        !covered(Tiny { architecture: "qwen2", rope_freqs, ..Tiny::default() }),
+        "a tensor the pass would ignore"
+    );
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    let (dir, path) = tiny(Tiny::default());
+    let (content, mut file) = open(&path);
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let t = match name.as_str() {
+            "blk.1.attn_k.weight" => {
+                let zeros = Tensor::zeros((8, 64), DType::F32, &Device::Cpu);
+                QTensor::quantize(&zeros.unwrap(), GgmlDType::Q4_1).unwrap()
+            }
+            _ => content.tensor(&mut file, name, &Device::Cpu).unwrap(),
+        };
+        tensors.push((name.as_str(), t));
+    }
+    let metadata: Vec<_> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<_> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let bad = dir.path().join("bad.gguf");
+    gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &metadata, &tensors).unwrap();
+    let (content, mut file) = open(&bad);
+    let err = Model::load(&content, &mut file).err().expect("refused").to_string();
+    assert!(err.contains("`blk.1.attn_k.weight` has shape [8, 64]"), "{err}");
+}
+
+#[test]
+fn forgetting_the_cache_gives_the_same_answer_again() {
+    let (_dir, path) = tiny(Tiny::default());
+    let mut m = ours(&path);
+    let first = m.forward(&[5, 6, 7], 0).unwrap();
+    m.forward(&[8], 3).unwrap();
+    m.clear();
+    assert_eq!(m.forward(&[5, 6, 7], 0).unwrap(), first);
+    assert!(m.forward(&[9], 5).is_err(), "a position past the cache is refused");
+    assert!(m.forward(&[u32::MAX], 0).is_err(), "a token outside the vocabulary is refused");
+}
