@@ -38,7 +38,9 @@ impl Weights {
         let r = &mut reader;
         let native = device.is_cpu() && Model::covers(&content) && !candle_wanted();
         let loaded = guard(|| match architecture.as_str() {
-            _ if native => Ok(Some((Weights::Native(Model::load(&content, r)?), trained))),
+            _ if native => {
+                Ok(Some((Weights::Native(Model::load(&content, r.get_ref())?), trained)))
+            }
             "llama" => Ok(Some((
                 Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, r, device)?),
                 cap(trained, quantized_llama::MAX_SEQ_LEN),

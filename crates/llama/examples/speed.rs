@@ -17,7 +17,7 @@ fn main() {
     let mut file = std::io::BufReader::new(std::fs::File::open(&path).expect("open the model"));
     let content = Content::read(&mut file).expect("a GGUF file");
     assert!(Model::covers(&content), "our pass does not cover this file");
-    let mut model = Model::load(&content, &mut file).expect("load");
+    let mut model = Model::load(&content, file.get_ref()).expect("load");
     let load = started.elapsed();
     let vocab = content.tensor_infos["token_embd.weight"].shape.dims()[0] as u32;
     let prompt: Vec<u32> = (0..256u32).map(|i| (i * 7919 + 13) % vocab).collect();

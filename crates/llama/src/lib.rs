@@ -15,19 +15,20 @@ mod cpu;
 mod matmul;
 mod quant;
 mod rope;
+mod tensors;
 
 pub use config::value_u32;
 pub use cpu::Isa;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::QTensor;
 use candle_core::utils::barrier_pool;
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, Result};
 use config::{msg, Config, Dims};
-use matmul::{Disjoint, Fused, Linear};
+use matmul::{Disjoint, Embedding, Fused, Linear};
 use rope::Rope;
-use std::io::{Read, Seek};
+use std::fs::File;
 use std::sync::Arc;
+use tensors::Tensors;
 
 /// Weights (shared between sequences) and one sequence's KV cache.
 #[derive(Clone)]
@@ -40,7 +41,7 @@ struct Net {
     dims: Dims,
     /// gemma3 multiplies the embedding by √hidden.
     embed_scale: Option<f32>,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
@@ -88,30 +89,29 @@ impl Model {
 
     /// Reads every tensor the pass needs, each checked against the shape the metadata implies
     /// (a wrong one would otherwise fail deep inside a matmul); call [`Model::covers`] first.
-    pub fn load<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Self> {
+    /// The matrices stay in the file, memory-mapped (see `tensors.rs`).
+    pub fn load(content: &Content, file: &File) -> Result<Self> {
         let c = Config::read(content)?;
         let d = c.dims;
-        let mut t = Tensors { content, reader };
-        let embed = Arc::new(t.get("token_embd.weight", &[d.vocab, d.hidden])?);
+        let t = &Tensors::open(content, file)?;
+        let embed = t.get("token_embd.weight", &[d.vocab, d.hidden])?;
         let norm = t.vector("output_norm.weight", d.hidden)?;
-        let output = match t.get_if("output.weight", &[d.vocab, d.hidden])? {
-            Some(o) => Linear::new(Arc::new(o))?,
-            None => Linear::new(embed.clone())?,
-        };
+        let output =
+            Linear::new(t.get_if("output.weight", &[d.vocab, d.hidden])?.unwrap_or(embed.clone()))?;
         let pairs = d.head_dim / 2;
         let factors = match c.family.rope_freqs {
-            true => t.get_if("rope_freqs.weight", &[pairs])?.map(vector).transpose()?,
+            true => t.get_if("rope_freqs.weight", &[pairs])?.map(|v| v.to_f32()).transpose()?,
             false => None,
         };
         let mut freqs = vec![rope::frequencies(d.head_dim, c.rope_base, c.rope_scale, factors)];
         if let Some(s) = c.sliding {
             freqs.push(rope::frequencies(d.head_dim, s.base, 1.0, None));
         }
-        let layers = (0..c.blocks).map(|i| Layer::load(&mut t, &c, i)).collect::<Result<_>>()?;
+        let layers = (0..c.blocks).map(|i| Layer::load(t, &c, i)).collect::<Result<_>>()?;
         let net = Net {
             dims: d,
             embed_scale: c.family.gemma.then(|| (d.hidden as f32).sqrt()),
-            embed,
+            embed: Embedding::new(&embed)?,
             layers,
             norm,
             output,
@@ -136,8 +136,7 @@ impl Model {
             bail!("token {t} is outside the vocabulary of {vocab}")
         }
         let Some(last) = tokens.len().checked_sub(1) else { bail!("no tokens to run") };
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x: Vec<f32> = net.embed.embedding(&ids)?.flatten_all()?.to_vec1()?;
+        let mut x = net.embed.rows(tokens)?;
         if let Some(s) = net.embed_scale {
             x.iter_mut().for_each(|x| *x *= s);
         }
@@ -156,51 +155,19 @@ impl Model {
     }
 }
 
-/// The one place tensors are read from the file, each checked against the shape the metadata
-/// implies (so that reading them in place from a memory map changes only this).
-struct Tensors<'a, R> {
-    content: &'a Content,
-    reader: &'a mut R,
-}
-
-impl<R: Read + Seek> Tensors<'_, R> {
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
-        let t = self.content.tensor(self.reader, name, &Device::Cpu)?;
-        match t.shape().dims() == shape {
-            true => Ok(t),
-            false => {
-                bail!("`{name}` has shape {:?}; the metadata implies {shape:?}", t.shape().dims())
-            }
-        }
-    }
-
-    /// A tensor the file may leave out.
-    fn get_if(&mut self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
-        match self.content.tensor_infos.contains_key(name) {
-            true => self.get(name, shape).map(Some),
-            false => Ok(None),
-        }
-    }
-
-    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
-        vector(self.get(name, &[len])?)
-    }
-}
-
 impl Layer {
-    fn load<R: Read + Seek>(t: &mut Tensors<'_, R>, c: &Config, i: usize) -> Result<Layer> {
+    fn load(t: &Tensors<'_>, c: &Config, i: usize) -> Result<Layer> {
         let d = c.dims;
         let (h, q, kv, hd, ffn) = (d.hidden, d.q_width(), d.kv_width(), d.head_dim, c.ffn);
         let n = |part: &str| format!("blk.{i}.{part}");
-        let w = |t: &mut Tensors<'_, R>, part: &str, shape: &[usize]| {
+        let w = |t: &Tensors<'_>, part: &str, shape: &[usize]| {
             t.get(&n(&format!("{part}.weight")), shape)
         };
-        let bias = |t: &mut Tensors<'_, R>, part: &str, len: usize| {
-            t.get_if(&n(&format!("{part}.bias")), &[len])?.map(vector).transpose()
+        let bias = |t: &Tensors<'_>, part: &str, len: usize| {
+            t.get_if(&n(&format!("{part}.bias")), &[len])?.map(|v| v.to_f32()).transpose()
         };
-        let norm = |t: &mut Tensors<'_, R>, part: &str, len: usize| {
-            t.vector(&n(&format!("{part}.weight")), len)
-        };
+        let norm =
+            |t: &Tensors<'_>, part: &str, len: usize| t.vector(&n(&format!("{part}.weight")), len);
         let gemma = c.family.gemma;
         let sliding = c.sliding.filter(|s| s.covers(i));
         Ok(Layer {
@@ -215,11 +182,11 @@ impl Layer {
                 true => Some([norm(t, "attn_q_norm", hd)?, norm(t, "attn_k_norm", hd)?]),
                 false => None,
             },
-            o: Linear::new(Arc::new(w(t, "attn_output", &[h, q])?))?,
+            o: Linear::new(w(t, "attn_output", &[h, q])?)?,
             post_attn_norm: gemma.then(|| norm(t, "post_attention_norm", h)).transpose()?,
             ffn_norm: norm(t, "ffn_norm", h)?,
             gate_up: Fused::new(vec![w(t, "ffn_gate", &[ffn, h])?, w(t, "ffn_up", &[ffn, h])?])?,
-            down: Linear::new(Arc::new(w(t, "ffn_down", &[h, ffn])?))?,
+            down: Linear::new(w(t, "ffn_down", &[h, ffn])?)?,
             post_ffn_norm: gemma.then(|| norm(t, "post_ffw_norm", h)).transpose()?,
             gelu: gemma,
             rope: usize::from(sliding.is_some()),
@@ -291,10 +258,6 @@ fn attention(q: &[f32], kv: &Kv, d: Dims, window: Option<usize>) -> Vec<f32> {
         }
     });
     out
-}
-
-fn vector(t: QTensor) -> Result<Vec<f32>> {
-    t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
 }
 
 /// RMS-normalises each row of `x` (rows as long as `w`) and scales it by `w`.

@@ -4,6 +4,7 @@
 
 pub(crate) use crate::quant::Disjoint;
 use crate::quant::{self, Format, QMatrix};
+use crate::tensors::View;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use std::sync::Arc;
@@ -15,15 +16,14 @@ pub(crate) enum Linear {
 }
 
 impl Linear {
-    /// Our kernel where the tensor's type has one, else candle's matmul.
-    pub fn new(t: Arc<QTensor>) -> Result<Self> {
-        let (n, k) = t.shape().dims2()?;
-        if let Some(format) = Format::of(t.dtype()) {
-            if let Some(m) = QMatrix::new(format, t.data()?.into_owned(), n, k) {
-                return Ok(Linear::Quant(m));
-            }
+    /// Our kernel on the bytes in place where the tensor's type has one, else candle's
+    /// matmul on a copy.
+    pub fn new(t: View) -> Result<Self> {
+        let (n, k) = t.dims2()?;
+        if let Some(m) = Format::of(t.dtype).and_then(|f| QMatrix::new(f, t.bytes.clone(), n, k)) {
+            return Ok(Linear::Quant(m));
         }
-        Ok(Linear::Candle { matmul: QMatMul::from_arc(t)?, k })
+        Ok(Linear::Candle { matmul: QMatMul::from_arc(Arc::new(t.qtensor()?))?, k })
     }
 
     /// `x` (`m × k`, row-major) times this matrix transposed: `m × n`.
@@ -43,9 +43,8 @@ impl Linear {
 pub(crate) struct Fused(Vec<Linear>);
 
 impl Fused {
-    pub fn new(parts: Vec<QTensor>) -> Result<Self> {
-        let parts = parts.into_iter().map(|t| Linear::new(Arc::new(t))).collect::<Result<_>>()?;
-        Ok(Fused(parts))
+    pub fn new(parts: Vec<View>) -> Result<Self> {
+        Ok(Fused(parts.into_iter().map(Linear::new).collect::<Result<_>>()?))
     }
 
     /// Each matrix's output, in the order given.
@@ -66,5 +65,35 @@ impl Fused {
                 Linear::Candle { .. } => p.forward(x),
             })
             .collect()
+    }
+}
+
+/// The token embedding: rows looked up and dequantized one by one, never the whole matrix
+/// (as f32 it would be 4–8× the file's bytes for it).
+pub(crate) enum Embedding {
+    Quant(QMatrix),
+    Candle(QTensor),
+}
+
+impl Embedding {
+    pub fn new(t: &View) -> Result<Self> {
+        let (n, k) = t.dims2()?;
+        match Format::of(t.dtype).and_then(|f| QMatrix::new(f, t.bytes.clone(), n, k)) {
+            Some(m) => Ok(Embedding::Quant(m)),
+            None => Ok(Embedding::Candle(t.qtensor()?)),
+        }
+    }
+
+    /// The rows of `ids`, one after another.
+    pub fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Embedding::Quant(m) => {
+                Ok(ids.iter().flat_map(|&i| m.dequantize_row(i as usize)).collect())
+            }
+            Embedding::Candle(t) => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                t.embedding(&ids)?.flatten_all()?.to_vec1()
+            }
+        }
     }
 }

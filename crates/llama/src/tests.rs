@@ -4,7 +4,8 @@
 use super::common_local::{write_tiny_model, Tiny, FFN, HEADS, HIDDEN, KV_HEADS, LAYERS};
 use super::*;
 use candle_core::quantized::gguf_file::Value;
-use candle_core::DType;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{llama, quantized_llama, quantized_qwen2, quantized_qwen3};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,9 +33,9 @@ fn open(path: &Path) -> (Content, std::io::BufReader<std::fs::File>) {
 }
 
 fn ours(path: &Path) -> Model {
-    let (content, mut file) = open(path);
+    let (content, file) = open(path);
     assert!(Model::covers(&content), "{} is covered", path.display());
-    Model::load(&content, &mut file).unwrap()
+    Model::load(&content, file.get_ref()).unwrap()
 }
 
 /// A model under test: tokens at a position in, the last one's logits out.
@@ -312,8 +313,8 @@ fn a_tensor_of_the_wrong_shape_is_named() {
     let tensors: Vec<_> = tensors.iter().map(|(n, t)| (*n, t)).collect();
     let bad = dir.path().join("bad.gguf");
     gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &metadata, &tensors).unwrap();
-    let (content, mut file) = open(&bad);
-    let err = Model::load(&content, &mut file).err().expect("refused").to_string();
+    let (content, file) = open(&bad);
+    let err = Model::load(&content, file.get_ref()).err().expect("refused").to_string();
     assert!(err.contains("`blk.1.attn_k.weight` has shape [8, 64]"), "{err}");
 }
 
@@ -327,4 +328,15 @@ fn forgetting_the_cache_gives_the_same_answer_again() {
     assert_eq!(m.forward(&[5, 6, 7], 0).unwrap(), first);
     assert!(m.forward(&[9], 5).is_err(), "a position past the cache is refused");
     assert!(m.forward(&[u32::MAX], 0).is_err(), "a token outside the vocabulary is refused");
+}
+
+#[test]
+fn a_truncated_file_is_refused_with_a_reason() {
+    let (_dir, path) = tiny(Tiny::default());
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len - 100).unwrap();
+    let (content, file) = open(&path);
+    let err = Model::load(&content, file.get_ref()).err().expect("refused").to_string();
+    assert!(err.contains("past the end of the file"), "{err}");
 }

@@ -11,13 +11,17 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod scalar;
+
+pub(crate) use scalar::dequantize;
 mod unpack;
 
 use crate::Isa;
 use candle_core::quantized::GgmlDType;
 use candle_core::utils::barrier_pool;
 use half::f16;
+use memmap2::Mmap;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Activation rows that share one read of a weight row.
 pub(crate) const TILE: usize = 4;
@@ -133,20 +137,52 @@ pub(crate) struct QMatrix {
     format: Format,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    data: Bytes,
     kernel: Kernel,
     unpacked: Option<UnpackedDot>,
 }
 
+/// A tensor's bytes: in the memory-mapped file, or owned (tests, candle's quantizer).
+#[derive(Clone)]
+pub(crate) enum Bytes {
+    Owned(Arc<[u8]>),
+    Mapped { map: Arc<Mmap>, at: usize, len: usize },
+}
+
+impl Bytes {
+    /// `len` bytes at `at` in `map` (the caller checked they lie inside it).
+    pub fn mapped(map: Arc<Mmap>, at: usize, len: usize) -> Self {
+        assert!(at + len <= map.len(), "a tensor past the end of the map");
+        Bytes::Mapped { map, at, len }
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes::Owned(v.into())
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped { map, at, len } => &map[*at..*at + *len],
+        }
+    }
+}
+
 impl QMatrix {
     /// Takes the raw bytes of a tensor of shape `(n, k)`; `None` if they do not fit it.
-    pub fn new(format: Format, data: Vec<u8>, n: usize, k: usize) -> Option<Self> {
-        Self::with_isa(format, data, n, k, Isa::get())
+    pub fn new(format: Format, data: impl Into<Bytes>, n: usize, k: usize) -> Option<Self> {
+        Self::with_isa(format, data.into(), n, k, Isa::get())
     }
 
     pub(crate) fn with_isa(
         format: Format,
-        data: Vec<u8>,
+        data: Bytes,
         n: usize,
         k: usize,
         isa: Isa,
@@ -168,7 +204,6 @@ impl QMatrix {
     }
 
     /// Row `i` as floats (an embedding lookup).
-    #[allow(dead_code)] // the embedding lookup moves here with the memory-mapped weights
     pub fn dequantize_row(&self, i: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.k];
         scalar::dequantize(self.format, self.row(i), &mut out);

@@ -125,8 +125,8 @@ fn q6_k(w: &[u8], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE] {
     })
 }
 
-/// One row of `format` blocks as floats: embedding lookups, and the tests' reference.
-pub(super) fn dequantize(format: Format, row: &[u8], out: &mut [f32]) {
+/// `format` blocks as floats: embedding lookups, vectors, and the tests' reference.
+pub(crate) fn dequantize(format: Format, row: &[u8], out: &mut [f32]) {
     let per = format.block();
     for (b, y) in row.chunks_exact(format.bytes()).zip(out.chunks_exact_mut(per)) {
         match format {

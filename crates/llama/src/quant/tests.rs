@@ -79,7 +79,7 @@ fn every_kernel_agrees_with_candles_dequantized_matmul() {
         let (n, k) = (37, 768);
         let (bytes, floats) = matrix(dtype, n, k);
         for isa in isas() {
-            let ours = QMatrix::with_isa(format, bytes.clone(), n, k, isa).unwrap();
+            let ours = QMatrix::with_isa(format, bytes.clone().into(), n, k, isa).unwrap();
             for m in [1, 3, 4, 9, 17] {
                 let x = random(m * k, 11 + m as u64);
                 let got = &matmul(&[&ours], &x)[0];
@@ -105,8 +105,9 @@ fn simd_kernels_equal_the_portable_ones() {
     for (dtype, format) in FORMATS {
         let (n, k) = (5, 512);
         let (bytes, _) = matrix(dtype, n, k);
-        let portable = QMatrix::with_isa(format, bytes.clone(), n, k, Isa::Portable).unwrap();
-        let simd = QMatrix::with_isa(format, bytes, n, k, best).unwrap();
+        let portable =
+            QMatrix::with_isa(format, bytes.clone().into(), n, k, Isa::Portable).unwrap();
+        let simd = QMatrix::with_isa(format, bytes.into(), n, k, best).unwrap();
         // Seven rows take the direct kernels; fourteen, the unpacked ones (K-quants).
         for m in [7, 14] {
             let x = random(m * k, 5);
