@@ -82,7 +82,7 @@ impl Format {
 
     fn kernel(self, isa: Isa) -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        if isa == Isa::Avx2 {
             return avx2::kernel(self);
         }
         let _ = isa;

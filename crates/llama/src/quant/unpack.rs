@@ -30,7 +30,7 @@ impl Default for Unpacked {
 /// The unpacked kernel for this CPU, if it has one.
 pub(super) fn kernel(isa: Isa) -> Option<UnpackedDot> {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+    if isa == Isa::Avx2 {
         return Some(super::avx2::unpacked);
     }
     let _ = isa;
