@@ -20,11 +20,9 @@ impl Isa {
     /// older CPU gets), never beyond what the CPU has.
     pub fn get() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            match std::env::var("EDGECHAT_ISA").ok().and_then(|v| Isa::parse(&v)) {
-                Some(Isa::Portable) => Isa::Portable,
-                _ => Isa::detect(),
-            }
+        *ISA.get_or_init(|| match std::env::var("EDGECHAT_ISA").ok().and_then(|v| Isa::parse(&v)) {
+            Some(Isa::Portable) => Isa::Portable,
+            _ => Isa::detect(),
         })
     }
 

@@ -102,6 +102,7 @@ macro_rules! k4 {
             for i in 0..nb {
                 let b = w.add(i * $bytes);
                 let (sc, mn) = scales_k4(std::slice::from_raw_parts(b.add(4), 12));
+                let scales = words(u64::from_le_bytes(sc), false);
                 let mins = pairs(mn);
                 let fifth: Option<usize> = $fifth;
                 let hbits = match fifth {
@@ -120,8 +121,8 @@ macro_rules! k4 {
                         let h = _mm256_srli_epi16(h, 1);
                         hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
                     }
-                    let s_lo = _mm256_set1_epi16(i16::from(sc[2 * c]));
-                    let s_hi = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
+                    let s_lo = _mm256_shuffle_epi8(scales, spread(2 * c, 2 * c));
+                    let s_hi = _mm256_shuffle_epi8(scales, spread(2 * c + 1, 2 * c + 1));
                     for r in 0..R {
                         let y = (*acts.add(r * nb + i)).qs.as_ptr().add(64 * c);
                         let p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(y.cast()));
@@ -162,8 +163,12 @@ unsafe fn q6_k_rows<const R: usize>(w: *const u8, acts: *const Q8K, nb: usize) -
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..nb {
         let b = w.add(i * 210);
-        let sc = b.add(192).cast::<i8>();
+        let sc = b.add(192);
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.cast()));
+        let halves = [
+            words(sc.cast::<u64>().read_unaligned(), true),
+            words(sc.add(8).cast::<u64>().read_unaligned(), true),
+        ];
         let mut sums = [_mm256_setzero_si256(); R];
         for h in 0..2 {
             let ql = [
@@ -179,11 +184,7 @@ unsafe fn q6_k_rows<const R: usize>(w: *const u8, acts: *const Q8K, nb: usize) -
                 let shift = _mm_cvtsi32_si128(2 * t as i32);
                 let high = _mm256_and_si256(_mm256_srl_epi16(qh, shift), three);
                 let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-                let g = 8 * h + 2 * t;
-                let s = _mm256_set_m128i(
-                    _mm_set1_epi16(i16::from(*sc.add(g + 1))),
-                    _mm_set1_epi16(i16::from(*sc.add(g))),
-                );
+                let s = _mm256_shuffle_epi8(halves[h], spread(2 * t, 2 * t + 1));
                 for r in 0..R {
                     let y = (*acts.add(r * nb + i)).qs.as_ptr().add(128 * h + 32 * t);
                     let p = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y.cast()));
@@ -244,6 +245,25 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Eight byte scales as words, in both 128-bit lanes (for [`spread`]); `signed`: Q6_K's.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn words(bytes: u64, signed: bool) -> __m256i {
+    let v = _mm_cvtsi64_si128(bytes as i64);
+    let w = if signed { _mm_cvtepi8_epi16(v) } else { _mm_cvtepu8_epi16(v) };
+    _mm256_broadcastsi128_si256(w)
+}
+
+/// A shuffle that fills the low lane with word `lo` of a [`words`] vector and the high lane
+/// with word `hi`: the factors of one `maddubs` result (its two 16-weight halves).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn spread(lo: usize, hi: usize) -> __m256i {
+    let (lo, hi) =
+        ((((2 * lo + 1) << 8) | (2 * lo)) as i16, (((2 * hi + 1) << 8) | (2 * hi)) as i16);
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
 }
 
 /// Eight minimums as 16 words, each twice: multiplied with the activations' 16 sums, word

@@ -362,17 +362,18 @@ fn half(b: &[u8], at: usize) -> f32 {
 }
 
 /// The 6-bit scale and minimum of each of a Q4_K/Q5_K block's eight sub-blocks, from their
-/// 12 packed bytes.
+/// 12 packed bytes: sub-blocks 0–3 keep their six bits in bytes 0–3 (scales) and 4–7
+/// (minimums); 4–7 have their low four bits in the nibbles of bytes 8–11 and their top two
+/// in the spare top bits of bytes 0–7. Four bytes at a time, in u32 lanes.
 #[inline(always)]
 fn scales_k4(q: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = q[j] & 63;
-        mn[j] = q[j + 4] & 63;
-        sc[j + 4] = (q[j + 8] & 0x0F) | ((q[j] >> 6) << 4);
-        mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-    }
-    (sc, mn)
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (a, b, c) = (word(0), word(1), word(2));
+    let (six, four, two) = (0x3F3F_3F3Fu32, 0x0F0F_0F0Fu32, 0x0303_0303u32);
+    let sc_hi = (c & four) | (((a >> 6) & two) << 4);
+    let mn_hi = ((c >> 4) & four) | (((b >> 6) & two) << 4);
+    let join = |lo: u32, hi: u32| (u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes();
+    (join(a & six, sc_hi), join(b & six, mn_hi))
 }
 
 #[cfg(test)]
