@@ -1,5 +1,5 @@
 //! The network itself, picked by the GGUF's `general.architecture`: our own pass (the
-//! `edgechat-llama` crate) on the CPU for the llama, qwen2 and qwen3 files it covers,
+//! `edgechat-llama` crate) on the CPU for the llama, qwen2, qwen3 and gemma3 files it covers,
 //! else one of candle-transformers' quantized models.
 
 use super::gguf::GgufFile;
@@ -159,4 +159,27 @@ pub(crate) fn device() -> Device {
         return d;
     }
     Device::Cpu
+}
+
+#[cfg(test)]
+#[path = "../../tests/common_local/mod.rs"]
+mod common_local;
+
+#[cfg(test)]
+mod tests {
+    use super::common_local::{write_tiny_model, Tiny};
+    use super::*;
+
+    #[test]
+    fn every_covered_architecture_runs_our_pass_on_the_cpu_with_a_full_batch() {
+        for architecture in ["llama", "qwen2", "qwen3", "gemma3"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            write_tiny_model(&path, &Tiny { architecture, ..Tiny::default() });
+            let gguf = GgufFile::open(&path).unwrap();
+            let (weights, context) = Weights::load(gguf, &Device::Cpu).unwrap();
+            assert!(matches!(weights, Weights::Native(_)), "{architecture}");
+            assert_eq!((weights.batch_limit(4), context), (4, 96), "{architecture}");
+        }
+    }
 }

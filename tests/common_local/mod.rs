@@ -35,7 +35,8 @@ pub struct Tiny {
     pub rope_freqs: Option<Vec<f32>>,
     /// Norm weights drawn from 1 ± this instead of all ones, so a misapplied norm shows.
     pub norm_noise: f32,
-    /// More metadata, keys without the architecture prefix (`rope.scaling.type`, …).
+    /// More metadata, keys without the architecture prefix (`rope.scaling.type`, …); they
+    /// replace the defaults of the same name.
     pub extra: Vec<(&'static str, Value)>,
 }
 
@@ -179,7 +180,10 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ("tokenizer.chat_template".into(), string(TEMPLATE)),
     ];
-    metadata.extend(opts.extra.iter().map(|(k, v)| (format!("{arch}.{k}"), v.clone())));
+    let extra: Vec<(String, Value)> =
+        opts.extra.iter().map(|(k, v)| (format!("{arch}.{k}"), v.clone())).collect();
+    metadata.retain(|(k, _)| extra.iter().all(|(e, _)| e != k));
+    metadata.extend(extra);
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();

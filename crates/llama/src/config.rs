@@ -30,8 +30,7 @@ impl Family {
             "llama" => f(false, false, false, true),
             "qwen2" => f(true, false, false, false),
             "qwen3" => f(true, true, false, false),
-            // gemma3's block is written but not yet held to a reference.
-            "gemma3" => None::<Family>.and(f(true, true, true, false)),
+            "gemma3" => f(true, true, true, false),
             _ => None,
         }
     }

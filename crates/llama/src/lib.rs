@@ -2,8 +2,8 @@
 //! matrices through our kernels (`matmul.rs`), keeps the token embedding quantized (candle's
 //! models dequantize it, ~113 MB for SmolLM2), appends to a growing KV cache instead of
 //! concatenating it every token, and reads grouped-query K/V heads in place instead of
-//! repeating them. One pass covers llama (Llama 3's `rope_freqs` included), qwen2 and qwen3:
-//! each is llama's block with a few options read from the metadata (`config.rs`).
+//! repeating them. One pass covers llama (Llama 3's `rope_freqs` included), qwen2, qwen3 and
+//! gemma3: each is llama's block with a few options read from the metadata (`config.rs`).
 //! GPUs and the files this does not cover (mixture of experts, partial RoPE, other
 //! architectures) keep candle's models.
 //!
