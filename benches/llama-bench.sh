@@ -2,7 +2,9 @@
 # Runs llama.cpp's llama-bench on the same GGUF and thread count as `cargo bench --bench local`,
 # for the ratio BENCHMARKS.md records. llama.cpp's source comes from the PyPI sdist of
 # llama-cpp-python (vendor/llama.cpp); the build (about 15 minutes on 2 cores) is cached in
-# benches/.cache, which git ignores.
+# benches/.cache, which git ignores. It builds llama-server, llama-quantize and llama-tokenize
+# too, for the tokenizer fixtures (tests/fixtures/make_spm_fixture.py) and the synthetic files
+# (../shared/tools/synthetic-gguf), so one build serves all three.
 #
 # Usage: bash benches/llama-bench.sh [THREADS]   (default: all cores)
 set -euo pipefail
@@ -36,8 +38,9 @@ if [[ ! -x "$bench" ]]; then
     command -v ninja >/dev/null && generator=(-G Ninja)
     cmake -S "$src" -B "$src/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    cmake --build "$src/build" --target llama-bench -j "$(nproc)"
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
+    cmake --build "$src/build" --target llama-bench llama-server llama-quantize llama-tokenize \
+        -j "$(nproc)"
 fi
 
 "$bench" -m "$model" -t "$threads" -p 256 -n 128

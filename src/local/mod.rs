@@ -17,6 +17,7 @@ mod gguf;
 mod model;
 mod sampler;
 mod scheduler;
+mod spm;
 mod template;
 mod text;
 mod tokenizer;
@@ -142,7 +143,10 @@ impl Engine {
         let gguf = gguf::GgufFile::open(path)?;
         let info = gguf.info()?;
         let tokenizer = Arc::new(TextTokenizer::load(&gguf)?);
-        let source = gguf.string("tokenizer.chat_template").unwrap_or(CHATML).to_owned();
+        let source = match gguf.string("tokenizer.chat_template") {
+            Some(source) => source.to_owned(),
+            None => template::fallback(|t| tokenizer.has_token(t)).to_owned(),
+        };
         let template = ChatTemplate::new(&source, &tokenizer.bos_text, &tokenizer.eos_text)?;
         let device = model::device();
         let (weights, limit) = model::Weights::load(gguf, &device)?;

@@ -1,5 +1,6 @@
 //! The chat template: the GGUF's `tokenizer.chat_template` (Jinja, as Hugging Face writes them)
-//! rendered with minijinja, or ChatML when the file has none.
+//! rendered with minijinja; when the file has none, Gemma's turn format for a vocabulary with
+//! Gemma's turn markers, else ChatML.
 
 use super::LocalError;
 use minijinja::{Environment, Error, ErrorKind};
@@ -8,6 +9,43 @@ use minijinja::{Environment, Error, ErrorKind};
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n\
 {{ message.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Gemma's turn format, for Gemma files without a template (Google's pretrained checkpoints
+/// converted to GGUF often carry none): a system message opens the first user turn, the
+/// assistant's role is called `model`, and turns must alternate, as in Gemma's own template.
+pub const GEMMA: &str = r#"{{ bos_token }}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {{ raise_exception('Invalid content type') }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}"#;
+
+/// The template for a file that carries none, chosen by the tokens its vocabulary has.
+pub fn fallback(has_token: impl Fn(&str) -> bool) -> &'static str {
+    if has_token("<start_of_turn>") && has_token("<end_of_turn>") {
+        GEMMA
+    } else {
+        CHATML
+    }
+}
 
 pub use crate::message::{Message, Role};
 
@@ -109,6 +147,36 @@ mod tests {
         assert_eq!(t.render(&[Message::new(Role::User, "  hi ")]).unwrap(), "HI");
         let two = [Message::new(Role::User, "a"), Message::new(Role::User, "b")];
         assert!(t.render(&two).unwrap_err().to_string().contains("only one"));
+    }
+
+    #[test]
+    fn gemma_folds_the_system_message_into_the_first_turn() {
+        let t = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
+        let out = t
+            .render(&[
+                Message::new(Role::System, "Be brief."),
+                Message::new(Role::User, " Hi "),
+                Message::new(Role::Assistant, "Hello."),
+                Message::new(Role::User, "Capital of France?"),
+            ])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let plain = t.render(&[Message::new(Role::User, "Hi")]).unwrap();
+        assert_eq!(plain, "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
+        let twice = [Message::new(Role::User, "a"), Message::new(Role::User, "b")];
+        assert!(t.render(&twice).unwrap_err().to_string().contains("must alternate"));
+    }
+
+    #[test]
+    fn the_fallback_follows_the_vocabulary() {
+        let gemma = |t: &str| t == "<start_of_turn>" || t == "<end_of_turn>";
+        assert_eq!(fallback(gemma), GEMMA);
+        assert_eq!(fallback(|t: &str| t == "<|im_start|>"), CHATML);
     }
 
     #[test]
