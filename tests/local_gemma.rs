@@ -124,11 +124,9 @@ async fn loads_and_answers_greedily() {
 }
 
 /// The answer equals llama.cpp's up to its first near-tie ("What is the capital of France?").
-/// Ignored while gemma3 runs through candle-transformers 0.11, whose quantized gemma3 gates its
-/// feed-forward with SiLU instead of GELU and answers "What is the capital of the United
-/// States?"; it passes once gemma3 runs through our own pass.
+/// candle-transformers 0.11's quantized gemma3, which gates its feed-forward with SiLU instead
+/// of GELU, answered "What is the capital of the United States?": our pass runs gemma3.
 #[tokio::test]
-#[ignore = "candle 0.11's quantized gemma3 uses SiLU for GELU; needs gemma3 in our own pass"]
 async fn answers_as_llama_cpp_does() {
     let expected = greedy();
     let (text, _, _) = engine().generate(question(12)).unwrap().collect_text().await.unwrap();
