@@ -142,3 +142,33 @@ fn bytes_that_do_not_fit_the_shape_are_refused() {
     assert!(QMatrix::new(Format::Q4_0, vec![0; 18], 1, 20).is_none());
     assert!(QMatrix::new(Format::Q4K, vec![0; 144], 1, 128).is_none(), "K-quants need k % 256");
 }
+
+/// Kernel throughput, for profiling rather than checking:
+/// `cargo test --release -p edgechat-llama kernel_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand in release builds"]
+fn kernel_speed() {
+    let (n, k) = (4096, 2048);
+    for (dtype, format) in FORMATS {
+        let (bytes, _) = matrix(dtype, n, k);
+        let size = bytes.len();
+        for isa in isas() {
+            let w = QMatrix::with_isa(format, bytes.clone().into(), n, k, isa).unwrap();
+            for m in [1, 64] {
+                let x = random(m * k, 1);
+                let reps = if m == 1 { 50 } else { 3 };
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(matmul(&[&w], &x));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gmac = (m * n * k) as f64 / s / 1e9;
+                println!(
+                    "{format:?} {isa:?} m={m}: {:.2} ms, {:.1} GB/s of weights, {gmac:.1} GMAC/s",
+                    s * 1e3,
+                    size as f64 / s / 1e9
+                );
+            }
+        }
+    }
+}
