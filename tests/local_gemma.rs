@@ -132,3 +132,18 @@ async fn answers_as_llama_cpp_does() {
     let (text, _, _) = engine().generate(question(12)).unwrap().collect_text().await.unwrap();
     assert!(text.starts_with(&expected.decisive_text), "answer: {text:?}");
 }
+
+/// A prompt longer than one prefill chunk (128 tokens) is answered: candle's gemma3 can only
+/// mask a multi-token step that starts at position 0, so its prompt goes in one pass.
+#[tokio::test]
+async fn a_prompt_longer_than_one_prefill_chunk_is_answered() {
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
+    let request = GenerateRequest {
+        messages: vec![Message::new(Role::User, text)],
+        max_tokens: 2,
+        ..GenerateRequest::default()
+    };
+    let (_, _, usage) = engine().generate(request).unwrap().collect_text().await.unwrap();
+    assert!(usage.prompt_tokens > 300, "{}", usage.prompt_tokens);
+    assert!(usage.completion_tokens >= 1);
+}

@@ -83,6 +83,16 @@ impl Weights {
         }
     }
 
+    /// Most prompt tokens one forward pass takes. candle's gemma3 can mask a multi-token step
+    /// only at position 0 (later, its mask and its cache differ in dtype), so its prompt goes
+    /// in one pass; the others take `chunk` at a time.
+    pub fn prefill_chunk(&self, chunk: usize) -> usize {
+        match self {
+            Weights::Gemma3(_) => usize::MAX,
+            _ => chunk,
+        }
+    }
+
     /// A copy with an empty KV cache, for a new sequence.
     pub fn fresh(&self) -> Self {
         let mut w = self.clone();

@@ -184,7 +184,8 @@ impl Sequence {
         tokenizer: &TextTokenizer,
         device: &Device,
     ) -> Result<Option<FinishReason>, LocalError> {
-        let end = (self.cached + PREFILL_CHUNK).min(self.tokens.len());
+        let chunk = self.weights.prefill_chunk(PREFILL_CHUNK);
+        let end = self.cached.saturating_add(chunk).min(self.tokens.len());
         let started = Instant::now();
         let mut logits =
             self.weights.forward(&self.tokens[self.cached..end], self.cached, device)?;

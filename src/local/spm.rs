@@ -21,7 +21,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 /// How SentencePiece writes a space inside a token.
-const SPACE: char = '\u{2581}';
+const SPACE: &str = "\u{2581}";
 
 /// A token's kind, from `tokenizer.ggml.token_type` (llama.cpp's `llama_token_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +132,7 @@ impl Spm {
                 }
                 Fragment::Text(piece) => {
                     let prefix = if self.add_space_prefix && after_special { " " } else { "" };
-                    let escaped = format!("{prefix}{piece}").replace(' ', "\u{2581}");
+                    let escaped = format!("{prefix}{piece}").replace(' ', SPACE);
                     self.merge(&escaped, &mut out);
                     after_special = false;
                 }
@@ -156,14 +156,17 @@ impl Spm {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The id of the token written `piece`, as the GGUF spells it (`▁` for spaces).
     pub fn token_to_id(&self, piece: &str) -> Option<u32> {
         self.ids.get(piece).copied()
     }
 
+    /// The token `id` as the GGUF spells it.
     pub fn id_to_token(&self, id: u32) -> Option<&str> {
         self.pieces.get(id as usize).map(String::as_str)
     }
 
+    /// Tokens in the vocabulary, special ones included.
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }

@@ -119,6 +119,7 @@ impl TextTokenizer {
         self.inner.token_to_id(token).is_some()
     }
 
+    /// Tokens in the vocabulary, special ones included.
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
             Backend::Hf(t) => t.get_vocab_size(true),
