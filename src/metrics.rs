@@ -3,15 +3,16 @@
 //! that are states rather than events (queue depths, breaker states, the file's size) are read
 //! by `GET /metrics` when it is scraped and set with [`set`] just before encoding.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +84,7 @@ struct Metrics {
     store_bytes: Gauge,
     connections: Family<StateLabel, Gauge>,
     connections_ended: Family<ReasonLabel, Counter>,
+    local_kernels: LocalKernels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,6 +223,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "HTTP connections the server refused or closed, by reason",
             Family::default(),
         ),
+        local_kernels: add(
+            r,
+            "local_kernels",
+            "Instruction set of the local model's CPU kernels, once a model is loaded",
+            LocalKernels::default(),
+        ),
         // Last: every `add` above borrows it.
         registry,
     }
@@ -288,6 +296,33 @@ pub fn local_forward(phase: &'static str, tokens: usize, elapsed: Duration) {
 /// Records the decode speed of a generation that just finished.
 pub fn local_decode_rate(tokens_per_second: f64) {
     METRICS.local_decode_rate.set(tokens_per_second);
+}
+
+/// Records the instruction set the loaded local model's kernels use (`avx2`, `portable`, ...).
+pub fn local_kernels(isa: &'static str) {
+    let _ = METRICS.local_kernels.0.set(isa);
+}
+
+/// An OpenMetrics info metric whose one label is known only once the local model loads:
+/// `edgechat_local_kernels_info{isa="avx2"} 1`, and no sample before (or without) a model.
+#[derive(Clone, Debug, Default)]
+struct LocalKernels(Arc<OnceLock<&'static str>>);
+
+impl TypedMetric for LocalKernels {
+    const TYPE: MetricType = MetricType::Info;
+}
+
+impl EncodeMetric for LocalKernels {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        match self.0.get() {
+            Some(&isa) => encoder.encode_info(&[("isa", isa)]),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Counts a job reaching `state` (succeeded, failed, cancelled).

@@ -352,7 +352,9 @@ async fn load_local(c: &LocalConfig) -> Result<Option<LocalModel>, StartError> {
         .await
         .map_err(|e| LocalError::Generation(e.to_string()))??;
     let name = c.model_name();
-    tracing::info!(model = %name, path = %c.model.display(), load_ms = started.elapsed().as_millis() as u64, "local model loaded");
+    let kernels = engine.kernels();
+    tracing::info!(model = %name, path = %c.model.display(), kernels, load_ms = started.elapsed().as_millis() as u64, "local model loaded");
+    crate::metrics::local_kernels(kernels);
     Ok(Some(LocalModel { engine, name }))
 }
 

@@ -1,5 +1,6 @@
 //! `edgechat model pull` against a loopback server that plays the Hugging Face hub, and
-//! `edgechat model list` on what it fetched; both through the real binary.
+//! `edgechat model list` on what it fetched (and the CPU kernels it would use); both through
+//! the real binary.
 
 mod common_local;
 
@@ -117,6 +118,17 @@ async fn pull_fetches_through_hf_endpoint_and_list_shows_it() {
     for column in ["llama", "Q4_1", "96", "K"] {
         assert!(row.contains(column), "{row}");
     }
+    // The CPU kernels it would run with, as detected; EDGECHAT_ISA narrows them.
+    let kernels = format!("kernels: {} ", edgechat_llama::Isa::get().name());
+    assert!(out.lines().any(|l| l.starts_with(&kernels)), "{out}");
+    let list = Command::new(bin)
+        .args(["model", "list", "--dir"])
+        .arg(&models)
+        .env("EDGECHAT_ISA", "portable")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(out.lines().any(|l| l.starts_with("kernels: portable ")), "{out}");
 }
 
 #[tokio::test]

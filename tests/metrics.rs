@@ -1,6 +1,7 @@
 //! `GET /metrics` parsed by the reference OpenMetrics parser (Python's `prometheus_client`,
 //! installed by ./scripts/test.sh): counters for HTTP, chat, tokens, fallbacks, the local model
-//! and jobs move after real traffic; the states are there; the token guards it when set.
+//! and jobs move after real traffic; the states and the local kernels' instruction set are
+//! there; the token guards it when set.
 
 mod common;
 mod common_local;
@@ -125,6 +126,12 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
     assert_eq!(value(&after, "edgechat_circuit_breaker_open{provider=openai}"), 0.0);
     assert!(after.contains_key("edgechat_local_queue{state=waiting}"));
     assert!(value(&after, "edgechat_store_size_bytes{}") > 0.0);
+    // The instruction set of the loaded model's kernels, as the CPU (and EDGECHAT_ISA) allow.
+    let isa = edgechat_llama::Isa::get().name();
+    let kernels: Vec<_> =
+        after.keys().filter(|k| k.starts_with("edgechat_local_kernels")).collect();
+    assert_eq!(kernels, [&format!("edgechat_local_kernels_info{{isa={isa}}}")]);
+    assert_eq!(value(&after, kernels[0]), 1.0);
     s.stop().await;
 }
 

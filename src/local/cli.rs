@@ -164,7 +164,13 @@ pub fn list(dir: &Path) -> Result<(), String> {
             Err(e) => println!("{e}"),
         }
     }
+    println!("kernels: {} (this CPU's; EDGECHAT_ISA narrows them)", cpu_kernels());
     Ok(())
+}
+
+/// The instruction set the local model's CPU kernels use on this machine.
+fn cpu_kernels() -> &'static str {
+    super::model::kernels(&candle_core::Device::Cpu)
 }
 
 /// 134515008 → "135M".

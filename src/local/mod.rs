@@ -122,6 +122,8 @@ pub struct Engine {
 
 struct Inner {
     info: ModelInfo,
+    /// What runs the matrices: the CPU kernels' instruction set, or the GPU backend.
+    kernels: &'static str,
     /// The longest sequence (prompt + answer) the engine runs.
     context: usize,
     tokenizer: Arc<TextTokenizer>,
@@ -149,6 +151,7 @@ impl Engine {
         };
         let template = ChatTemplate::new(&source, &tokenizer.bos_text, &tokenizer.eos_text)?;
         let device = model::device();
+        let kernels = model::kernels(&device);
         let (weights, limit) = model::Weights::load(gguf, &device)?;
         let context = options.context.map_or(limit, |c| c.clamp(1, limit));
         let queue = Arc::new(Queue::new(options.max_queue));
@@ -160,7 +163,7 @@ impl Engine {
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;
-        let inner = Inner { info, context, tokenizer, template, queue };
+        let inner = Inner { info, kernels, context, tokenizer, template, queue };
         Ok(Engine { inner: Arc::new(inner) })
     }
 
@@ -172,6 +175,12 @@ impl Engine {
     /// The model file's facts.
     pub fn info(&self) -> &ModelInfo {
         &self.inner.info
+    }
+
+    /// What runs the matrices: `avx512-vnni`, `avx2`, `neon-dotprod`, `neon` or `portable`
+    /// for the CPU (`EDGECHAT_ISA` narrows it), `cuda` or `metal` for a GPU.
+    pub fn kernels(&self) -> &'static str {
+        self.inner.kernels
     }
 
     /// Prompt plus answer tokens the engine accepts.

@@ -158,6 +158,16 @@ fn guard<T>(f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, String> {
     }
 }
 
+/// What runs the matrices on `device`: the CPU kernels' instruction set (`avx2`,
+/// `portable`, ...: [`edgechat_llama::Isa`], detected once), or the GPU backend.
+pub(crate) fn kernels(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => edgechat_llama::Isa::get().name(),
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    }
+}
+
 /// The device the `cuda` / `metal` features ask for, else the CPU.
 pub(crate) fn device() -> Device {
     #[cfg(feature = "cuda")]

@@ -149,7 +149,18 @@ pub fn exe() -> &'static str {
 
 /// A command for the binary with a clean environment and the data dir as working directory.
 pub fn command(data_dir: &Path) -> Command {
-    let mut c = Command::new(exe());
+    prepare(Command::new(exe()), data_dir)
+}
+
+/// `command`, with the binary run by `emulator` (a program and its first arguments, such as
+/// QEMU posing as another CPU).
+pub fn emulated(emulator: &[&str], data_dir: &Path) -> Command {
+    let mut c = Command::new(emulator[0]);
+    c.args(&emulator[1..]).arg(exe());
+    prepare(c, data_dir)
+}
+
+fn prepare(mut c: Command, data_dir: &Path) -> Command {
     c.current_dir(data_dir)
         .env_remove("EDGECHAT_CONFIG")
         .env_remove("STATE_DIRECTORY")
@@ -226,7 +237,8 @@ impl Binary {
         Self::start(cmd, data_dir, args, std::fs::File::create(log).unwrap().into())
     }
 
-    fn start(mut cmd: Command, data_dir: &Path, args: &[&str], stderr: Stdio) -> Binary {
+    /// Runs `cmd` (from [`command`] or [`emulated`]) as `serve` on `data_dir` with `args`.
+    pub fn start(mut cmd: Command, data_dir: &Path, args: &[&str], stderr: Stdio) -> Binary {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).args(args);
         let child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
         // Owned by `Binary` from here on, so a failed wait below still kills it.
