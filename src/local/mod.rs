@@ -177,8 +177,8 @@ impl Engine {
         &self.inner.info
     }
 
-    /// What runs the matrices: `avx512-vnni`, `avx2`, `neon-dotprod`, `neon` or `portable`
-    /// for the CPU (`EDGECHAT_ISA` narrows it), `cuda` or `metal` for a GPU.
+    /// What runs the matrices: `avx2` or `portable` on the CPU (`edgechat_llama::Isa`;
+    /// `EDGECHAT_ISA=portable` narrows it), `cuda` or `metal` on a GPU.
     pub fn kernels(&self) -> &'static str {
         self.inner.kernels
     }
