@@ -103,7 +103,7 @@ fn q5_k(w: &[u8], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE] {
 
 /// Q6_K weight `i` of a block (0..256) as 0..63, before its offset of 32.
 #[inline(always)]
-pub(super) fn q6(b: &[u8], i: usize) -> u8 {
+fn q6(b: &[u8], i: usize) -> u8 {
     let (half, t, l) = (i / 128, i % 128 / 32, i % 32);
     let ql = b[half * 64 + (t % 2) * 32 + l];
     let qh = b[128 + half * 32 + l];
