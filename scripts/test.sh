@@ -33,6 +33,17 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     fi
 fi
 
+# The old-CPU test runs the binary under QEMU posing as a CPU without AVX2.
+if ! command -v qemu-x86_64-static >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing qemu-user-static for the old-CPU test" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null
+    else
+        echo "the old-CPU test needs QEMU: sudo apt-get install qemu-user-static" >&2
+    fi
+fi
+
 # The OpenAPI fuzz test runs schemathesis.
 if ! command -v st >/dev/null 2>&1; then
     echo "installing schemathesis for the OpenAPI fuzz test" >&2

@@ -77,6 +77,13 @@ fn argmax(xs: &[f32]) -> usize {
     (0..xs.len()).fold(0, |best, i| if xs[i] > xs[best] { i } else { best })
 }
 
+/// How far the best logit leads the second best.
+fn runner_up_gap(xs: &[f32]) -> f32 {
+    let best = argmax(xs);
+    let second = (0..xs.len()).filter(|&i| i != best).map(|i| xs[i]).fold(f32::MIN, f32::max);
+    xs[best] - second
+}
+
 /// Prefills `prompt`, then decodes `steps` greedy tokens, checking at each step that the
 /// logits agree within `tolerance` of their range and that both pick the same token. The
 /// two differ by rounding alone (candle keeps activation scales in f16, ours in f32; sums
@@ -89,7 +96,11 @@ fn agree(mut ours: Model, mut theirs: Pass, prompt: &[u32], steps: usize, tolera
         let range = b.iter().fold(0f32, |m, x| m.max(x.abs()));
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(worst <= tolerance * range, "step {step}: off by {worst} of {range}");
-        assert_eq!(argmax(&a), argmax(&b), "step {step}");
+        // Same greedy token, unless candle's best two lie within 1% of the range: such a
+        // near-tie goes either way by rounding (the tiny model's third token on aarch64).
+        if runner_up_gap(&b) > 0.01 * range {
+            assert_eq!(argmax(&a), argmax(&b), "step {step}");
+        }
         pos += tokens.len();
         tokens = vec![argmax(&b) as u32];
     }
