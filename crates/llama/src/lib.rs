@@ -16,6 +16,7 @@ mod matmul;
 mod quant;
 mod rope;
 mod tensors;
+mod vector;
 
 pub use config::value_u32;
 pub use cpu::Isa;
@@ -29,6 +30,7 @@ use rope::Rope;
 use std::fs::File;
 use std::sync::Arc;
 use tensors::Tensors;
+use vector::{axpy, dot};
 
 /// Weights (shared between sequences) and one sequence's KV cache.
 #[derive(Clone)]
@@ -96,8 +98,14 @@ impl Model {
         let t = &Tensors::open(content, file)?;
         let embed = t.get("token_embd.weight", &[d.vocab, d.hidden])?;
         let norm = t.vector("output_norm.weight", d.hidden)?;
-        let output =
-            Linear::new(t.get_if("output.weight", &[d.vocab, d.hidden])?.unwrap_or(embed.clone()))?;
+        let untied = t.get_if("output.weight", &[d.vocab, d.hidden])?;
+        let tied = untied.is_none();
+        let output = Linear::new(untied.unwrap_or(embed.clone()))?;
+        // A tied head and the embedding share one matrix (and one regrouped copy, if any).
+        let embed = match &output {
+            Linear::Quant(m) if tied => Embedding::Quant(m.clone()),
+            _ => Embedding::new(&embed)?,
+        };
         let pairs = d.head_dim / 2;
         let factors = match c.family.rope_freqs {
             true => t.get_if("rope_freqs.weight", &[pairs])?.map(|v| v.to_f32()).transpose()?,
@@ -111,7 +119,7 @@ impl Model {
         let net = Net {
             dims: d,
             embed_scale: c.family.gemma.then(|| (d.hidden as f32).sqrt()),
-            embed: Embedding::new(&embed)?,
+            embed,
             layers,
             norm,
             output,
@@ -252,8 +260,8 @@ fn attention(q: &[f32], kv: &Kv, d: Dims, window: Option<usize>) -> Vec<f32> {
             softmax(&mut scores);
             // SAFETY: item `i·heads + h` owns this head's slice of the output row.
             let o = unsafe { dst.slice(item * hd, hd) };
-            for (t, p) in seen.zip(&scores) {
-                o.iter_mut().zip(&kv.v[at(t)..][..hd]).for_each(|(o, v)| *o += p * v);
+            for (t, &p) in seen.zip(&scores) {
+                axpy(o, p, &kv.v[at(t)..][..hd]);
             }
         }
     });
@@ -289,19 +297,6 @@ fn gelu_tanh(x: f32) -> f32 {
 
 fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-}
-
-/// Eight running sums, so the compiler can keep them in one vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn softmax(xs: &mut [f32]) {

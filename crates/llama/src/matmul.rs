@@ -78,7 +78,7 @@ pub(crate) enum Embedding {
 impl Embedding {
     pub fn new(t: &View) -> Result<Self> {
         let (n, k) = t.dims2()?;
-        match Format::of(t.dtype).and_then(|f| QMatrix::new(f, t.bytes.clone(), n, k)) {
+        match Format::of(t.dtype).and_then(|f| QMatrix::in_place(f, t.bytes.clone(), n, k)) {
             Some(m) => Ok(Embedding::Quant(m)),
             None => Ok(Embedding::Candle(t.qtensor()?)),
         }

@@ -6,6 +6,7 @@
 // Index loops over `R`-long arrays of registers read better than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
 
+use super::regroup::{GroupedDot, GROUP};
 use super::unpack::Unpacked;
 use super::{scales_k4, Format, Kernel, Q8, Q8K, TILE};
 use std::arch::x86_64::*;
@@ -341,4 +342,143 @@ unsafe fn unpacked_rows<const R: usize>(
         out[r] = hsum(acc[r]);
     }
     out
+}
+
+/// Regrouped 32-weight formats (`super::regroup`): eight weight rows per call.
+pub(super) fn grouped(format: Format) -> GroupedDot {
+    match format {
+        Format::Q4_0 => grouped_entry::<Q4_0>,
+        Format::Q4_1 => grouped_entry::<Q4_1>,
+        Format::Q5_0 => grouped_entry::<Q5_0>,
+        _ => grouped_entry::<Q8_0>,
+    }
+}
+
+const Q4_0: usize = 0;
+const Q4_1: usize = 1;
+const Q5_0: usize = 2;
+const Q8_0: usize = 3;
+/// Bytes per block, and of the extra after the scales, by the constants above.
+const BYTES: [usize; 4] = [18, 20, 22, 34];
+const EXTRA: [usize; 4] = [0, 2, 4, 0];
+
+fn grouped_entry<const F: usize>(
+    w: &[u8],
+    acts: &[Q8],
+    nb: usize,
+    rows: usize,
+) -> [[f32; GROUP]; TILE] {
+    assert!(w.len() >= nb * GROUP * BYTES[F] && acts.len() >= rows * nb && rows <= TILE);
+    let (w, a) = (w.as_ptr(), acts.as_ptr());
+    // SAFETY: handed out only where the CPU has AVX2, FMA and F16C; reads stay in the slices.
+    unsafe {
+        match rows {
+            1 => grouped_rows::<F, 1>(w, a, nb),
+            2 => grouped_rows::<F, 2>(w, a, nb),
+            3 => grouped_rows::<F, 3>(w, a, nb),
+            _ => grouped_rows::<F, 4>(w, a, nb),
+        }
+    }
+}
+
+/// Four activation bytes at `p`, in every 32-bit lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn four(p: *const i8) -> __m256i {
+    _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn grouped_rows<const F: usize, const R: usize>(
+    w: *const u8,
+    acts: *const Q8,
+    nb: usize,
+) -> [[f32; GROUP]; TILE] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..nb {
+        let b = w.add(i * GROUP * BYTES[F]);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(b.cast()));
+        let qs = b.add(16 + GROUP * EXTRA[F]);
+        let mut sums = [_mm256_setzero_si256(); R];
+        if F == Q8_0 {
+            for c in 0..8 {
+                let q = _mm256_loadu_si256(qs.add(32 * c).cast());
+                let abs = _mm256_sign_epi8(q, q);
+                for r in 0..R {
+                    let y = four((*acts.add(r * nb + i)).qs.as_ptr().add(4 * c));
+                    let p = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(y, q));
+                    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+        } else {
+            let low4 = _mm256_set1_epi8(0x0F);
+            let high = _mm256_loadu_si256(b.add(16).cast());
+            // Q4's 16-bit partial sums stay below 8 · 2 · 15 · 127 < 2¹⁵; Q5_0's are
+            // widened after each pair of vectors.
+            let mut words = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let raw = _mm256_loadu_si256(qs.add(32 * c).cast());
+                let mut lo = _mm256_and_si256(raw, low4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                if F == Q5_0 {
+                    lo = _mm256_or_si256(lo, fifth_bits_grouped(high, 4 * c as i32));
+                    hi = _mm256_or_si256(hi, fifth_bits_grouped(high, 16 + 4 * c as i32));
+                }
+                for r in 0..R {
+                    let y = (*acts.add(r * nb + i)).qs.as_ptr();
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, four(y.add(4 * c))),
+                        _mm256_maddubs_epi16(hi, four(y.add(16 + 4 * c))),
+                    );
+                    match F == Q5_0 {
+                        true => sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(p, ones)),
+                        false => words[r] = _mm256_add_epi16(words[r], p),
+                    }
+                }
+            }
+            if F != Q5_0 {
+                for r in 0..R {
+                    sums[r] = _mm256_madd_epi16(words[r], ones);
+                }
+            }
+        }
+        // What multiplies the activations' sum `s`: the offset times the scale, or Q4_1's
+        // minimum.
+        let (offset, by) = match F {
+            Q4_0 => (d, -8.0),
+            Q4_1 => (_mm256_cvtph_ps(_mm_loadu_si128(b.add(16).cast())), 1.0),
+            Q5_0 => (d, -16.0),
+            _ => (d, 0.0),
+        };
+        for r in 0..R {
+            let a = &*acts.add(r * nb + i);
+            let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, acc[r]);
+            if F != Q8_0 {
+                acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(by * a.s), acc[r]);
+            }
+        }
+    }
+    let mut out = [[0f32; GROUP]; TILE];
+    for r in 0..R {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+    out
+}
+
+/// Q5_0 regrouped: `high` holds each row's 32 fifth bits in its lane; byte `t` of lane `r`
+/// becomes 16 where bit `from + t` of row `r`'s bits is set.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bits_grouped(high: __m256i, from: i32) -> __m256i {
+    let bits = _mm256_srl_epi32(high, _mm_cvtsi32_si128(from));
+    let low_byte = _mm256_setr_epi8(
+        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, //
+        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+    );
+    let bytes = _mm256_shuffle_epi8(bits, low_byte);
+    let bit = _mm256_set1_epi32(0x0804_0201);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }

@@ -10,6 +10,9 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod regroup;
 mod scalar;
 
 pub(crate) use scalar::dequantize;
@@ -81,12 +84,13 @@ impl Format {
     }
 
     fn kernel(self, isa: Isa) -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            return avx2::kernel(self);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::kernel(self),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon | Isa::NeonDot => neon::kernel(self, isa == Isa::NeonDot),
+            _ => scalar::kernel(self),
         }
-        let _ = isa;
-        scalar::kernel(self)
     }
 }
 
@@ -133,6 +137,7 @@ const UNPACK_FROM_ROWS: usize = 3 * TILE;
 const UNPACK_COLUMNS: usize = 8;
 
 /// An `n × k` matrix in one of our formats (GGUF's layout: a row of `k` weights per output).
+#[derive(Clone)]
 pub(crate) struct QMatrix {
     format: Format,
     n: usize,
@@ -140,13 +145,21 @@ pub(crate) struct QMatrix {
     data: Bytes,
     kernel: Kernel,
     unpacked: Option<UnpackedDot>,
+    /// Set where `data` holds the [`regroup`]ed layout this kernel reads.
+    grouped: Option<regroup::GroupedDot>,
 }
 
 /// A tensor's bytes: in the memory-mapped file, or owned (tests, candle's quantizer).
 #[derive(Clone)]
 pub(crate) enum Bytes {
     Owned(Arc<[u8]>),
-    Mapped { map: Arc<Mmap>, at: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        at: usize,
+        len: usize,
+    },
+    /// A copy of our own in anonymous memory (regrouped weights).
+    Anon(Arc<Mmap>),
 }
 
 impl Bytes {
@@ -154,6 +167,22 @@ impl Bytes {
     pub fn mapped(map: Arc<Mmap>, at: usize, len: usize) -> Self {
         assert!(at + len <= map.len(), "a tensor past the end of the map");
         Bytes::Mapped { map, at, len }
+    }
+
+    /// Drops the mapped pages of `range` from this process once a copy replaced them, so
+    /// they stop counting in its resident memory (the page cache keeps them; a later read
+    /// maps them again).
+    fn release(&self, range: Range<usize>) {
+        if let Bytes::Mapped { map, at, .. } = self {
+            // SAFETY: the map is read-only, so dropped pages read back as the same bytes.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    at + range.start,
+                    range.len(),
+                )
+            };
+        }
     }
 }
 
@@ -170,14 +199,22 @@ impl std::ops::Deref for Bytes {
         match self {
             Bytes::Owned(v) => v,
             Bytes::Mapped { map, at, len } => &map[*at..*at + *len],
+            Bytes::Anon(map) => map,
         }
     }
 }
 
 impl QMatrix {
     /// Takes the raw bytes of a tensor of shape `(n, k)`; `None` if they do not fit it.
+    /// Regroups them where this CPU's kernel for the format reads another layout.
     pub fn new(format: Format, data: impl Into<Bytes>, n: usize, k: usize) -> Option<Self> {
         Self::with_isa(format, data.into(), n, k, Isa::get())
+    }
+
+    /// The same, never regrouped: for a matrix whose rows are only looked up (an untied
+    /// embedding), which then costs no load time and no memory beyond the rows read.
+    pub fn in_place(format: Format, data: impl Into<Bytes>, n: usize, k: usize) -> Option<Self> {
+        Self::build(format, data.into(), n, k, Isa::get(), false)
     }
 
     pub(crate) fn with_isa(
@@ -187,12 +224,30 @@ impl QMatrix {
         k: usize,
         isa: Isa,
     ) -> Option<Self> {
+        Self::build(format, data, n, k, isa, true)
+    }
+
+    fn build(
+        format: Format,
+        data: Bytes,
+        n: usize,
+        k: usize,
+        isa: Isa,
+        may_regroup: bool,
+    ) -> Option<Self> {
         let fits = k > 0 && k % format.block() == 0;
         if !fits || data.len() != n * k / format.block() * format.bytes() {
             return None;
         }
         let unpacked = format.wide().then(|| unpack::kernel(isa)).flatten();
-        Some(QMatrix { format, n, k, data, kernel: format.kernel(isa), unpacked })
+        let grouped = (may_regroup && n % regroup::GROUP == 0)
+            .then(|| regroup::kernel(format, isa))
+            .flatten();
+        let data = match grouped {
+            Some(_) => regroup::regroup(format, &data, n, k),
+            None => data,
+        };
+        Some(QMatrix { format, n, k, data, kernel: format.kernel(isa), unpacked, grouped })
     }
 
     fn row_bytes(&self) -> usize {
@@ -206,7 +261,15 @@ impl QMatrix {
     /// Row `i` as floats (an embedding lookup).
     pub fn dequantize_row(&self, i: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.k];
-        scalar::dequantize(self.format, self.row(i), &mut out);
+        match self.grouped {
+            Some(_) => {
+                let (group, mut row) = (regroup::GROUP * self.row_bytes(), Vec::new());
+                let bytes = &self.data[i / regroup::GROUP * group..][..group];
+                regroup::ungroup_row(self.format, bytes, i % regroup::GROUP, &mut row);
+                scalar::dequantize(self.format, &row, &mut out);
+            }
+            None => scalar::dequantize(self.format, self.row(i), &mut out),
+        }
         out
     }
 }
@@ -255,6 +318,9 @@ impl QMatrix {
         if let (Some(dot), true) = (self.unpacked, m >= UNPACK_FROM_ROWS) {
             return self.unpacked_columns(dot, cols, m, wide, dst);
         }
+        if let Some(dot) = self.grouped {
+            return self.grouped_columns(dot, cols, m, narrow, dst);
+        }
         let nb = self.k / self.format.block();
         for col in cols {
             let w = self.row(col);
@@ -298,6 +364,30 @@ impl QMatrix {
         }
     }
 
+    /// Regrouped matrices: the groups of [`regroup::GROUP`] rows that start in `cols` (so
+    /// that every group has one owner however the pool splits the columns).
+    fn grouped_columns(
+        &self,
+        dot: regroup::GroupedDot,
+        cols: Range<usize>,
+        m: usize,
+        acts: &[Q8],
+        dst: &Disjoint,
+    ) {
+        let (g, nb) = (regroup::GROUP, self.k / 32);
+        for group in cols.start.div_ceil(g)..cols.end.div_ceil(g) {
+            let w = &self.data[group * g * self.row_bytes()..][..g * self.row_bytes()];
+            for first in (0..m).step_by(TILE) {
+                let rows = TILE.min(m - first);
+                let sums = dot(w, &acts[first * nb..(first + rows) * nb], nb, rows);
+                for (r, sums) in sums[..rows].iter().enumerate() {
+                    // SAFETY: this worker owns the group's columns (see above).
+                    unsafe { dst.slice((first + r) * self.n + group * g, g) }.copy_from_slice(sums);
+                }
+            }
+        }
+    }
+
     /// Writes one column's sums for activation rows `first..`.
     #[inline(always)]
     fn store(&self, dst: &Disjoint, first: usize, col: usize, sums: &[f32]) {
@@ -310,49 +400,49 @@ impl QMatrix {
 
 /// An output buffer that pool workers fill at disjoint indices; borrowing it for the whole
 /// pool call keeps it alive until every worker is done.
-pub(crate) struct Disjoint<'a>(*mut f32, usize, std::marker::PhantomData<&'a mut [f32]>);
+pub(crate) struct Disjoint<'a, T = f32>(*mut T, usize, std::marker::PhantomData<&'a mut [T]>);
 // SAFETY: callers of `slice` promise disjoint ranges, so no element is shared between threads.
-unsafe impl Sync for Disjoint<'_> {}
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
 
 impl<'a> Disjoint<'a> {
     pub fn new(buf: &'a mut [f32]) -> Self {
         Disjoint(buf.as_mut_ptr(), buf.len(), std::marker::PhantomData)
     }
+}
 
+impl<'a> Disjoint<'a, u8> {
+    pub fn bytes(buf: &'a mut [u8]) -> Self {
+        Disjoint(buf.as_mut_ptr(), buf.len(), std::marker::PhantomData)
+    }
+}
+
+impl<T> Disjoint<'_, T> {
     /// # Safety
     /// No other worker may use any index in `start..start + len` during this pool call.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
         assert!(start + len <= self.1, "{start}+{len} out of {}", self.1);
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 
-/// ggml's 8-bit block quantization: scale by the largest magnitude to ±127, round to nearest.
+/// Activations of a 32-weight format's block.
 fn quantize(x: &[f32]) -> Q8 {
-    let (qs, d) = quantize_to::<32>(x);
+    let mut qs = [0i8; 32];
+    let d = crate::vector::quantize(x, &mut qs);
     let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
     Q8 { qs, d, s: d * sum as f32 }
 }
 
+/// Activations of a K-quant's block, with the sum of each 16.
 fn quantize_k(x: &[f32]) -> Q8K {
-    let (qs, d) = quantize_to::<256>(x);
+    let mut qs = [0i8; 256];
+    let d = crate::vector::quantize(x, &mut qs);
     let mut bsums = [0i16; 16];
     for (b, group) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
         *b = group.iter().map(|&q| i16::from(q)).sum();
     }
     Q8K { qs, bsums, d }
-}
-
-fn quantize_to<const N: usize>(x: &[f32]) -> ([i8; N], f32) {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; N];
-    for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round() as i8;
-    }
-    (qs, d)
 }
 
 /// A little-endian f16 at `at`.

@@ -44,21 +44,16 @@ fn reference(w: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-fn isas() -> Vec<Isa> {
-    let mut isas = vec![Isa::Portable];
-    if Isa::detect() != Isa::Portable {
-        isas.push(Isa::detect());
-    }
-    isas
-}
-
 #[test]
 fn rows_dequantize_as_candle_does() {
+    // Sixteen rows: two groups where the 32-weight formats are regrouped (AVX2).
     for (dtype, format) in FORMATS {
-        let (n, k) = (3, 512);
+        let (n, k) = (16, 512);
         let (bytes, floats) = matrix(dtype, n, k);
-        let m = QMatrix::new(format, bytes, n, k).unwrap();
-        for i in 0..n {
+        let regrouped = QMatrix::new(format, bytes.clone(), n, k).unwrap();
+        let in_place = QMatrix::in_place(format, bytes, n, k).unwrap();
+        for (m, i) in [&regrouped, &in_place].into_iter().flat_map(|m| (0..n).map(move |i| (m, i)))
+        {
             let row = m.dequantize_row(i);
             for (j, (a, b)) in row.iter().zip(&floats[i * k..]).enumerate() {
                 assert!(
@@ -72,13 +67,13 @@ fn rows_dequantize_as_candle_does() {
 
 /// Every format, on every kernel family this CPU has, against the f32 product of candle's
 /// dequantized weights: one row (decode), a full tile and ragged ones (prefill), an odd
-/// number of outputs, and K of several blocks.
+/// number of outputs and a multiple of eight (regrouped), and K of several blocks.
 #[test]
 fn every_kernel_agrees_with_candles_dequantized_matmul() {
-    for (dtype, format) in FORMATS {
-        let (n, k) = (37, 768);
+    for ((dtype, format), n) in FORMATS.into_iter().flat_map(|f| [(f, 37), (f, 40)]) {
+        let k = 768;
         let (bytes, floats) = matrix(dtype, n, k);
-        for isa in isas() {
+        for isa in Isa::supported() {
             let ours = QMatrix::with_isa(format, bytes.clone().into(), n, k, isa).unwrap();
             for m in [1, 3, 4, 9, 17] {
                 let x = random(m * k, 11 + m as u64);
@@ -98,23 +93,21 @@ fn every_kernel_agrees_with_candles_dequantized_matmul() {
 /// The SIMD kernels do the portable path's integer sums, so they agree to float rounding.
 #[test]
 fn simd_kernels_equal_the_portable_ones() {
-    let best = Isa::detect();
-    if best == Isa::Portable {
-        return;
-    }
-    for (dtype, format) in FORMATS {
-        let (n, k) = (5, 512);
+    for ((dtype, format), n) in FORMATS.into_iter().flat_map(|f| [(f, 5), (f, 16)]) {
+        let k = 512;
         let (bytes, _) = matrix(dtype, n, k);
         let portable =
             QMatrix::with_isa(format, bytes.clone().into(), n, k, Isa::Portable).unwrap();
-        let simd = QMatrix::with_isa(format, bytes.into(), n, k, best).unwrap();
-        // Seven rows take the direct kernels; fourteen, the unpacked ones (K-quants).
-        for m in [7, 14] {
-            let x = random(m * k, 5);
-            let (a, b) = (&matmul(&[&portable], &x)[0], &matmul(&[&simd], &x)[0]);
-            for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                let ok = (a - b).abs() <= 1e-4 * (1.0 + a.abs());
-                assert!(ok, "{format:?} m={m} [{i}]: {a} vs {b}");
+        for isa in Isa::supported().into_iter().skip(1) {
+            let simd = QMatrix::with_isa(format, bytes.clone().into(), n, k, isa).unwrap();
+            // Seven rows take the direct kernels; fourteen, the unpacked ones (K-quants).
+            for m in [7, 14] {
+                let x = random(m * k, 5);
+                let (a, b) = (&matmul(&[&portable], &x)[0], &matmul(&[&simd], &x)[0]);
+                for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                    let ok = (a - b).abs() <= 1e-4 * (1.0 + a.abs());
+                    assert!(ok, "{format:?} {isa:?} m={m} [{i}]: {a} vs {b}");
+                }
             }
         }
     }
@@ -129,9 +122,12 @@ fn parts_of_different_formats_run_together_as_apart() {
     let a = QMatrix::new(Format::Q4K, a, 7, k).unwrap();
     let b = QMatrix::new(Format::Q8_0, b, 5, k).unwrap();
     let c = QMatrix::new(Format::Q6K, c, 3, k).unwrap();
+    let (d, _) = matrix(GgmlDType::Q5_0, 24, k);
+    let d = QMatrix::new(Format::Q5_0, d, 24, k).unwrap();
     let x = random(6 * k, 9);
-    let together = matmul(&[&a, &b, &c], &x);
-    let apart: Vec<Vec<f32>> = [&a, &b, &c].iter().map(|p| matmul(&[p], &x).remove(0)).collect();
+    let together = matmul(&[&a, &d, &b, &c], &x);
+    let apart: Vec<Vec<f32>> =
+        [&a, &d, &b, &c].iter().map(|p| matmul(&[p], &x).remove(0)).collect();
     assert_eq!(together, apart);
 }
 
@@ -152,7 +148,7 @@ fn kernel_speed() {
     for (dtype, format) in FORMATS {
         let (bytes, _) = matrix(dtype, n, k);
         let size = bytes.len();
-        for isa in isas() {
+        for isa in Isa::supported() {
             let w = QMatrix::with_isa(format, bytes.clone().into(), n, k, isa).unwrap();
             for m in [1, 64] {
                 let x = random(m * k, 1);
@@ -171,4 +167,16 @@ fn kernel_speed() {
             }
         }
     }
+}
+
+/// Regrouping a 544 MB Q8_0 matrix (load time of Q4_0/Q8_0 files), for profiling:
+/// `cargo test --release -p edgechat-llama regroup_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand in release builds"]
+fn regroup_speed() {
+    let (n, k) = (128 * 1024, 4096);
+    let bytes: Bytes = vec![1u8; n * k / 32 * 34].into();
+    let t = std::time::Instant::now();
+    let m = QMatrix::with_isa(Format::Q8_0, bytes, n, k, Isa::detect()).unwrap();
+    println!("regroup of {} MiB: {:?}", m.data.len() >> 20, t.elapsed());
 }
