@@ -7,7 +7,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Only what the build reads; .dockerignore keeps target/, models and .git out of the context.
-# .cargo/config.toml builds x86-64 for x86-64-v3 (AVX2 + FMA), as outside the container.
+# .cargo/config.toml sets no target-cpu: the image runs on any x86-64, its kernels chosen at start.
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY assets assets
