@@ -6,7 +6,7 @@
 // Index loops over `R`-long arrays of registers read better than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
 
-use super::regroup::{GroupedDot, GROUP};
+use super::regroup::{layout, GroupedDot, GROUP, LAYOUTS};
 use super::unpack::Unpacked;
 use super::{scales_k4, Format, Kernel, Q8, Q8K, TILE};
 use std::arch::x86_64::*;
@@ -346,21 +346,19 @@ unsafe fn unpacked_rows<const R: usize>(
 
 /// Regrouped 32-weight formats (`super::regroup`): eight weight rows per call.
 pub(super) fn grouped(format: Format) -> GroupedDot {
-    match format {
-        Format::Q4_0 => grouped_entry::<Q4_0>,
-        Format::Q4_1 => grouped_entry::<Q4_1>,
-        Format::Q5_0 => grouped_entry::<Q5_0>,
+    match layout(format) {
+        Q4_0 => grouped_entry::<Q4_0>,
+        Q4_1 => grouped_entry::<Q4_1>,
+        Q5_0 => grouped_entry::<Q5_0>,
         _ => grouped_entry::<Q8_0>,
     }
 }
 
+/// The formats by their index in [`LAYOUTS`].
 const Q4_0: usize = 0;
 const Q4_1: usize = 1;
 const Q5_0: usize = 2;
 const Q8_0: usize = 3;
-/// Bytes per block, and of the extra after the scales, by the constants above.
-const BYTES: [usize; 4] = [18, 20, 22, 34];
-const EXTRA: [usize; 4] = [0, 2, 4, 0];
 
 fn grouped_entry<const F: usize>(
     w: &[u8],
@@ -368,7 +366,7 @@ fn grouped_entry<const F: usize>(
     nb: usize,
     rows: usize,
 ) -> [[f32; GROUP]; TILE] {
-    assert!(w.len() >= nb * GROUP * BYTES[F] && acts.len() >= rows * nb && rows <= TILE);
+    assert!(w.len() >= nb * GROUP * LAYOUTS[F][0] && acts.len() >= rows * nb && rows <= TILE);
     let (w, a) = (w.as_ptr(), acts.as_ptr());
     // SAFETY: handed out only where the CPU has AVX2, FMA and F16C; reads stay in the slices.
     unsafe {
@@ -397,9 +395,9 @@ unsafe fn grouped_rows<const F: usize, const R: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..nb {
-        let b = w.add(i * GROUP * BYTES[F]);
+        let b = w.add(i * GROUP * LAYOUTS[F][0]);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(b.cast()));
-        let qs = b.add(16 + GROUP * EXTRA[F]);
+        let qs = b.add(16 + GROUP * LAYOUTS[F][2]);
         let mut sums = [_mm256_setzero_si256(); R];
         if F == Q8_0 {
             for c in 0..8 {

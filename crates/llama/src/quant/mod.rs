@@ -6,7 +6,7 @@
 //!
 //! The arithmetic is ggml's: activations are quantized per block to 8 bits, so each block's
 //! dot product is an integer sum scaled once. Weights stay in the file's bytes, unpacked in
-//! registers as they are read.
+//! registers as they are read, except where a kernel reads them regrouped (`regroup.rs`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -404,19 +404,11 @@ pub(crate) struct Disjoint<'a, T = f32>(*mut T, usize, std::marker::PhantomData<
 // SAFETY: callers of `slice` promise disjoint ranges, so no element is shared between threads.
 unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
 
-impl<'a> Disjoint<'a> {
-    pub fn new(buf: &'a mut [f32]) -> Self {
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(buf: &'a mut [T]) -> Self {
         Disjoint(buf.as_mut_ptr(), buf.len(), std::marker::PhantomData)
     }
-}
 
-impl<'a> Disjoint<'a, u8> {
-    pub fn bytes(buf: &'a mut [u8]) -> Self {
-        Disjoint(buf.as_mut_ptr(), buf.len(), std::marker::PhantomData)
-    }
-}
-
-impl<T> Disjoint<'_, T> {
     /// # Safety
     /// No other worker may use any index in `start..start + len` during this pool call.
     #[allow(clippy::mut_from_ref)]

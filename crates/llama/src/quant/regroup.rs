@@ -24,9 +24,10 @@ pub(crate) type GroupedDot =
 
 /// Where a block's parts lie in the file's block, per format ([`layout`]): its bytes, the
 /// extra's offset and length, and where the weights start (the scale is its first 2 bytes).
-const LAYOUTS: [[usize; 4]; 4] = [[18, 0, 0, 2], [20, 2, 2, 4], [22, 2, 4, 6], [34, 0, 0, 2]];
+pub(super) const LAYOUTS: [[usize; 4]; 4] =
+    [[18, 0, 0, 2], [20, 2, 2, 4], [22, 2, 4, 6], [34, 0, 0, 2]];
 
-fn layout(format: Format) -> usize {
+pub(super) fn layout(format: Format) -> usize {
     match format {
         Format::Q4_0 => 0,
         Format::Q4_1 => 1,
@@ -45,7 +46,7 @@ const SLICE: usize = 8 << 20;
 pub(super) fn regroup(format: Format, data: &Bytes, n: usize, k: usize) -> Bytes {
     let span = GROUP * k / 32 * format.bytes();
     let mut out = Copy::new(data.len());
-    let dst = super::Disjoint::bytes(out.as_mut());
+    let dst = super::Disjoint::new(out.as_mut());
     let per_slice = (SLICE / span).max(1);
     for first in (0..n / GROUP).step_by(per_slice) {
         let last = (first + per_slice).min(n / GROUP);
