@@ -68,19 +68,19 @@ pub(super) fn kernel(format: Format, dot: bool) -> Kernel {
     }
 }
 
-/// Safe entry points per instruction set: check the slices, then run the `R`-row body with
-/// the features enabled on the function alone.
-macro_rules! entries {
-    ($narrow:ident, $wide:ident, $dot:ty, $features:literal) => {
-        fn $narrow<B: NarrowBlock>(w: &[u8], acts: &[Q8], nb: usize, rows: usize) -> [f32; TILE] {
+/// A safe entry point per block kind and instruction set: checks the slices, then runs the
+/// `R`-row body with the features enabled on the function alone.
+macro_rules! entry {
+    ($name:ident, $act:ty, $block:ident, $body:ident, $dot:ty, $features:literal) => {
+        fn $name<B: $block>(w: &[u8], acts: &[$act], nb: usize, rows: usize) -> [f32; TILE] {
             assert!(w.len() >= nb * B::BYTES && acts.len() >= rows * nb && rows <= TILE);
             #[target_feature(enable = $features)]
-            unsafe fn run<B: NarrowBlock, const R: usize>(
+            unsafe fn run<B: $block, const R: usize>(
                 w: *const u8,
-                a: *const Q8,
+                a: *const $act,
                 nb: usize,
             ) -> [f32; TILE] {
-                narrow_rows::<B, $dot, R>(w, a, nb)
+                $body::<B, $dot, R>(w, a, nb)
             }
             let (w, a) = (w.as_ptr(), acts.as_ptr());
             // SAFETY: `kernel` hands these out only where the CPU has the features; the
@@ -94,33 +94,13 @@ macro_rules! entries {
                 }
             }
         }
-
-        fn $wide<B: WideBlock>(w: &[u8], acts: &[Q8K], nb: usize, rows: usize) -> [f32; TILE] {
-            assert!(w.len() >= nb * B::BYTES && acts.len() >= rows * nb && rows <= TILE);
-            #[target_feature(enable = $features)]
-            unsafe fn run<B: WideBlock, const R: usize>(
-                w: *const u8,
-                a: *const Q8K,
-                nb: usize,
-            ) -> [f32; TILE] {
-                wide_rows::<B, $dot, R>(w, a, nb)
-            }
-            let (w, a) = (w.as_ptr(), acts.as_ptr());
-            // SAFETY: as above.
-            unsafe {
-                match rows {
-                    1 => run::<B, 1>(w, a, nb),
-                    2 => run::<B, 2>(w, a, nb),
-                    3 => run::<B, 3>(w, a, nb),
-                    _ => run::<B, 4>(w, a, nb),
-                }
-            }
-        }
     };
 }
 
-entries!(narrow_sdot, wide_sdot, Sdot, "neon,dotprod");
-entries!(narrow_widen, wide_widen, Widen, "neon");
+entry!(narrow_sdot, Q8, NarrowBlock, narrow_rows, Sdot, "neon,dotprod");
+entry!(wide_sdot, Q8K, WideBlock, wide_rows, Sdot, "neon,dotprod");
+entry!(narrow_widen, Q8, NarrowBlock, narrow_rows, Widen, "neon");
+entry!(wide_widen, Q8K, WideBlock, wide_rows, Widen, "neon");
 
 /// A 32-weight block format: its 32 weights as signed bytes, their scale, and what
 /// multiplies the activations' sum `s` (the format's offset or minimum).
