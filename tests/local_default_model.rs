@@ -72,12 +72,16 @@ fn the_model_is_described() {
 }
 
 /// With the template's default system line, greedy SmolLM2-135M Q4_1 wanders off into French
-/// landmarks ("L'Étoile, la Marseillaise, …"); with a plain system message it answers
-/// "The capital of France is Paris." (and "Berlin" for Germany with the default line).
+/// landmarks ("L'Étoile, la Marseillaise, …"), and so it does with "You are a helpful
+/// assistant." alone once every block's integer sum is exact (as llama.cpp's are): asked to
+/// answer in English it answers "The capital of France is Paris." The other tests that check
+/// this answer use the same system line.
 #[tokio::test]
 async fn knows_the_capital_of_france() {
     let mut request = ask("What is the capital of France?", 24);
-    request.messages.insert(0, Message::new(Role::System, "You are a helpful assistant."));
+    request
+        .messages
+        .insert(0, Message::new(Role::System, "You are a helpful assistant. Answer in English."));
     let (text, reason, usage) = engine().generate(request).unwrap().collect_text().await.unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert!(usage.completion_tokens <= 24 && usage.prompt_tokens > 20);

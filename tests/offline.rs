@@ -62,7 +62,7 @@ async fn inside_a_namespace_with_no_network() {
     let token = login["access_token"].as_str().unwrap();
     let mut reasons = Vec::new();
     for _ in 0..3 {
-        let body = json!({"message": "What is the capital of France?", "system": "You are a helpful assistant.", "model": "gpt-4o-mini", "max_tokens": 8, "temperature": 0});
+        let body = json!({"message": "What is the capital of France?", "system": "You are a helpful assistant. Answer in English.", "model": "gpt-4o-mini", "max_tokens": 8, "temperature": 0});
         let r = client.post(url("/chat")).bearer_auth(token).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-edgechat-fallback"], "openai->local");

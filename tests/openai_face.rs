@@ -20,7 +20,7 @@ fn request(max_tokens: u32) -> Value {
     json!({
         "model": "smollm2",
         "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "system", "content": "You are a helpful assistant. Answer in English."},
             {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]},
         ],
         "max_tokens": max_tokens, "temperature": 0, "some_future_field": {"ignored": true},

@@ -15,7 +15,7 @@ ids = [m.id for m in client.models.list()]
 assert model in ids, ids
 
 messages = [
-    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "system", "content": "You are a helpful assistant. Answer in English."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
 done = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
