@@ -131,15 +131,14 @@ fn regroup_blocks<const L: usize>(rows: &[u8], nb: usize, out: &mut [u8]) {
 pub(super) fn ungroup_row(format: Format, group: &[u8], j: usize, out: &mut Vec<u8>) {
     let [bytes, extra_at, extra, qs_at] = LAYOUTS[layout(format)];
     out.clear();
-    for o in group.chunks_exact(GROUP * bytes) {
-        let mut b = vec![0u8; bytes];
+    out.resize(group.len() / GROUP, 0);
+    for (o, b) in group.chunks_exact(GROUP * bytes).zip(out.chunks_exact_mut(bytes)) {
         b[..2].copy_from_slice(&o[2 * j..][..2]);
         b[extra_at..][..extra].copy_from_slice(&o[16 + extra * j..][..extra]);
         for c in 0..(bytes - qs_at) / 4 {
             let at = 16 + GROUP * extra + 32 * c + 4 * j;
             b[qs_at + 4 * c..][..4].copy_from_slice(&o[at..at + 4]);
         }
-        out.extend_from_slice(&b);
     }
 }
 
