@@ -75,6 +75,7 @@ struct Metrics {
     local_tokens: Family<Named, Counter>,
     local_seconds: Family<Named, Counter<f64, AtomicU64>>,
     local_decode_rate: F64Gauge,
+    local_prompt_cache_bytes: Gauge,
     jobs_finished: Family<Named, Counter>,
     jobs_retried: Counter,
     provider_up: Family<ProviderLabel, Gauge>,
@@ -169,7 +170,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         local_tokens: add(
             r,
             "local_tokens",
-            "Tokens the local model ran, by phase (prefill, decode)",
+            "Tokens of the local model's prompts and answers, by phase (prefill and decode: \
+             computed; cached: prompt tokens the prompt cache served instead)",
             Family::default(),
         ),
         local_seconds: add(
@@ -183,6 +185,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "local_decode_tokens_per_second",
             "Decode speed of the last finished local generation",
             F64Gauge::default(),
+        ),
+        local_prompt_cache_bytes: add(
+            r,
+            "local_prompt_cache_bytes",
+            "KV cache bytes the local model's prompt cache holds (local.prompt_cache_mb bounds it)",
+            Gauge::default(),
         ),
         jobs_finished: add(
             r,
@@ -291,6 +299,16 @@ pub fn local_forward(phase: &'static str, tokens: usize, elapsed: Duration) {
     let m = &*METRICS;
     m.local_tokens.get_or_create(&Named { name: phase }).inc_by(tokens as u64);
     m.local_seconds.get_or_create(&Named { name: phase }).inc_by(elapsed.as_secs_f64());
+}
+
+/// Records prompt tokens whose K/V the prompt cache gave a new sequence.
+pub fn local_prompt_cached(tokens: usize) {
+    METRICS.local_tokens.get_or_create(&Named { name: "cached" }).inc_by(tokens as u64);
+}
+
+/// Records the prompt cache's size after a step.
+pub fn local_prompt_cache_bytes(bytes: usize) {
+    METRICS.local_prompt_cache_bytes.set(bytes as i64);
 }
 
 /// Records the decode speed of a generation that just finished.

@@ -345,6 +345,7 @@ async fn load_local(c: &LocalConfig) -> Result<Option<LocalModel>, StartError> {
         max_batch: c.max_batch,
         max_queue: c.max_queue,
         context: Some(c.context).filter(|&n| n > 0),
+        prompt_cache_mb: c.prompt_cache_mb,
     };
     let path = c.model.clone();
     let started = std::time::Instant::now();

@@ -197,7 +197,7 @@ async fn answers_stream_with_finish_and_usage_skipping_special_tokens() {
         let stream = client(TGI, &s.base, 1, breaker()).chat(&request()).await.unwrap();
         let (text, last) = drain(stream).await;
         assert_eq!(text, "Hello 東京");
-        let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 4 });
+        let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 4, cached_tokens: 0 });
         assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Stop, usage })));
     })
     .await
@@ -246,7 +246,7 @@ async fn a_length_finish_is_reported_as_length() {
         let (text, last) =
             drain(client(TGI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
         assert_eq!(text, "ab");
-        let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 2 });
+        let usage = Some(Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 0 });
         assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Length, usage })));
     })
     .await

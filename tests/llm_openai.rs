@@ -38,7 +38,7 @@ async fn answers_stream_with_usage_and_finish_reason() {
     let (text, last) =
         drain(client(OPENAI, &s.base, 1, breaker()).chat(&request()).await.unwrap()).await;
     assert_eq!(text, "Hello 東京");
-    let usage = Some(Usage { prompt_tokens: 7, completion_tokens: 3 });
+    let usage = Some(Usage { prompt_tokens: 7, completion_tokens: 3, cached_tokens: 0 });
     assert_eq!(last, Some(Ok(Event::Finish { reason: FinishReason::Length, usage })));
     let seen = &s.seen()[0];
     assert_eq!(

@@ -115,3 +115,77 @@ async fn eight_concurrent_requests_all_complete() {
         assert!(tokens >= 1 && !text.trim().is_empty(), "empty answer");
     }
 }
+
+fn with_options(prompt_cache_mb: usize, max_batch: usize) -> Engine {
+    let options = EngineOptions { prompt_cache_mb, max_batch, ..EngineOptions::default() };
+    Engine::load(&default_model(), options).unwrap()
+}
+
+fn chat(messages: &[(Role, &str)], max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        messages: messages.iter().map(|(r, t)| Message::new(*r, *t)).collect(),
+        max_tokens,
+        ..GenerateRequest::default()
+    }
+}
+
+/// The second turn of a conversation starts from the first turn's KV cache (the prompt
+/// cache) and computes only the rest, and the tokens it generates are the very ones an
+/// engine without the cache generates at temperature 0.
+#[tokio::test]
+async fn the_next_turn_reuses_the_prompt_cache_and_answers_the_same() {
+    let (cached, plain) = (with_options(64, 4), with_options(0, 4));
+    let system = (Role::System, "You are a helpful assistant. Answer in English.");
+    let first = [system, (Role::User, "Name three colours of the rainbow.")];
+    let (reply, _, usage) =
+        cached.generate(chat(&first, 24)).unwrap().collect_text().await.unwrap();
+    assert_eq!(usage.cached_tokens, 0, "nothing to reuse yet");
+    let second = [first[0], first[1], (Role::Assistant, &reply), (Role::User, "And two more?")];
+    let with = cached.generate(chat(&second, 24)).unwrap().collect_text().await.unwrap();
+    let without = plain.generate(chat(&second, 24)).unwrap().collect_text().await.unwrap();
+    assert_eq!(with.0, without.0, "the cache changed the answer");
+    assert_eq!(without.2.cached_tokens, 0);
+    // At least the first turn's whole prompt came from the cache.
+    assert!(with.2.cached_tokens >= usage.prompt_tokens, "{:?} after {usage:?}", with.2);
+    assert!(with.2.cached_tokens < with.2.prompt_tokens, "{:?}", with.2);
+}
+
+/// A cancelled request's cache is dropped, not kept: the same prompt again starts from
+/// nothing; once a request with it finishes, the next one reuses all but its last token.
+#[tokio::test]
+async fn a_cancelled_request_leaves_nothing_in_the_prompt_cache() {
+    use futures_util::StreamExt;
+    let engine = with_options(64, 1);
+    let request = ask("Write a long poem about the sea.", 200);
+    let mut stream = engine.generate(request.clone()).unwrap();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let (_, _, usage) = engine.generate(request.clone()).unwrap().collect_text().await.unwrap();
+    assert_eq!(usage.cached_tokens, 0, "{usage:?}");
+    let (_, _, again) = engine.generate(request).unwrap().collect_text().await.unwrap();
+    assert_eq!(again.cached_tokens, again.prompt_tokens - 1, "{again:?}");
+}
+
+/// Four requests generated together, one forward pass per token for all of them, give each
+/// the tokens it gets alone.
+#[tokio::test]
+async fn a_batch_answers_each_request_as_it_would_be_answered_alone() {
+    let questions = [
+        "What is the capital of France?",
+        "Count from one to five.",
+        "Hi!",
+        "Why is the sky blue?",
+    ];
+    let alone = with_options(0, 1);
+    let mut expected = Vec::new();
+    for q in questions {
+        expected.push(alone.generate(ask(q, 20)).unwrap().collect_text().await.unwrap().0);
+    }
+    let together = with_options(0, 4);
+    let answers = futures_util::future::join_all(questions.iter().map(|q| {
+        let e = together.clone();
+        async move { e.generate(ask(q, 20)).unwrap().collect_text().await.unwrap().0 }
+    }))
+    .await;
+    assert_eq!(answers, expected);
+}

@@ -310,3 +310,17 @@ async fn qwen2_qwen3_and_gemma3_files_load_and_generate_deterministically() {
         assert_eq!((b.0.as_str(), c.0.as_str()), (a.as_str(), a.as_str()), "{architecture}");
     }
 }
+
+/// More engines than candle's pool has threads, all loaded at once: each still answers. An
+/// idle engine holds no pool thread (it once held one for its whole life, and the engine
+/// after the pool's last thread waited forever).
+#[tokio::test]
+async fn more_engines_than_pool_threads_all_answer() {
+    let (_dir, path) = tiny_model();
+    let engines: Vec<Engine> =
+        (0..candle_core::utils::get_num_threads() + 1).map(|_| load(&path)).collect();
+    for engine in &engines {
+        let answered = tokio::time::timeout(Duration::from_secs(60), answer(engine, ask("hi", 2)));
+        assert_eq!(answered.await.expect("an engine was starved").2, 2);
+    }
+}

@@ -119,6 +119,8 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
     assert_eq!(grew(&before, &after, fell), 1.0);
     assert!(grew(&before, &after, "edgechat_local_tokens_total{name=decode}") >= 2.0);
     assert!(value(&after, "edgechat_local_decode_tokens_per_second{}") > 0.0);
+    // The local answers' caches went to the prompt cache.
+    assert!(value(&after, "edgechat_local_prompt_cache_bytes{}") > 0.0);
     assert_eq!(grew(&before, &after, finished), 1.0);
     assert!(value(&after, "edgechat_jobs{state=succeeded}") >= 1.0);
     assert_eq!(value(&after, "edgechat_provider_up{provider=openai}"), 1.0);

@@ -9,7 +9,7 @@ use super::chat::{
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::seed::{whole_i64, whole_number, UsageOut};
+use crate::chat::seed::{whole_i64, whole_number};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::llm::{FinishReason, Sampling};
 use crate::message::{Message, Role};
@@ -152,9 +152,37 @@ pub struct CompletionOut {
     model: String,
     #[schema(value_type = Vec<Object>)]
     choices: Vec<Value>,
-    usage: UsageOut,
+    usage: UsageV1,
     #[schema(value_type = Option<String>)]
     system_fingerprint: Option<()>,
+}
+
+/// OpenAI's usage object: the counts, and how many prompt tokens came from a prompt cache
+/// (the local model's, or the upstream's as it reported them).
+#[derive(Serialize, ToSchema)]
+pub struct UsageV1 {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+    prompt_tokens_details: PromptTokensDetails,
+}
+
+/// Where the prompt tokens came from.
+#[derive(Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    cached_tokens: u32,
+}
+
+impl UsageV1 {
+    fn of(done: &Completion) -> Self {
+        let u = done.usage;
+        UsageV1 {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
+        }
+    }
 }
 
 /// `GET /v1/models`.
@@ -329,7 +357,7 @@ fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
             "logprobs": null,
             "finish_reason": finish(done.finish),
         })],
-        usage: UsageOut::of(done),
+        usage: UsageV1::of(done),
         system_fingerprint: None,
     }
 }
@@ -359,7 +387,7 @@ fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> S
             if usage {
                 let mut last = chunk(&who.model, json!({}), None);
                 last["choices"] = json!([]);
-                last["usage"] = json!(UsageOut::of(&done));
+                last["usage"] = json!(UsageV1::of(&done));
                 out.push(data(&last));
             }
             out.push(done_event());

@@ -113,6 +113,7 @@ impl Reply {
                     usage: Some(Usage {
                         prompt_tokens: usage.prompt_tokens as u32,
                         completion_tokens: usage.completion_tokens as u32,
+                        cached_tokens: usage.cached_tokens as u32,
                     }),
                 }),
                 Err(e) => Err(local_error(e)),
@@ -182,6 +183,7 @@ impl Reply {
                 Role::Assistant,
                 &*self.text,
             )]) as u32,
+            cached_tokens: 0,
         });
         let text = std::mem::take(&mut self.text);
         let now = now_ms();

@@ -21,6 +21,8 @@ pub struct LocalConfig {
     pub max_queue: usize,
     /// Caps the context window (KV cache memory); 0 keeps the model's own.
     pub context: usize,
+    /// MiB of finished sequences' KV caches kept for prompts that start the same way; 0: off.
+    pub prompt_cache_mb: usize,
 }
 
 impl Default for LocalConfig {
@@ -33,6 +35,7 @@ impl Default for LocalConfig {
             max_batch: 4,
             max_queue: 32,
             context: 0,
+            prompt_cache_mb: 256,
         }
     }
 }

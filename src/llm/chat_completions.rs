@@ -61,6 +61,10 @@ impl Decode for Decoder {
             self.usage = Some(Usage {
                 prompt_tokens: n("prompt_tokens"),
                 completion_tokens: n("completion_tokens"),
+                cached_tokens: u
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as u32,
             });
         }
         if let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) {
@@ -111,7 +115,7 @@ mod tests {
             assert_eq!(d.decode(c, &mut out), Ok(false));
         }
         assert_eq!(d.decode("[DONE]", &mut out), Ok(true));
-        let usage = Some(Usage { prompt_tokens: 2, completion_tokens: 1 });
+        let usage = Some(Usage { prompt_tokens: 2, completion_tokens: 1, cached_tokens: 0 });
         let finish = Event::Finish { reason: FinishReason::Length, usage };
         assert_eq!(Vec::from(out), vec![Event::Delta("Hi".into()), finish]);
         assert_eq!(d.decode(r#"{"error":{}}"#, &mut VecDeque::new()), Err(DecodeError::ErrorEvent));

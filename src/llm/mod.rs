@@ -57,6 +57,9 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens served from a prompt cache instead of computed (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`; the local model's prefix cache).
+    pub cached_tokens: u32,
 }
 
 /// One item of a generation stream.

@@ -104,7 +104,11 @@ fn finish(details: Option<&Value>) -> Event {
         let prefill = d.get("prefill").and_then(Value::as_array).filter(|p| !p.is_empty());
         let prompt_tokens =
             prefill.map(|p| p.len() as u32).or_else(|| count(d, "input_length")).unwrap_or(0);
-        Some(Usage { prompt_tokens, completion_tokens: count(d, "generated_tokens")? })
+        Some(Usage {
+            prompt_tokens,
+            completion_tokens: count(d, "generated_tokens")?,
+            cached_tokens: 0,
+        })
     });
     Event::Finish { reason, usage }
 }
@@ -162,7 +166,7 @@ mod tests {
         let last = r#"{"token":{"id":2,"text":"</s>","logprob":0.0,"special":true},"generated_text":"Hi",
             "details":{"finish_reason":"eos_token","generated_tokens":2,"seed":null,"input_length":5}}"#;
         assert_eq!(d.decode(last, &mut out), Ok(true));
-        let usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2 });
+        let usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2, cached_tokens: 0 });
         let finish = Event::Finish { reason: FinishReason::Stop, usage };
         assert_eq!(Vec::from(out), vec![Event::Delta("Hi".into()), finish]);
         let err = d.decode(r#"{"error":"boom","error_type":"generation"}"#, &mut VecDeque::new());

@@ -43,17 +43,26 @@ pub struct EngineOptions {
     /// Compute threads; `None` means every core. candle sizes its pools once per process, so
     /// the first engine loaded decides (and `RAYON_NUM_THREADS` set outside wins over both).
     pub threads: Option<usize>,
-    /// Requests generated at once, interleaved token by token.
+    /// Requests generated at once, one forward pass for all of them per token.
     pub max_batch: usize,
     /// Requests that may wait beyond those; one more is refused as busy.
     pub max_queue: usize,
     /// Caps the context window below what the model allows (less KV cache memory).
     pub context: Option<usize>,
+    /// MiB of KV cache kept from finished requests, so that a prompt starting like one of
+    /// theirs (the next turn of a conversation) computes only the rest; 0 turns it off.
+    pub prompt_cache_mb: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: None, max_batch: 4, max_queue: 32, context: None }
+        EngineOptions {
+            threads: None,
+            max_batch: 4,
+            max_queue: 32,
+            context: None,
+            prompt_cache_mb: 256,
+        }
     }
 }
 
@@ -105,6 +114,8 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose K/V came from the prompt cache (not computed).
+    pub cached_tokens: usize,
 }
 
 /// What a generation stream yields: text deltas, then exactly one `Done`.
@@ -155,11 +166,12 @@ impl Engine {
         let (weights, limit) = model::Weights::load(gguf, &device)?;
         let context = options.context.map_or(limit, |c| c.clamp(1, limit));
         let queue = Arc::new(Queue::new(options.max_queue));
-        let worker =
-            (queue.clone(), tokenizer.clone(), weights.batch_limit(options.max_batch.max(1)));
+        let worker = (queue.clone(), tokenizer.clone());
+        let batch = weights.batch_limit(options.max_batch.max(1));
+        let prompt_cache = options.prompt_cache_mb.saturating_mul(1 << 20);
         std::thread::Builder::new()
             .name("edgechat-local".into())
-            .spawn(move || scheduler::run(worker.0, weights, worker.1, device, worker.2))
+            .spawn(move || scheduler::run(worker.0, weights, worker.1, device, batch, prompt_cache))
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;

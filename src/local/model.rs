@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{
     quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
 };
-use edgechat_llama::Model;
+pub(crate) use edgechat_llama::Input;
+use edgechat_llama::{Model, PrefixCache};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -107,6 +108,25 @@ impl Weights {
         w
     }
 
+    /// A copy for a new sequence of `prompt`, and how many of the prompt's tokens its cache
+    /// already holds: the longest prefix `prompts` has (our pass only), else none.
+    pub fn resume(&self, prompt: &[u32], prompts: &mut PrefixCache) -> (Self, usize) {
+        match self {
+            Weights::Native(_) => match prompts.lookup(prompt) {
+                Some((model, reused)) => (Weights::Native(model), reused),
+                None => (self.fresh(), 0),
+            },
+            _ => (self.fresh(), 0),
+        }
+    }
+
+    /// Offers this sequence's cache of `tokens` (those it holds) to `prompts`.
+    pub fn keep(&self, tokens: &[u32], prompts: &mut PrefixCache) {
+        if let Weights::Native(model) = self {
+            prompts.insert(tokens, model);
+        }
+    }
+
     /// Runs `tokens` at positions `pos..` and returns the logits for the last one.
     pub fn forward(
         &mut self,
@@ -129,6 +149,27 @@ impl Weights {
         })
         .map_err(LocalError::Generation)
     }
+}
+
+/// One step of several sequences of the same weights, each `(tokens, pos)` as in
+/// [`Weights::forward`]: our pass reads each matrix once for all of them; candle's models
+/// run them one after another. Each sequence's last logits, in order.
+pub(crate) fn forward_batch(
+    mut batch: Vec<&mut Weights>,
+    inputs: &[Input],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, LocalError> {
+    let native: Option<Vec<&mut Model>> = batch
+        .iter_mut()
+        .map(|w| match w {
+            Weights::Native(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if let Some(mut models) = native {
+        return guard(|| Model::forward_batch(&mut models, inputs)).map_err(LocalError::Generation);
+    }
+    batch.into_iter().zip(inputs).map(|(w, i)| w.forward(i.tokens, i.pos, device)).collect()
 }
 
 /// `EDGECHAT_CANDLE_LLAMA=1` runs every file through candle-transformers' model of its

@@ -1,19 +1,24 @@
-//! The generation thread: owns the weights, takes requests from a bounded FIFO queue, and serves
-//! up to `max_batch` of them round-robin, one step each, so no request starves another.
+//! The generation thread: owns the weights, takes requests from a bounded FIFO queue, and
+//! serves up to `max_batch` of them together: each step is one forward pass over every running
+//! sequence (a token each, or a slice of a new prompt), so the weights are read once for all,
+//! requests join and leave between steps, and no request starves another.
 
-use super::model::Weights;
+use super::model::{self, Input, Weights};
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Step, TextStream};
 use super::tokenizer::TextTokenizer;
 use super::{Event, FinishReason, LocalError, Usage};
 use candle_core::Device;
+use edgechat_llama::PrefixCache;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Prompt tokens run per step: long prompts are cut so the other sequences keep streaming.
+/// Prompt tokens run per step, all sequences together: long prompts are cut so the other
+/// sequences keep streaming.
 const PREFILL_CHUNK: usize = 128;
 
 pub(crate) type Reply = UnboundedSender<Result<Event, LocalError>>;
@@ -75,7 +80,12 @@ impl Queue {
 
     /// Moves waiting jobs into `active` up to `max`; blocks while there is nothing at all to do.
     /// `false` once shut down.
-    fn admit(&self, active: &mut Vec<Sequence>, max: usize, base: &Weights) -> bool {
+    fn admit(
+        &self,
+        active: &mut Vec<Sequence>,
+        max: usize,
+        mut start: impl FnMut(Job) -> Sequence,
+    ) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if state.shutdown {
@@ -83,7 +93,7 @@ impl Queue {
             }
             while active.len() < max {
                 match state.waiting.pop_front() {
-                    Some(job) if !job.reply.is_closed() => active.push(Sequence::new(job, base)),
+                    Some(job) if !job.reply.is_closed() => active.push(start(job)),
                     Some(_) => {}
                     None => break,
                 }
@@ -103,15 +113,65 @@ pub(crate) fn run(
     tokenizer: Arc<TextTokenizer>,
     device: Device,
     max_batch: usize,
+    prompt_cache: usize,
 ) {
-    // One pool context for the whole loop: entering candle's pool per op is costly.
-    device.clone().with_context(|| {
-        let mut active: Vec<Sequence> = Vec::new();
-        while queue.admit(&mut active, max_batch, &base) {
-            queue.active.store(active.len(), Ordering::Relaxed);
-            active.retain_mut(|s| s.step(&tokenizer, &device));
-            queue.active.store(active.len(), Ordering::Relaxed);
+    let mut prompts = PrefixCache::new(prompt_cache);
+    let mut active: Vec<Sequence> = Vec::new();
+    while queue.admit(&mut active, max_batch, |job| Sequence::new(job, &base, &mut prompts)) {
+        queue.active.store(active.len(), Ordering::Relaxed);
+        // Inside candle's pool for the step (entering it per candle op is costly), never while
+        // waiting: an idle engine holding one of its workers would starve another engine's.
+        device.with_context(|| step(&mut active, &tokenizer, &device, &mut prompts));
+        queue.active.store(active.len(), Ordering::Relaxed);
+        crate::metrics::local_prompt_cache_bytes(prompts.bytes());
+    }
+}
+
+/// One forward pass over the running sequences; those that finish (or fail) leave.
+fn step(
+    active: &mut Vec<Sequence>,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+    prompts: &mut PrefixCache,
+) {
+    // A dropped stream is a cancelled request: its cache goes now, before another token.
+    active.retain(|s| !s.job.reply.is_closed());
+    let mut budget = PREFILL_CHUNK;
+    let runs: Vec<Range<usize>> = active.iter().map(|s| s.next(&mut budget)).collect();
+    let (mut batch, mut inputs, mut prefill) = (Vec::new(), Vec::new(), false);
+    for (s, run) in active.iter_mut().zip(&runs).filter(|(_, r)| !r.is_empty()) {
+        prefill |= s.cached < s.job.prompt.len();
+        inputs.push(Input { tokens: &s.tokens[run.clone()], pos: run.start });
+        batch.push(&mut s.weights);
+    }
+    let started = Instant::now();
+    let result = model::forward_batch(batch, &inputs, device);
+    let took = started.elapsed();
+    let tokens = inputs.iter().map(|i| i.tokens.len()).sum();
+    crate::metrics::local_forward(if prefill { "prefill" } else { "decode" }, tokens, took);
+    let mut logits = match result {
+        Ok(logits) => logits.into_iter(),
+        Err(e) => {
+            // The step failed as a whole: every sequence in it ends with its reason.
+            let message = match e {
+                LocalError::Generation(m) => m,
+                other => other.to_string(),
+            };
+            active.drain(..).for_each(|s| s.fail(LocalError::Generation(message.clone())));
+            return;
         }
+    };
+    let mut runs = runs.into_iter();
+    active.retain_mut(|s| match runs.next().filter(|r| !r.is_empty()) {
+        Some(run) => {
+            let logits = logits.next().unwrap_or_default();
+            let done = s.advance(run.end, logits, took, tokenizer);
+            if done {
+                s.weights.keep(&s.tokens[..s.cached], prompts);
+            }
+            !done
+        }
+        None => true, // sat this step out
     });
 }
 
@@ -123,6 +183,8 @@ struct Sequence {
     tokens: Vec<u32>,
     /// How many of `tokens` are already in the KV cache.
     cached: usize,
+    /// How many of the prompt's came from the prompt cache.
+    reused: usize,
     generated: usize,
     /// Time in decode steps, for the tokens/s metric.
     decode_time: Duration,
@@ -131,15 +193,18 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(job: Job, base: &Weights) -> Self {
+    fn new(job: Job, base: &Weights, prompts: &mut PrefixCache) -> Self {
         let sampler = Sampler::new(job.params, job.seed);
         let text = TextStream::new(job.stop.clone());
         let tokens = job.prompt.clone();
+        let (weights, reused) = base.resume(&tokens, prompts);
+        crate::metrics::local_prompt_cached(reused);
         Sequence {
-            weights: base.fresh(),
+            weights,
             job,
             tokens,
-            cached: 0,
+            cached: reused,
+            reused,
             generated: 0,
             decode_time: Duration::ZERO,
             sampler,
@@ -147,61 +212,74 @@ impl Sequence {
         }
     }
 
-    /// Advances by one forward pass; `false` when this sequence is finished or abandoned.
-    fn step(&mut self, tokenizer: &TextTokenizer, device: &Device) -> bool {
-        // A dropped stream is a cancelled request: stop before spending another token on it.
-        if self.job.reply.is_closed() {
-            return false;
+    /// The tokens this sequence runs in the next step: its last one, or as much of its prompt
+    /// as the step's prefill `budget` leaves (taken from it; none left: it sits out).
+    fn next(&self, budget: &mut usize) -> Range<usize> {
+        let rest = self.tokens.len() - self.cached;
+        let take = match self.weights.prefill_chunk(PREFILL_CHUNK) {
+            _ if rest == 1 => 1,
+            PREFILL_CHUNK => rest.min(*budget),
+            whole => rest.min(whole),
+        };
+        *budget = budget.saturating_sub(take);
+        self.cached..self.cached + take
+    }
+
+    /// Takes the logits of a step that ran up to `end`; `true` when this sequence is done
+    /// (finished, or failed).
+    fn advance(
+        &mut self,
+        end: usize,
+        logits: Vec<f32>,
+        took: Duration,
+        tokenizer: &TextTokenizer,
+    ) -> bool {
+        if self.cached >= self.job.prompt.len() {
+            self.decode_time += took;
         }
-        match self.advance(tokenizer, device) {
-            Ok(None) => true,
+        self.cached = end;
+        if self.cached < self.tokens.len() {
+            return false; // more prompt to read first
+        }
+        match self.sample(logits, tokenizer) {
+            Ok(None) => false,
             Ok(Some(reason)) => {
-                let tail = self.text.finish();
-                self.send_text(tail);
-                let usage = Usage {
-                    prompt_tokens: self.job.prompt.len(),
-                    completion_tokens: self.generated,
-                };
-                // The first token comes out of the prefill; the rest are decode steps.
-                let decoded = self.generated.saturating_sub(1);
-                if decoded > 0 && !self.decode_time.is_zero() {
-                    crate::metrics::local_decode_rate(
-                        decoded as f64 / self.decode_time.as_secs_f64(),
-                    );
-                }
-                let _ = self.job.reply.send(Ok(Event::Done { finish_reason: reason, usage }));
-                false
+                self.finish(reason);
+                true
             }
             Err(e) => {
-                let _ = self.job.reply.send(Err(e));
-                false
+                self.fail(e);
+                true
             }
         }
     }
 
-    fn advance(
-        &mut self,
-        tokenizer: &TextTokenizer,
-        device: &Device,
-    ) -> Result<Option<FinishReason>, LocalError> {
-        let chunk = self.weights.prefill_chunk(PREFILL_CHUNK);
-        let end = self.cached.saturating_add(chunk).min(self.tokens.len());
-        let started = Instant::now();
-        let mut logits =
-            self.weights.forward(&self.tokens[self.cached..end], self.cached, device)?;
-        let took = started.elapsed();
-        let phase = match self.cached < self.job.prompt.len() {
-            true => "prefill",
-            false => {
-                self.decode_time += took;
-                "decode"
-            }
+    fn finish(&mut self, reason: FinishReason) {
+        let tail = self.text.finish();
+        self.send_text(tail);
+        let usage = Usage {
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.generated,
+            cached_tokens: self.reused,
         };
-        crate::metrics::local_forward(phase, end - self.cached, took);
-        self.cached = end;
-        if self.cached < self.tokens.len() {
-            return Ok(None); // more prompt to read first
+        // The first token comes out of the prefill; the rest are decode steps.
+        let decoded = self.generated.saturating_sub(1);
+        if decoded > 0 && !self.decode_time.is_zero() {
+            crate::metrics::local_decode_rate(decoded as f64 / self.decode_time.as_secs_f64());
         }
+        let _ = self.job.reply.send(Ok(Event::Done { finish_reason: reason, usage }));
+    }
+
+    fn fail(&self, e: LocalError) {
+        let _ = self.job.reply.send(Err(e));
+    }
+
+    /// Picks the next token and streams its text; `Some` when generation ends here.
+    fn sample(
+        &mut self,
+        mut logits: Vec<f32>,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Option<FinishReason>, LocalError> {
         let next = self.sampler.sample(&mut logits, &self.tokens);
         if tokenizer.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));

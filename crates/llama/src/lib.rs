@@ -13,6 +13,7 @@
 mod config;
 mod cpu;
 mod matmul;
+mod prefix;
 mod quant;
 mod rope;
 mod tensors;
@@ -20,6 +21,7 @@ mod vector;
 
 pub use config::value_u32;
 pub use cpu::Isa;
+pub use prefix::PrefixCache;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::utils::barrier_pool;
@@ -82,6 +84,28 @@ struct Kv {
     v: Vec<f32>,
 }
 
+/// Positions a KV cache grows by: it takes memory as the sequence needs it (a full context
+/// for every sequence up front would be ~360 MiB each for the default model), in steps small
+/// enough to waste little and large enough that reallocation copies are rare.
+const KV_BLOCK: usize = 256;
+
+impl Kv {
+    fn truncate(&mut self, len: usize) {
+        self.k.truncate(len);
+        self.v.truncate(len);
+    }
+
+    /// Appends rows of `width` floats, growing by whole blocks of positions.
+    fn append(&mut self, k: &[f32], v: &[f32], width: usize) {
+        let block = KV_BLOCK * width;
+        let wanted = (self.k.len() + k.len()).div_ceil(block) * block;
+        for (cache, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            cache.reserve_exact(wanted.saturating_sub(cache.len()));
+            cache.extend_from_slice(new);
+        }
+    }
+}
+
 impl Model {
     /// Whether this pass covers the file (architecture, shapes, RoPE and tensors; see
     /// `Config::covers`): if not, candle's model is the one to run it.
@@ -134,32 +158,112 @@ impl Model {
         self.cache.iter_mut().for_each(|kv| *kv = Kv::default());
     }
 
+    /// Positions in the KV cache.
+    pub fn cached(&self) -> usize {
+        self.cache.first().map_or(0, |kv| kv.k.len() / self.net.dims.kv_width())
+    }
+
+    /// Bytes the KV cache holds (what `context` bounds per sequence).
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.iter().map(|kv| (kv.k.capacity() + kv.v.capacity()) * 4).sum()
+    }
+
+    /// A copy holding the cache's first `len` positions (all, if fewer), in no more memory
+    /// than they need.
+    pub fn prefix(&self, len: usize) -> Model {
+        let floats = len.min(self.cached()) * self.net.dims.kv_width();
+        let cache = self
+            .cache
+            .iter()
+            .map(|kv| Kv { k: kv.k[..floats].to_vec(), v: kv.v[..floats].to_vec() })
+            .collect();
+        Model { net: self.net.clone(), cache }
+    }
+
     /// Runs `tokens` at positions `pos..` (dropping any cache beyond `pos`) and returns the
     /// logits for the last one.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
-        let net = &*self.net;
-        let d = net.dims;
-        let vocab = d.vocab;
-        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token {t} is outside the vocabulary of {vocab}")
+        Ok(Model::forward_batch(&mut [self], &[Input { tokens, pos }])?.remove(0))
+    }
+
+    /// One step of several sequences of the same weights: each matrix is read once for all
+    /// their rows (what makes serving N users cheaper than N times one), while each sequence
+    /// keeps its own cache and positions. Returns each sequence's last logits, in order; the
+    /// result equals [`Model::forward`] run on each alone.
+    pub fn forward_batch(models: &mut [&mut Model], inputs: &[Input]) -> Result<Vec<Vec<f32>>> {
+        let Some(net) = models.first().map(|m| m.net.clone()) else { return Ok(Vec::new()) };
+        if models.len() != inputs.len() || models.iter().any(|m| !Arc::ptr_eq(&m.net, &net)) {
+            bail!("a batch needs one input per sequence, all of the same weights")
         }
-        let Some(last) = tokens.len().checked_sub(1) else { bail!("no tokens to run") };
-        let mut x = net.embed.rows(tokens)?;
+        let d = net.dims;
+        for (m, input) in models.iter().zip(inputs) {
+            input.check(d, m.cached())?;
+        }
+        let mut positions = Vec::new();
+        let mut tokens = Vec::new();
+        for (m, input) in models.iter_mut().zip(inputs) {
+            m.cache.iter_mut().for_each(|kv| kv.truncate(input.pos * d.kv_width()));
+            positions.extend(input.pos..input.pos + input.tokens.len());
+            tokens.extend_from_slice(input.tokens);
+        }
+        let mut x = net.embed.rows(&tokens)?;
         if let Some(s) = net.embed_scale {
             x.iter_mut().for_each(|x| *x *= s);
         }
         let ropes: Vec<Rope> =
-            net.freqs.iter().map(|f| Rope::new(f, pos, tokens.len(), net.halves)).collect();
-        for (layer, kv) in net.layers.iter().zip(&mut self.cache) {
-            if kv.k.len() < pos * d.kv_width() {
-                bail!("position {pos} is past the {} cached", kv.k.len() / d.kv_width())
-            }
-            kv.k.truncate(pos * d.kv_width());
-            kv.v.truncate(pos * d.kv_width());
-            layer.forward(&mut x, kv, &ropes[layer.rope], d)?;
+            net.freqs.iter().map(|f| Rope::new(f, &positions, net.halves)).collect();
+        let step = Step { inputs, positions: &positions };
+        for (i, layer) in net.layers.iter().enumerate() {
+            let mut caches: Vec<&mut Kv> = models.iter_mut().map(|m| &mut m.cache[i]).collect();
+            layer.forward(&mut x, &mut caches, &step, &ropes[layer.rope], d)?;
         }
-        let h = rms_norm(&x[last * d.hidden..], &net.norm, d.eps);
-        net.output.forward(&h)
+        let mut last = Vec::with_capacity(inputs.len() * d.hidden);
+        for end in step.ends() {
+            last.extend_from_slice(&x[(end - 1) * d.hidden..][..d.hidden]);
+        }
+        let logits = net.output.forward(&rms_norm(&last, &net.norm, d.eps))?;
+        Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// One sequence's share of a batched step: its new tokens, and the position of the first
+/// (any cache beyond it is dropped).
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub tokens: &'a [u32],
+    pub pos: usize,
+}
+
+impl Input<'_> {
+    fn check(&self, d: Dims, cached: usize) -> Result<()> {
+        let vocab = d.vocab;
+        if let Some(t) = self.tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token {t} is outside the vocabulary of {vocab}")
+        }
+        if self.tokens.is_empty() {
+            bail!("no tokens to run")
+        }
+        if self.pos > cached {
+            bail!("position {} is past the {cached} cached", self.pos)
+        }
+        Ok(())
+    }
+}
+
+/// The rows of a batched step: each input's tokens one after another, and every row's
+/// position in its own sequence.
+struct Step<'a> {
+    inputs: &'a [Input<'a>],
+    positions: &'a [usize],
+}
+
+impl Step<'_> {
+    /// Where each input's rows end (exclusive).
+    fn ends(&self) -> impl Iterator<Item = usize> + '_ {
+        self.inputs.iter().scan(0, |end, input| {
+            *end += input.tokens.len();
+            Some(*end)
+        })
     }
 }
 
@@ -202,7 +306,14 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &mut [f32], kv: &mut Kv, rope: &Rope, d: Dims) -> Result<()> {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        caches: &mut [&mut Kv],
+        step: &Step,
+        rope: &Rope,
+        d: Dims,
+    ) -> Result<()> {
         let h = rms_norm(x, &self.attn_norm, d.eps);
         let mut qkv: [Vec<f32>; 3] = self.qkv.forward(&h)?.try_into().map_err(|_| shape())?;
         for (part, bias) in qkv.iter_mut().zip(&self.qkv_bias) {
@@ -217,9 +328,14 @@ impl Layer {
         }
         rope.apply(&mut q, d.head_dim);
         rope.apply(&mut k, d.head_dim);
-        kv.k.extend_from_slice(&k);
-        kv.v.extend_from_slice(&v);
-        let out = self.o.forward(&attention(&q, kv, d, self.window))?;
+        let w = d.kv_width();
+        let mut start = 0;
+        for (kv, end) in caches.iter_mut().zip(step.ends()) {
+            kv.append(&k[start * w..end * w], &v[start * w..end * w], w);
+            start = end;
+        }
+        let caches: Vec<&Kv> = caches.iter().map(|kv| &**kv).collect();
+        let out = self.o.forward(&attention(&q, &caches, step, d, self.window))?;
         add(x, &norm_if(out, self.post_attn_norm.as_deref(), d.eps));
         let h = rms_norm(x, &self.ffn_norm, d.eps);
         let [mut gate, up]: [Vec<f32>; 2] =
@@ -236,29 +352,31 @@ fn shape() -> candle_core::Error {
     msg("a fused matmul returned the wrong number of parts".to_owned())
 }
 
-/// Causal attention of the new positions (the last rows of the cache) over the cache, or over
-/// its last `window` positions, one pool item per (position, head); a query head reads its
-/// group's K/V head in place.
-fn attention(q: &[f32], kv: &Kv, d: Dims, window: Option<usize>) -> Vec<f32> {
+/// Causal attention of each row over its own sequence's cache (the new rows are its last
+/// ones), or over its last `window` positions, one pool item per (row, head); a query head
+/// reads its group's K/V head in place.
+fn attention(q: &[f32], caches: &[&Kv], step: &Step, d: Dims, window: Option<usize>) -> Vec<f32> {
     let (hd, heads) = (d.head_dim, d.heads);
-    let m = q.len() / d.q_width();
-    let first = kv.k.len() / d.kv_width() - m;
     let per_group = heads / d.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    // Which sequence each row belongs to.
+    let owner: Vec<usize> =
+        step.inputs.iter().enumerate().flat_map(|(s, i)| vec![s; i.tokens.len()]).collect();
     let mut out = vec![0f32; q.len()];
     let dst = Disjoint::new(&mut out);
-    barrier_pool().execute_chunked(m * heads, |items| {
+    barrier_pool().execute_chunked(owner.len() * heads, |items| {
         let mut scores = Vec::new();
         for item in items {
-            let (i, h) = (item / heads, item % heads);
+            let (row, h) = (item / heads, item % heads);
+            let kv = caches[owner[row]];
             let qh = &q[item * hd..][..hd];
             let at = |t: usize| t * d.kv_width() + h / per_group * hd;
-            let end = first + i + 1;
+            let end = step.positions[row] + 1;
             let seen = window.map_or(0, |w| end.saturating_sub(w))..end;
             scores.clear();
             scores.extend(seen.clone().map(|t| dot(qh, &kv.k[at(t)..][..hd]) * scale));
             softmax(&mut scores);
-            // SAFETY: item `i·heads + h` owns this head's slice of the output row.
+            // SAFETY: item `row·heads + h` owns this head's slice of the output row.
             let o = unsafe { dst.slice(item * hd, hd) };
             for (t, &p) in seen.zip(&scores) {
                 axpy(o, p, &kv.v[at(t)..][..hd]);

@@ -19,7 +19,8 @@ pub(crate) fn frequencies(
         .collect()
 }
 
-/// Rotation angles of the new positions, shared by every layer with the same frequencies.
+/// Rotation angles of a step's rows (of one sequence or of several), shared by every layer with
+/// the same frequencies.
 pub(crate) struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -28,9 +29,10 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    pub fn new(freqs: &[f32], pos: usize, len: usize, halves: bool) -> Self {
+    /// Angles for rows at `positions`, one position per row.
+    pub fn new(freqs: &[f32], positions: &[usize], halves: bool) -> Self {
         let angles: Vec<f32> =
-            (pos..pos + len).flat_map(|p| freqs.iter().map(move |f| p as f32 * f)).collect();
+            positions.iter().flat_map(|&p| freqs.iter().map(move |f| p as f32 * f)).collect();
         Rope {
             cos: angles.iter().map(|a| a.cos()).collect(),
             sin: angles.iter().map(|a| a.sin()).collect(),
@@ -39,7 +41,7 @@ impl Rope {
         }
     }
 
-    /// Rotates every head of every row (one row per new position).
+    /// Rotates every head of every row (as many rows as positions).
     pub fn apply(&self, rows: &mut [f32], head_dim: usize) {
         let len = self.cos.len() / self.pairs;
         for (i, row) in rows.chunks_exact_mut(rows.len() / len).enumerate() {

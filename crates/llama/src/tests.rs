@@ -493,3 +493,100 @@ fn a_truncated_file_is_refused_with_a_reason() {
     let err = Model::load(&content, file.get_ref()).err().expect("refused").to_string();
     assert!(err.contains("past the end of the file"), "{err}");
 }
+
+/// Three sequences in different states (a long prompt, a first token, a decode step) run in
+/// one batched step against each run alone, on the default model (its matrices regrouped on
+/// AVX2) and on a tiny gemma3 (sliding windows).
+#[test]
+fn a_batched_step_gives_each_sequence_what_it_gets_alone() {
+    let (_dir, gemma) = tiny(Tiny { architecture: "gemma3", ..Tiny::default() });
+    for path in [default_model(), gemma] {
+        let base = ours(&path);
+        let histories: [&[u32]; 3] = [&[], &[5, 40, 41], &[5, 60, 61, 7, 42, 40]];
+        let news: [&[u32]; 3] = [&PROMPT, &[11], &[30]];
+        let mut alone = Vec::new();
+        let mut models = Vec::new();
+        for (history, new) in histories.iter().zip(news) {
+            let mut m = base.clone();
+            m.clear();
+            if !history.is_empty() {
+                m.forward(history, 0).unwrap();
+            }
+            models.push(m.clone());
+            alone.push(m.forward(new, history.len()).unwrap());
+        }
+        let inputs: Vec<Input> =
+            histories.iter().zip(news).map(|(h, tokens)| Input { tokens, pos: h.len() }).collect();
+        let mut refs: Vec<&mut Model> = models.iter_mut().collect();
+        let together = Model::forward_batch(&mut refs, &inputs).unwrap();
+        assert_eq!(together, alone, "{}", path.display());
+        // The caches advanced as if alone: the next step agrees too.
+        for (m, (h, new)) in models.iter_mut().zip(histories.iter().zip(news)) {
+            let mut solo = base.clone();
+            solo.clear();
+            solo.forward(&[h, new].concat(), 0).unwrap();
+            let pos = h.len() + new.len();
+            assert_eq!(m.forward(&[42], pos).unwrap(), solo.forward(&[42], pos).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_different_weights_is_refused() {
+    let (_dir, path) = tiny(Tiny::default());
+    let (mut a, mut b) = (ours(&path), ours(&path));
+    let input = Input { tokens: &[5], pos: 0 };
+    let err = Model::forward_batch(&mut [&mut a, &mut b], &[input, input]).unwrap_err();
+    assert!(err.to_string().contains("same weights"), "{err}");
+}
+
+/// A model after running `tokens` from the start.
+fn after(base: &Model, tokens: &[u32]) -> Model {
+    let mut m = base.clone();
+    m.clear();
+    m.forward(tokens, 0).unwrap();
+    m
+}
+
+#[test]
+fn the_prefix_cache_resumes_from_the_longest_shared_prefix() {
+    let (_dir, path) = tiny(Tiny::default());
+    let base = ours(&path);
+    let mut cache = PrefixCache::new(1 << 20);
+    assert!(cache.lookup(&PROMPT).is_none(), "empty");
+    cache.insert(&PROMPT[..3], &after(&base, &PROMPT[..3]));
+    cache.insert(&[5, 40, 9], &after(&base, &[5, 40, 9]));
+    let (mut resumed, shared) = cache.lookup(&PROMPT).unwrap();
+    assert_eq!((shared, resumed.cached()), (3, 3));
+    let rest = resumed.forward(&PROMPT[3..], 3).unwrap();
+    let mut fresh = base.clone();
+    fresh.clear();
+    assert_eq!(rest, fresh.forward(&PROMPT, 0).unwrap(), "same logits as from scratch");
+    // The last prompt token always runs, to give the logits.
+    assert_eq!(cache.lookup(&PROMPT[..3]).unwrap().1, 2);
+    assert!(cache.lookup(&[6, 5]).is_none(), "no shared first token");
+    // An entry the new one extends is replaced.
+    let before = cache.bytes();
+    cache.insert(&PROMPT, &after(&base, &PROMPT));
+    assert_eq!(cache.lookup(&PROMPT).unwrap().1, 6);
+    assert!(cache.bytes() > before);
+}
+
+#[test]
+fn the_prefix_cache_keeps_to_its_budget_dropping_the_least_recently_used() {
+    let (_dir, path) = tiny(Tiny::default());
+    let base = ours(&path);
+    let one = after(&base, &PROMPT).prefix(PROMPT.len()).kv_bytes();
+    let mut cache = PrefixCache::new(2 * one);
+    let prompts: [[u32; 7]; 3] = [PROMPT, [6; 7], [7; 7]];
+    cache.insert(&prompts[0], &after(&base, &prompts[0]));
+    cache.insert(&prompts[1], &after(&base, &prompts[1]));
+    cache.lookup(&prompts[0]).unwrap(); // now the second is the least recently used
+    cache.insert(&prompts[2], &after(&base, &prompts[2]));
+    assert_eq!(cache.bytes(), 2 * one);
+    assert!(cache.lookup(&prompts[0]).is_some() && cache.lookup(&prompts[2]).is_some());
+    assert!(cache.lookup(&prompts[1]).is_none(), "evicted");
+    let mut tiny_budget = PrefixCache::new(one - 1);
+    tiny_budget.insert(&PROMPT, &after(&base, &PROMPT));
+    assert_eq!(tiny_budget.bytes(), 0, "larger than the budget: not kept");
+}
