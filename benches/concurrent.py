@@ -54,7 +54,8 @@ class Server:
         return json.loads(data)
 
     def stream(self, messages, extra=None):
-        """One streamed chat: (seconds to the first content, seconds to the end, tokens)."""
+        """One streamed chat: seconds to the first content and to the end, tokens, text and
+        usage."""
         body = {"model": self.model, "messages": messages, "max_tokens": MAX_TOKENS,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         body.update(extra or {})
@@ -76,7 +77,7 @@ class Server:
                     text.append(content)
         conn.close()
         tokens = (usage or {}).get("completion_tokens") or chunks
-        return first, time.monotonic() - start, tokens, "".join(text)
+        return first, time.monotonic() - start, tokens, "".join(text), usage or {}
 
     def stop(self):
         self.proc.terminate()
@@ -137,7 +138,7 @@ def llama_server(model, threads, parallel, cache):
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
     proc = subprocess.Popen(args, text=True, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    wait_for(proc, r"server is listening on")
+    wait_for(proc, r"listening on http")
     return Server(proc, port, None, "model")
 
 
@@ -175,18 +176,17 @@ def batch(server, n):
             f"slowest/fastest finish {max(ends) / min(ends):.2f}")
 
 
-def turns(server, extra=None):
-    """Six turns of one conversation; the last turn's time to first token and prompt size."""
+def turns(server):
+    """Six turns of one conversation, answers of up to 280 tokens: the last turn's time to
+    first token and its prompt's tokens."""
     messages = [{"role": "system", "content": SYSTEM}]
-    firsts = []
     for turn in range(6):
         topic = TOPICS[turn]
         messages.append({"role": "user", "content":
                          f"Tell me everything you know about {topic}, in detail."})
-        first, _, _, text = server.stream(messages, extra)
-        firsts.append(first)
+        first, _, _, text, usage = server.stream(messages, {"max_tokens": 280})
         messages.append({"role": "assistant", "content": text})
-    return firsts[-1]
+    return first, usage.get("prompt_tokens", 0)
 
 
 def main():
@@ -215,10 +215,10 @@ def main():
                 else:
                     s = llama_server(model, threads, 1, cache)
                 try:
-                    first = turns(s)
+                    first, prompt = turns(s)
                     state = "cache on" if cache else "cache off"
-                    print(f"{name:12} 6th turn, {state}: first token in {first * 1000:.0f} ms",
-                          flush=True)
+                    print(f"{name:12} 6th turn ({prompt} prompt tokens), {state}: first token in "
+                          f"{first * 1000:.0f} ms", flush=True)
                 finally:
                     s.stop()
         else:
