@@ -39,6 +39,9 @@ for chunk in stream:
         parts.append(choice.delta.content or "")
 assert "".join(parts) == text, ("".join(parts), text)
 assert usage is not None and usage.completion_tokens == done.usage.completion_tokens, usage
+# The same prompt again: all of it but its last token came from the local prompt cache.
+assert done.usage.prompt_tokens_details.cached_tokens == 0, done.usage
+assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1, usage
 
 short = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
 assert short.choices[0].finish_reason == "length", short
