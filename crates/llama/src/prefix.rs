@@ -50,13 +50,16 @@ impl PrefixCache {
     /// extends and then the least recently used beyond the budget. A cache larger than the
     /// whole budget is not kept.
     pub fn insert(&mut self, tokens: &[u32], model: &Model) {
+        if tokens.is_empty() || self.budget == 0 {
+            return; // nothing to keep, or off: skip the copy
+        }
         self.clock += 1;
         if let Some(e) = self.entries.iter_mut().find(|e| e.tokens.starts_with(tokens)) {
             e.used = self.clock; // nothing new to keep
             return;
         }
         let model = model.prefix(tokens.len());
-        if tokens.is_empty() || model.kv_bytes() > self.budget {
+        if model.kv_bytes() > self.budget {
             return;
         }
         self.entries.retain(|e| !tokens.starts_with(&e.tokens));
