@@ -78,31 +78,36 @@ impl Queue {
         self.wake.notify_all();
     }
 
-    /// Moves waiting jobs into `active` up to `max`; blocks while there is nothing at all to do.
-    /// `false` once shut down.
+    /// Moves waiting jobs into `active` up to `max`, each through `start` (which may copy a
+    /// cached prefix, so it runs after the lock is released: `push` runs on tokio's threads);
+    /// blocks while there is nothing at all to do. `false` once shut down.
     fn admit(
         &self,
         active: &mut Vec<Sequence>,
         max: usize,
-        mut start: impl FnMut(Job) -> Sequence,
+        start: impl FnMut(Job) -> Sequence,
     ) -> bool {
+        let mut jobs = Vec::new();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if state.shutdown {
                 return false;
             }
-            while active.len() < max {
+            while active.len() + jobs.len() < max {
                 match state.waiting.pop_front() {
-                    Some(job) if !job.reply.is_closed() => active.push(start(job)),
+                    Some(job) if !job.reply.is_closed() => jobs.push(job),
                     Some(_) => {}
                     None => break,
                 }
             }
-            if !active.is_empty() {
-                return true;
+            if !active.is_empty() || !jobs.is_empty() {
+                break;
             }
             state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        drop(state);
+        active.extend(jobs.into_iter().map(start));
+        true
     }
 }
 
