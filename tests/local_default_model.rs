@@ -20,11 +20,7 @@ fn fixture(name: &str) -> serde_json::Value {
 }
 
 fn ask(text: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        messages: vec![Message::new(Role::User, text)],
-        max_tokens,
-        ..GenerateRequest::default()
-    }
+    chat(&[(Role::User, text)], max_tokens)
 }
 
 #[test]

@@ -166,12 +166,14 @@ impl Engine {
         let (weights, limit) = model::Weights::load(gguf, &device)?;
         let context = options.context.map_or(limit, |c| c.clamp(1, limit));
         let queue = Arc::new(Queue::new(options.max_queue));
-        let worker = (queue.clone(), tokenizer.clone());
+        let (worker_queue, worker_tokenizer) = (queue.clone(), tokenizer.clone());
         let batch = weights.batch_limit(options.max_batch.max(1));
         let prompt_cache = options.prompt_cache_mb.saturating_mul(1 << 20);
         std::thread::Builder::new()
             .name("edgechat-local".into())
-            .spawn(move || scheduler::run(worker.0, weights, worker.1, device, batch, prompt_cache))
+            .spawn(move || {
+                scheduler::run(worker_queue, weights, worker_tokenizer, device, batch, prompt_cache)
+            })
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;

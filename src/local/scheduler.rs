@@ -141,6 +141,9 @@ fn step(
 ) {
     // A dropped stream is a cancelled request: its cache goes now, before another token.
     active.retain(|s| !s.job.reply.is_closed());
+    if active.is_empty() {
+        return;
+    }
     let mut budget = PREFILL_CHUNK;
     let runs: Vec<Range<usize>> = active.iter().map(|s| s.next(&mut budget)).collect();
     let (mut batch, mut inputs, mut prefill) = (Vec::new(), Vec::new(), false);
