@@ -54,6 +54,17 @@ struct Named {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelStateLabel {
+    model: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabel {
     provider: &'static str,
 }
@@ -76,12 +87,14 @@ struct Metrics {
     local_seconds: Family<Named, Counter<f64, AtomicU64>>,
     local_decode_rate: F64Gauge,
     local_prompt_cache_bytes: Gauge,
+    local_memory_bytes: Gauge,
+    local_model_loaded: Family<ModelLabel, Gauge>,
     jobs_finished: Family<Named, Counter>,
     jobs_retried: Counter,
     provider_up: Family<ProviderLabel, Gauge>,
     circuit_open: Family<ProviderLabel, Gauge>,
     jobs: Family<StateLabel, Gauge>,
-    local_queue: Family<StateLabel, Gauge>,
+    local_queue: Family<ModelStateLabel, Gauge>,
     store_bytes: Gauge,
     connections: Family<StateLabel, Gauge>,
     connections_ended: Family<ReasonLabel, Counter>,
@@ -94,15 +107,19 @@ struct ReasonLabel {
 }
 
 /// A state value read at scrape time.
-pub enum Reading {
+pub enum Reading<'a> {
     /// Whether the provider can answer now.
     ProviderUp(&'static str, bool),
     /// Whether the provider's circuit breaker is open.
     CircuitOpen(&'static str, bool),
     /// Background jobs in a state (queued, running, succeeded, failed, cancelled).
     Jobs(&'static str, u64),
-    /// Local-model requests `waiting` in the queue or `active` in the batch.
-    LocalQueue(&'static str, usize),
+    /// A local model's requests `waiting` in its queue or `active` in its batch.
+    LocalQueue(&'a str, &'static str, usize),
+    /// Whether the local model of this name is loaded.
+    LocalModelLoaded(&'a str, bool),
+    /// The loaded local models' memory: all of it, and their prompt caches'.
+    LocalMemory { total: u64, prompt_cache: usize },
     /// The redb file's size.
     StoreBytes(u64),
     /// HTTP connections `open`, or refused and `held` before being closed.
@@ -189,8 +206,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         local_prompt_cache_bytes: add(
             r,
             "local_prompt_cache_bytes",
-            "KV cache bytes the local model's prompt cache holds (local.prompt_cache_mb bounds it)",
+            "KV cache bytes the local models' prompt caches hold (local.prompt_cache_mb bounds each)",
             Gauge::default(),
+        ),
+        local_memory_bytes: add(
+            r,
+            "local_memory_bytes",
+            "Memory the loaded local models take: their files plus their KV caches \
+             (local.max_memory_mb bounds it)",
+            Gauge::default(),
+        ),
+        local_model_loaded: add(
+            r,
+            "local_model_loaded",
+            "1 while the local model is loaded, 0 while it waits for its next use",
+            Family::default(),
         ),
         jobs_finished: add(
             r,
@@ -215,7 +245,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         local_queue: add(
             r,
             "local_queue",
-            "Local-model requests waiting or in the running batch",
+            "Local-model requests waiting or in the running batch, by model",
             Family::default(),
         ),
         store_bytes,
@@ -306,11 +336,6 @@ pub fn local_prompt_cached(tokens: usize) {
     METRICS.local_tokens.get_or_create(&Named { name: "cached" }).inc_by(tokens as u64);
 }
 
-/// Records the prompt cache's size after a step.
-pub fn local_prompt_cache_bytes(bytes: usize) {
-    METRICS.local_prompt_cache_bytes.set(bytes as i64);
-}
-
 /// Records the decode speed of a generation that just finished.
 pub fn local_decode_rate(tokens_per_second: f64) {
     METRICS.local_decode_rate.set(tokens_per_second);
@@ -365,8 +390,17 @@ pub fn set(reading: Reading) {
             m.circuit_open.get_or_create(&ProviderLabel { provider }).set(flag(open))
         }
         Reading::Jobs(state, n) => m.jobs.get_or_create(&StateLabel { state }).set(n as i64),
-        Reading::LocalQueue(state, n) => {
-            m.local_queue.get_or_create(&StateLabel { state }).set(n as i64)
+        Reading::LocalQueue(model, state, n) => {
+            let label = ModelStateLabel { model: model.to_owned(), state };
+            m.local_queue.get_or_create(&label).set(n as i64)
+        }
+        Reading::LocalModelLoaded(model, loaded) => {
+            let label = ModelLabel { model: model.to_owned() };
+            m.local_model_loaded.get_or_create(&label).set(flag(loaded))
+        }
+        Reading::LocalMemory { total, prompt_cache } => {
+            m.local_prompt_cache_bytes.set(prompt_cache as i64);
+            m.local_memory_bytes.set(total as i64)
         }
         Reading::StoreBytes(n) => m.store_bytes.set(n as i64),
         Reading::Connections(state, n) => {

@@ -3,12 +3,12 @@
 
 use crate::api::{self, App, Routes};
 use crate::auth::{generate_jwt_secret, Auth, AuthSettings};
-use crate::chat::{Chat, Keys, LocalModel};
+use crate::chat::{Chat, Keys};
 use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig};
 use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::jobs::Jobs;
-use crate::local::{Engine, EngineOptions, LocalError};
+use crate::local::{EngineOptions, LoadLimits, ModelSpec, Registry};
 use crate::logmask;
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
@@ -300,7 +300,7 @@ async fn chat_service(
         key.iter().for_each(|k| logmask::register(what, k));
     }
     let local = load_local(&config.local).await?;
-    Ok(Chat::new(store, config, keys, local)?)
+    Ok(Chat::new(store, config, keys, std::sync::Arc::new(local))?)
 }
 
 /// A provider's key: config, then its key file, then systemd's credential, then the
@@ -330,33 +330,42 @@ fn provider_key(
     Ok(from_env)
 }
 
-/// Loads the local model off the async threads. A missing file leaves the server without one
-/// (and says how to fetch it); a broken file stops the start.
-async fn load_local(c: &LocalConfig) -> Result<Option<LocalModel>, StartError> {
+/// The local models: every file's header is checked and the fallback model (`local.model`)
+/// is loaded now, off the async threads; the others load on first use. A missing file leaves
+/// that model out of service (and says how to fetch it); a broken file stops the start.
+async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
     if !c.enabled {
-        return Ok(None);
+        return Ok(Registry::new(Vec::new(), None, LoadLimits { max_loaded: 1, max_bytes: None }));
     }
-    if !c.model.exists() {
-        tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`");
-        return Ok(None);
+    let specs = c.settings().into_iter().map(|m| ModelSpec {
+        name: m.name,
+        path: m.file,
+        options: EngineOptions {
+            threads: Some(c.threads).filter(|&n| n > 0),
+            max_batch: m.max_batch,
+            max_queue: m.max_queue,
+            context: Some(m.context).filter(|&n| n > 0),
+            prompt_cache_mb: m.prompt_cache_mb,
+        },
+    });
+    let max_bytes = Some(c.max_memory_mb as u64 * (1 << 20)).filter(|&b| b > 0);
+    let limits = LoadLimits { max_loaded: c.max_loaded_models, max_bytes };
+    let fallback = c.model.exists().then_some(0);
+    let registry = Registry::new(specs.collect(), fallback, limits);
+    let missing = registry.check_files()?;
+    for spec in missing {
+        tracing::warn!(model = %spec.name, path = %spec.path.display(), "no file for this local model: it answers once the file is there (`edgechat model pull`, or `bash models/fetch-default.sh` for the default)");
     }
-    let options = EngineOptions {
-        threads: Some(c.threads).filter(|&n| n > 0),
-        max_batch: c.max_batch,
-        max_queue: c.max_queue,
-        context: Some(c.context).filter(|&n| n > 0),
-        prompt_cache_mb: c.prompt_cache_mb,
-    };
-    let path = c.model.clone();
-    let started = std::time::Instant::now();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&path, options))
-        .await
-        .map_err(|e| LocalError::Generation(e.to_string()))??;
-    let name = c.model_name();
-    let kernels = engine.kernels();
-    tracing::info!(model = %name, path = %c.model.display(), kernels, load_ms = started.elapsed().as_millis() as u64, "local model loaded");
-    crate::metrics::local_kernels(kernels);
-    Ok(Some(LocalModel { engine, name }))
+    match registry.fallback() {
+        Some(name) => {
+            let engine = registry.engine(name).await?;
+            crate::metrics::local_kernels(engine.kernels());
+        }
+        None => {
+            tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`")
+        }
+    }
+    Ok(registry)
 }
 
 /// The JWT signing secret: config, then a configured file, then systemd's credential

@@ -126,7 +126,7 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
     assert_eq!(value(&after, "edgechat_provider_up{provider=openai}"), 1.0);
     assert_eq!(value(&after, "edgechat_provider_up{provider=huggingface}"), 0.0);
     assert_eq!(value(&after, "edgechat_circuit_breaker_open{provider=openai}"), 0.0);
-    assert!(after.contains_key("edgechat_local_queue{state=waiting}"));
+    assert!(after.contains_key("edgechat_local_queue{model=smollm2,state=waiting}"));
     assert!(value(&after, "edgechat_store_size_bytes{}") > 0.0);
     // The instruction set of the loaded model's kernels, as the CPU (and EDGECHAT_ISA) allow.
     let isa = edgechat_llama::Isa::get().name();

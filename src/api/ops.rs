@@ -170,10 +170,7 @@ fn read_states(app: &App) {
         set(Reading::ProviderUp(name, p.state == "up"));
         set(Reading::CircuitOpen(name, p.state == "circuit_open"));
     }
-    if let Some((waiting, active)) = app.chat.local_queue() {
-        set(Reading::LocalQueue("waiting", waiting));
-        set(Reading::LocalQueue("active", active));
-    }
+    read_local_states(app.chat.local_models());
     match app.store.job_counts() {
         Ok(counts) => counts.into_iter().for_each(|(s, n)| set(Reading::Jobs(s.as_str(), n))),
         Err(e) => tracing::warn!(error = %e, "metrics: cannot read job counts"),
@@ -191,6 +188,24 @@ fn read_states(app: &App) {
         ("evicted", &c.evicted),
     ] {
         set(Reading::ConnectionsEnded(reason, total.load(Relaxed)));
+    }
+}
+
+/// Each local model's queue and whether it is loaded, and the memory of those loaded.
+fn read_local_states(local: &crate::local::Registry) {
+    use crate::metrics::{set, Reading};
+    let loaded = local.loaded();
+    for name in local.names() {
+        let model = loaded.iter().find(|l| l.name == name);
+        let (waiting, active) = model.map_or((0, 0), |l| l.queue);
+        set(Reading::LocalQueue(name, "waiting", waiting));
+        set(Reading::LocalQueue(name, "active", active));
+        set(Reading::LocalModelLoaded(name, model.is_some()));
+    }
+    if local.names().next().is_some() {
+        let total = loaded.iter().map(|l| l.memory_bytes).sum();
+        let prompt_cache = loaded.iter().map(|l| l.prompt_cache_bytes).sum();
+        set(Reading::LocalMemory { total, prompt_cache });
     }
 }
 

@@ -16,18 +16,13 @@ pub use seed::{SeedAnswer, SeedRequest};
 
 use crate::config::{Config, ProviderName, RoutingConfig};
 use crate::llm::{ChatRequest, ProviderError, Sampling};
-use crate::local::{Engine, LocalError};
+use crate::local::{LocalError, Registry};
 use crate::message::{Message, Role};
 use crate::store::{Store, StoreError};
 use providers::Remotes;
+use routing::Target;
+use std::sync::Arc;
 use uuid::Uuid;
-
-/// The loaded local model and the name clients use for it.
-#[derive(Clone)]
-pub struct LocalModel {
-    pub engine: Engine,
-    pub name: String,
-}
 
 /// Where this turn is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,17 +101,17 @@ pub enum ChatError {
 pub struct Chat {
     store: Store,
     remotes: Remotes,
-    local: Option<LocalModel>,
+    local: Arc<Registry>,
     routing: RoutingConfig,
 }
 
 impl Chat {
-    /// The service over `store`, the providers in `config` with `keys`, and the local model.
+    /// The service over `store`, the providers in `config` with `keys`, and the local models.
     pub fn new(
         store: Store,
         config: &Config,
         keys: Keys,
-        local: Option<LocalModel>,
+        local: Arc<Registry>,
     ) -> Result<Chat, ProviderError> {
         let remotes = Remotes::new(&config.providers, keys)?;
         Ok(Chat { store, remotes, local, routing: config.routing.clone() })
@@ -125,7 +120,7 @@ impl Chat {
     /// Every model that can be asked for now, with the provider that owns it.
     pub fn models(&self) -> Vec<(String, ProviderName)> {
         let mut out: Vec<_> =
-            self.local.iter().map(|l| (l.name.clone(), ProviderName::Local)).collect();
+            self.local.names().map(|name| (name.to_owned(), ProviderName::Local)).collect();
         out.extend(self.remotes.models());
         out
     }
@@ -133,7 +128,7 @@ impl Chat {
     /// Each provider's state, for `/ready`.
     pub fn status(&self) -> Vec<ProviderStatus> {
         let mut out = self.remotes.status();
-        let local = match &self.local {
+        let local = match self.local.names().next() {
             Some(_) => "up",
             None => "not_loaded",
         };
@@ -141,9 +136,9 @@ impl Chat {
         out
     }
 
-    /// The local model's requests (waiting, running), when one is loaded.
-    pub fn local_queue(&self) -> Option<(usize, usize)> {
-        self.local.as_ref().map(|l| l.engine.queue_depth())
+    /// The local models, configured and loaded.
+    pub fn local_models(&self) -> &Registry {
+        &self.local
     }
 
     /// Starts answering: resolves the model, builds the context, and returns once the
@@ -175,21 +170,27 @@ impl Chat {
         Ok(())
     }
 
-    /// The model name the input resolves to, and its provider.
-    fn route(&self, input: &ChatInput) -> Result<(String, ProviderName), ChatError> {
+    /// The model name the input resolves to, and who answers it.
+    fn route(&self, input: &ChatInput) -> Result<(String, Target), ChatError> {
         let model = self.model_name(input);
-        match routing::provider_for(&model, self.local_name(), &self.routing.rules) {
-            Some(provider) => Ok((model, provider)),
+        match routing::target_for(&model, self.local.names(), &self.routing.rules) {
+            Some(target) => Ok((model, target)),
             None => Err(ChatError::UnknownModel(model)),
         }
     }
 
     async fn begin(&self, input: &ChatInput, save: bool) -> Result<Reply, ChatError> {
-        let (model, provider) = self.route(input)?;
+        let (model, target) = self.route(input)?;
         let history = self.history(input)?;
         let persist = self.persist(input, save);
+        let provider = match target {
+            Target::Local(name) => {
+                return self.start_local(input, history, &name, None, persist).await
+            }
+            Target::Remote(provider) => provider,
+        };
         let Some(remote) = self.remotes.get(provider) else {
-            return self.start_local(input, history, None, persist);
+            return self.start_local(input, history, "", None, persist).await;
         };
         let max_tokens = self.max_tokens(input);
         let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
@@ -201,7 +202,7 @@ impl Chat {
                 let who = Answerer { model, provider, fallback: None };
                 Ok(Reply::remote(persist, who, events, request.messages))
             }
-            Err(e) => self.fall_back(input, history, provider, e, persist),
+            Err(e) => self.fall_back(input, history, provider, e, persist).await,
         }
     }
 
@@ -225,7 +226,8 @@ impl Chat {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
                 let fallback = Some(Fallback { from: provider, reason });
                 let persist = self.persist(input, save);
-                let mut reply = self.start_local(input, self.history(input)?, fallback, persist)?;
+                let history = self.history(input)?;
+                let mut reply = self.start_local(input, history, "", fallback, persist).await?;
                 let done = reply.collect().await?;
                 Ok((reply.answerer().clone(), done))
             }
@@ -233,7 +235,7 @@ impl Chat {
         }
     }
 
-    fn fall_back(
+    async fn fall_back(
         &self,
         input: &ChatInput,
         history: Vec<Message>,
@@ -245,7 +247,7 @@ impl Chat {
         if self.can_fall_back() {
             tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
             let fallback = Some(Fallback { from: provider, reason });
-            return self.start_local(input, history, fallback, persist);
+            return self.start_local(input, history, "", fallback, persist).await;
         }
         Err(match error {
             ProviderError::NotConfigured | ProviderError::CircuitOpen => {
@@ -256,24 +258,35 @@ impl Chat {
     }
 
     fn can_fall_back(&self) -> bool {
-        self.routing.fallback && self.local.is_some()
+        self.routing.fallback && self.local.fallback().is_some()
     }
 
-    fn start_local(
+    /// Answers from the local model `name` (empty: the fallback model), loading it first when
+    /// it is not loaded.
+    async fn start_local(
         &self,
         input: &ChatInput,
         history: Vec<Message>,
+        name: &str,
         fallback: Option<Fallback>,
         persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
         if let Some(f) = &fallback {
             crate::metrics::fallback(f.from.as_str(), f.reason);
         }
-        let Some(local) = &self.local else {
-            let why = "no local model is loaded (fetch one with `bash models/fetch-default.sh`)";
-            return Err(ChatError::Unavailable { provider: ProviderName::Local, why: why.into() });
+        let unavailable =
+            |why: String| ChatError::Unavailable { provider: ProviderName::Local, why };
+        let name = match name {
+            "" => self.local.fallback().ok_or_else(|| {
+                unavailable(
+                    "no local model is loaded (fetch one with `bash models/fetch-default.sh`)"
+                        .into(),
+                )
+            })?,
+            name => name,
         };
-        let engine = &local.engine;
+        let engine = self.local.engine(name).await.map_err(|e| unavailable(e.to_string()))?;
+        let name = self.local.find(name).unwrap_or(name).to_owned();
         let max_tokens = self.max_tokens(input) as usize;
         let budget =
             engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
@@ -292,7 +305,7 @@ impl Chat {
                 ..Default::default()
             })
             .map_err(local_error)?;
-        let who = Answerer { model: local.name.clone(), provider: ProviderName::Local, fallback };
+        let who = Answerer { model: name, provider: ProviderName::Local, fallback };
         Ok(Reply::local(persist, who, generation))
     }
 
@@ -300,12 +313,8 @@ impl Chat {
         match input.model.as_deref().filter(|m| !m.is_empty()) {
             Some(m) => m.to_string(),
             None if !self.routing.default_model.is_empty() => self.routing.default_model.clone(),
-            None => self.local_name().to_string(),
+            None => self.local.fallback().unwrap_or("local").to_string(),
         }
-    }
-
-    fn local_name(&self) -> &str {
-        self.local.as_ref().map_or("local", |l| l.name.as_str())
     }
 
     fn max_tokens(&self, input: &ChatInput) -> u32 {

@@ -1,14 +1,34 @@
-//! Which provider answers a model name: the local model's own name, then the configured rules
-//! in order (`*` matches any run of characters).
+//! Who answers a model name: a local model's own name (or `local`, the fallback model), then
+//! the configured rules in order (`*` matches any run of characters).
 
 use crate::config::{ProviderName, RouteRule};
 
-/// The provider for `model`, or `None` when nothing is configured to answer it.
-pub fn provider_for(model: &str, local_name: &str, rules: &[RouteRule]) -> Option<ProviderName> {
-    if model.eq_ignore_ascii_case(local_name) || model == "local" {
-        return Some(ProviderName::Local);
+/// Who answers a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Remote(ProviderName),
+    /// The local model of this name; empty means the fallback model (`local`).
+    Local(String),
+}
+
+/// The target for `model`, or `None` when nothing is configured to answer it. `local_names`
+/// are the configured local models' names.
+pub fn target_for<'a>(
+    model: &str,
+    mut local_names: impl Iterator<Item = &'a str>,
+    rules: &[RouteRule],
+) -> Option<Target> {
+    if model == "local" {
+        return Some(Target::Local(String::new()));
     }
-    rules.iter().find(|r| glob(&r.model, model)).map(|r| r.provider)
+    if let Some(name) = local_names.find(|n| model.eq_ignore_ascii_case(n)) {
+        return Some(Target::Local(name.to_owned()));
+    }
+    let rule = rules.iter().find(|r| glob(&r.model, model))?;
+    Some(match rule.provider {
+        ProviderName::Local => Target::Local(rule.local_model.clone()),
+        remote => Target::Remote(remote),
+    })
 }
 
 /// Whether `text` matches `pattern`, where `*` stands for any (possibly empty) run.
@@ -43,14 +63,26 @@ mod tests {
     }
 
     #[test]
-    fn the_local_name_wins_then_the_first_rule() {
-        let rules = crate::config::RoutingConfig::default().rules;
-        let p = |m| provider_for(m, "SmolLM2", &rules);
-        assert_eq!(p("smollm2"), Some(ProviderName::Local));
-        assert_eq!(p("local"), Some(ProviderName::Local));
-        assert_eq!(p("gpt-3.5-turbo"), Some(ProviderName::Openai));
-        assert_eq!(p("o3-mini"), Some(ProviderName::Openai));
-        assert_eq!(p("Qwen/Qwen2.5-7B-Instruct"), Some(ProviderName::Huggingface));
+    fn a_local_name_wins_then_the_first_rule() {
+        let mut rules = crate::config::RoutingConfig::default().rules;
+        let local = |pattern: &str, name: &str| RouteRule {
+            model: pattern.into(),
+            provider: ProviderName::Local,
+            local_model: name.into(),
+        };
+        rules.insert(0, local("fast-*", "Qwen"));
+        rules.insert(1, local("gpt-4o-mini", ""));
+        let p = |m| target_for(m, ["SmolLM2", "Qwen"].into_iter(), &rules);
+        let to = |name: &str| Some(Target::Local(name.into()));
+        assert_eq!(p("smollm2"), to("SmolLM2"));
+        assert_eq!(p("QWEN"), to("Qwen"));
+        assert_eq!(p("local"), to(""));
+        assert_eq!(p("fast-chat"), to("Qwen"));
+        assert_eq!(p("gpt-4o-mini"), to(""));
+        assert_eq!(p("gpt-3.5-turbo"), Some(Target::Remote(ProviderName::Openai)));
+        assert_eq!(p("o3-mini"), Some(Target::Remote(ProviderName::Openai)));
+        let hf = Some(Target::Remote(ProviderName::Huggingface));
+        assert_eq!(p("Qwen/Qwen2.5-7B-Instruct"), hf);
         assert_eq!(p("claude-3"), None);
     }
 }

@@ -23,6 +23,48 @@ pub struct LocalConfig {
     pub context: usize,
     /// MiB of finished sequences' KV caches kept for prompts that start the same way; 0: off.
     pub prompt_cache_mb: usize,
+    /// More models beside `model` (which stays the fallback), each loaded on first use.
+    pub models: Vec<LocalModelConfig>,
+    /// Models kept loaded at once, `model` included; the least recently used idle one is
+    /// unloaded to make room.
+    pub max_loaded_models: usize,
+    /// MiB the loaded models may take together (their files plus their KV caches); 0: no limit
+    /// beyond `max_loaded_models`.
+    pub max_memory_mb: usize,
+}
+
+/// One `[[local.models]]` entry; the settings it leaves out are `[local]`'s.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModelConfig {
+    /// A GGUF file; relative paths start from the working directory.
+    pub file: PathBuf,
+    /// The model name clients use; empty means the file name without `.gguf`.
+    #[serde(default)]
+    pub name: String,
+    /// Only `local.threads` (or 0) is allowed: every local model computes on one shared pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_mb: Option<usize>,
+}
+
+/// A local model's file, name and engine settings, with `[local]`'s filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalModelSettings {
+    pub name: String,
+    pub file: PathBuf,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    /// 0 keeps the model's own context window.
+    pub context: usize,
+    pub prompt_cache_mb: usize,
 }
 
 impl Default for LocalConfig {
@@ -36,6 +78,9 @@ impl Default for LocalConfig {
             max_queue: 32,
             context: 0,
             prompt_cache_mb: 256,
+            models: Vec::new(),
+            max_loaded_models: 3,
+            max_memory_mb: 0,
         }
     }
 }
@@ -43,13 +88,38 @@ impl Default for LocalConfig {
 impl LocalConfig {
     /// The name clients ask for: `name`, else the file name without its extension.
     pub fn model_name(&self) -> String {
-        if !self.name.is_empty() {
-            return self.name.clone();
-        }
-        let file = self.model.file_name().map(|f| f.to_string_lossy().into_owned());
-        let file = file.unwrap_or_else(|| "local".into());
-        file.strip_suffix(".gguf").map(str::to_owned).unwrap_or(file)
+        model_name(&self.name, &self.model)
     }
+
+    /// Every local model, the fallback (`model`) first, each with its settings resolved.
+    pub fn settings(&self) -> Vec<LocalModelSettings> {
+        let main = LocalModelSettings {
+            name: self.model_name(),
+            file: self.model.clone(),
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            context: self.context,
+            prompt_cache_mb: self.prompt_cache_mb,
+        };
+        let more = self.models.iter().map(|m| LocalModelSettings {
+            name: model_name(&m.name, &m.file),
+            file: m.file.clone(),
+            max_batch: m.max_batch.unwrap_or(self.max_batch),
+            max_queue: m.max_queue.unwrap_or(self.max_queue),
+            context: m.context.unwrap_or(self.context),
+            prompt_cache_mb: m.prompt_cache_mb.unwrap_or(self.prompt_cache_mb),
+        });
+        std::iter::once(main).chain(more).collect()
+    }
+}
+
+fn model_name(name: &str, file: &std::path::Path) -> String {
+    if !name.is_empty() {
+        return name.to_owned();
+    }
+    let file = file.file_name().map(|f| f.to_string_lossy().into_owned());
+    let file = file.unwrap_or_else(|| "local".into());
+    file.strip_suffix(".gguf").map(str::to_owned).unwrap_or(file)
 }
 
 /// The remote providers edgechat knows; each is down until it has an API key. Keys given for
@@ -189,6 +259,9 @@ impl ProviderName {
 pub struct RouteRule {
     pub model: String,
     pub provider: ProviderName,
+    /// With `provider = "local"`: which local model answers; empty means the fallback model.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub local_model: String,
 }
 
 /// Which provider answers a model, what to use when none is named, and whether to fall back.
@@ -209,7 +282,11 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        let rule = |model: &str, provider| RouteRule { model: model.into(), provider };
+        let rule = |model: &str, provider| RouteRule {
+            model: model.into(),
+            provider,
+            local_model: String::new(),
+        };
         RoutingConfig {
             default_model: String::new(),
             fallback: true,
@@ -251,9 +328,7 @@ pub(super) fn validate(
     providers: &ProvidersConfig,
     routing: &RoutingConfig,
 ) -> Result<(), ConfigError> {
-    if local.max_batch == 0 || local.max_queue == 0 {
-        return Err(ConfigError::invalid("local.max_batch", "max_batch and max_queue must be > 0"));
-    }
+    validate_local(local)?;
     for (name, p) in [("openai", &providers.openai), ("huggingface", &providers.huggingface)] {
         let key = |k: &str| format!("providers.{name}.{k}");
         for (k, url) in [("base_url", &p.base_url), ("text_generation_url", &p.text_generation_url)]
@@ -286,11 +361,77 @@ pub(super) fn validate(
         let message = format!("a rule for provider {} has an empty model", r.provider.as_str());
         return Err(ConfigError::invalid("routing.rules", message));
     }
+    validate_local_rules(local, routing)?;
     if routing.default_max_tokens == 0 {
         return Err(ConfigError::invalid("routing.default_max_tokens", "must be greater than 0"));
     }
     if routing.max_input_chars == 0 {
         return Err(ConfigError::invalid("routing.max_input_chars", "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn validate_local(local: &LocalConfig) -> Result<(), ConfigError> {
+    if local.max_loaded_models == 0 {
+        return Err(ConfigError::invalid("local.max_loaded_models", "must be greater than 0"));
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for (i, m) in local.settings().into_iter().enumerate() {
+        let key = |k: &str| match i {
+            0 => format!("local.{k}"),
+            _ => format!("local.models[{}].{k}", i - 1),
+        };
+        if m.max_batch == 0 || m.max_queue == 0 {
+            return Err(ConfigError::invalid(
+                &key("max_batch"),
+                "max_batch and max_queue must be > 0",
+            ));
+        }
+        if i > 0 && m.file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(&key("file"), "give the model's GGUF file"));
+        }
+        let name = m.name.to_lowercase();
+        if i > 0 && name == "local" {
+            let why = "`local` is the fallback model's alias; choose another name";
+            return Err(ConfigError::invalid(&key("name"), why));
+        }
+        if seen.contains(&name) {
+            let why = format!("two local models are named `{}`; give each a distinct name", m.name);
+            return Err(ConfigError::invalid(&key("name"), why));
+        }
+        seen.push(name);
+    }
+    for (i, m) in local.models.iter().enumerate() {
+        if m.threads.is_some_and(|t| t != 0 && t != local.threads) {
+            let why = "every local model computes on one shared pool of threads: set local.threads";
+            return Err(ConfigError::invalid(&format!("local.models[{i}].threads"), why));
+        }
+    }
+    Ok(())
+}
+
+/// A rule may send models to a named local model only if it is configured.
+fn validate_local_rules(local: &LocalConfig, routing: &RoutingConfig) -> Result<(), ConfigError> {
+    let names: Vec<String> = local.settings().into_iter().map(|m| m.name).collect();
+    for (i, r) in routing.rules.iter().enumerate() {
+        if r.local_model.is_empty() {
+            continue;
+        }
+        let key = format!("routing.rules[{i}].local_model");
+        if r.provider != ProviderName::Local {
+            return Err(ConfigError::invalid(
+                &key,
+                "only a rule with provider = \"local\" names a local model",
+            ));
+        }
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(&r.local_model)) {
+            let why = format!(
+                "no local model is named `{}` (configured: {})",
+                r.local_model,
+                names.join(", ")
+            );
+            return Err(ConfigError::invalid(&key, why));
+        }
     }
     Ok(())
 }

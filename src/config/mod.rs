@@ -7,8 +7,8 @@
 mod chat;
 
 pub use chat::{
-    ChatLimitsConfig, LocalConfig, ProviderConfig, ProviderName, ProvidersConfig, RouteRule,
-    RoutingConfig,
+    ChatLimitsConfig, LocalConfig, LocalModelConfig, LocalModelSettings, ProviderConfig,
+    ProviderName, ProvidersConfig, RouteRule, RoutingConfig,
 };
 
 use crate::secret::Secret;
@@ -545,6 +545,45 @@ mod tests {
         }
         for good in ["info", "WARN,edgechat=debug", "edgechat::access=off, info", "3"] {
             assert!(log_filter(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn local_models_inherit_local_settings_and_are_checked() {
+        let models =
+            "[local]\nmax_batch = 2\n[[local.models]]\nfile = \"m/Qwen.gguf\"\ncontext = 512\n";
+        let c = load_text(models, &[]).unwrap();
+        let [main, qwen] = &c.local.settings()[..] else { panic!("two models") };
+        assert_eq!((main.name.as_str(), main.max_batch), ("SmolLM2-135M-Instruct.Q4_1", 2));
+        assert_eq!((qwen.name.as_str(), qwen.max_batch, qwen.context), ("Qwen", 2, 512));
+        let rule = "[routing]\nrules = [{ model = \"fast-*\", provider = \"local\", local_model = \"qwen\" }]\n";
+        assert!(load_text(&format!("{models}{rule}"), &[]).is_ok());
+        let bad = [
+            (format!("{models}[[local.models]]\nfile = \"x/qwen.gguf\"\n"), "local.models[1].name"),
+            (
+                format!("{models}[[local.models]]\nfile = \"\"\nname = \"y\"\n"),
+                "local.models[1].file",
+            ),
+            (
+                format!("{models}[[local.models]]\nfile = \"a\"\nname = \"local\"\n"),
+                "local.models[1].name",
+            ),
+            (
+                format!("{models}[[local.models]]\nfile = \"a\"\nthreads = 3\n"),
+                "local.models[1].threads",
+            ),
+            (
+                format!("{models}[[local.models]]\nfile = \"a\"\nmax_batch = 0\n"),
+                "local.models[1].max_batch",
+            ),
+            (format!("{models}[[local.models]]\nfile = \"a\"\nbatch = 2\n"), "batch"),
+            ("[local]\nmax_loaded_models = 0\n".into(), "local.max_loaded_models"),
+            (rule.replace("qwen", "llama"), "routing.rules[0].local_model"),
+            (rule.replace("\"local\"", "\"openai\""), "routing.rules[0].local_model"),
+        ];
+        for (text, key) in bad {
+            let e = load_text(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
         }
     }
 

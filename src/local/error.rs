@@ -30,6 +30,13 @@ pub enum LocalError {
     /// The wait queue is full; the caller should retry later (HTTP 503).
     #[error("the local model is busy: {queued} requests are already waiting")]
     Busy { queued: usize },
+    /// No local model has this name.
+    #[error("no local model is named `{0}`")]
+    UnknownModel(String),
+    /// The model cannot be loaded now without going beyond `local.max_loaded_models` or
+    /// `local.max_memory_mb` (HTTP 503); the message says which.
+    #[error("{0}")]
+    NoRoom(String),
     /// The generation thread has stopped (it panicked, or the engine is shutting down).
     #[error("the local model is not running")]
     Stopped,

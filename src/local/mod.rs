@@ -15,6 +15,7 @@ mod error;
 pub mod files;
 mod gguf;
 mod model;
+pub mod registry;
 mod sampler;
 mod scheduler;
 mod spm;
@@ -24,6 +25,7 @@ mod tokenizer;
 
 pub use error::LocalError;
 pub use gguf::{list_models, ModelInfo};
+pub use registry::{LoadLimits, ModelSpec, Registry};
 pub use template::{ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
 
@@ -131,12 +133,27 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.inner.info.path).finish_non_exhaustive()
+    }
+}
+
+/// Two handles are equal when they are the same loaded model (not merely the same file).
+impl PartialEq for Engine {
+    fn eq(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 struct Inner {
     info: ModelInfo,
     /// What runs the matrices: the CPU kernels' instruction set, or the GPU backend.
     kernels: &'static str,
     /// The longest sequence (prompt + answer) the engine runs.
     context: usize,
+    /// The model file's size: its weights are mapped from it.
+    file_bytes: u64,
     tokenizer: Arc<TextTokenizer>,
     template: ChatTemplate,
     queue: Arc<Queue>,
@@ -155,6 +172,9 @@ impl Engine {
         set_threads(options.threads);
         let gguf = gguf::GgufFile::open(path)?;
         let info = gguf.info()?;
+        let file_bytes = std::fs::metadata(path)
+            .map_err(|source| LocalError::Io { path: path.to_path_buf(), source })?
+            .len();
         let tokenizer = Arc::new(TextTokenizer::load(&gguf)?);
         let source = match gguf.string("tokenizer.chat_template") {
             Some(source) => source.to_owned(),
@@ -177,13 +197,30 @@ impl Engine {
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;
-        let inner = Inner { info, kernels, context, tokenizer, template, queue };
+        let inner = Inner { info, kernels, context, file_bytes, tokenizer, template, queue };
         Ok(Engine { inner: Arc::new(inner) })
     }
 
     /// Requests (waiting in the queue, in the running batch) right now.
     pub fn queue_depth(&self) -> (usize, usize) {
         self.inner.queue.depth()
+    }
+
+    /// Memory the model takes now: its file (mapped) plus its KV caches, the running
+    /// requests' and the prompt cache's.
+    pub fn memory_bytes(&self) -> u64 {
+        self.inner.file_bytes + self.inner.queue.kv_bytes().0 as u64
+    }
+
+    /// Whether another handle to this model exists: a request being answered holds one (in
+    /// its [`Generation`]), so a model no one else holds is idle.
+    pub fn in_use(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1
+    }
+
+    /// Bytes of KV cache the prompt cache holds.
+    pub fn prompt_cache_bytes(&self) -> usize {
+        self.inner.queue.kv_bytes().1
     }
 
     /// The model file's facts.
@@ -236,7 +273,7 @@ impl Engine {
             stop: request.stop,
             reply,
         })?;
-        Ok(Generation { rx, done: false })
+        Ok(Generation { rx, done: false, _engine: self.clone() })
     }
 }
 
@@ -244,6 +281,8 @@ impl Engine {
 pub struct Generation {
     rx: mpsc::UnboundedReceiver<Result<Event, LocalError>>,
     done: bool,
+    /// Keeps the model loaded until the answer ends, even if the registry unloads it.
+    _engine: Engine,
 }
 
 impl Generation {

@@ -127,6 +127,14 @@ impl Weights {
         }
     }
 
+    /// Bytes of this sequence's KV cache (our pass; candle's caches are not counted).
+    pub fn kv_bytes(&self) -> usize {
+        match self {
+            Weights::Native(m) => m.kv_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Runs `tokens` at positions `pos..` and returns the logits for the last one.
     pub fn forward(
         &mut self,

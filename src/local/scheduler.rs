@@ -40,6 +40,9 @@ pub(crate) struct Queue {
     max_waiting: usize,
     /// Sequences in the running batch, as the generation thread last left it.
     active: AtomicUsize,
+    /// KV cache bytes of the running sequences and of the prompt cache, after the last step.
+    kv_bytes: AtomicUsize,
+    prompt_cache_bytes: AtomicUsize,
 }
 
 struct QueueState {
@@ -50,7 +53,14 @@ struct QueueState {
 impl Queue {
     pub fn new(max_waiting: usize) -> Self {
         let state = QueueState { waiting: VecDeque::new(), shutdown: false };
-        Queue { state: Mutex::new(state), wake: Condvar::new(), max_waiting, active: 0.into() }
+        Queue {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            max_waiting,
+            active: 0.into(),
+            kv_bytes: 0.into(),
+            prompt_cache_bytes: 0.into(),
+        }
     }
 
     /// Adds a job at the back, or refuses it when `max_waiting` are already waiting.
@@ -71,6 +81,12 @@ impl Queue {
     pub fn depth(&self) -> (usize, usize) {
         let waiting = self.state.lock().unwrap_or_else(|p| p.into_inner()).waiting.len();
         (waiting, self.active.load(Ordering::Relaxed))
+    }
+
+    /// KV cache bytes held now: (running sequences and prompt cache together, prompt cache).
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        let cache = self.prompt_cache_bytes.load(Ordering::Relaxed);
+        (self.kv_bytes.load(Ordering::Relaxed), cache)
     }
 
     pub fn shutdown(&self) {
@@ -128,7 +144,9 @@ pub(crate) fn run(
         // waiting: an idle engine holding one of its workers would starve another engine's.
         device.with_context(|| step(&mut active, &tokenizer, &device, &mut prompts));
         queue.active.store(active.len(), Ordering::Relaxed);
-        crate::metrics::local_prompt_cache_bytes(prompts.bytes());
+        let running: usize = active.iter().map(|s| s.weights.kv_bytes()).sum();
+        queue.kv_bytes.store(running + prompts.bytes(), Ordering::Relaxed);
+        queue.prompt_cache_bytes.store(prompts.bytes(), Ordering::Relaxed);
     }
 }
 
