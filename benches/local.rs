@@ -1,6 +1,8 @@
 //! `cargo bench --bench local`: the local engine on the default model — load time, prefill
-//! tokens/s (a 256-token prompt), decode tokens/s (128 tokens), peak RSS. Compare with
-//! llama.cpp on the same file and threads: `bash benches/llama-bench.sh`.
+//! tokens/s (a 256-token prompt), decode tokens/s (128 tokens) alone and for a batch of
+//! `EDGECHAT_BENCH_BATCH` requests together (default 4: aggregate tokens/s once all have
+//! their first token), peak RSS. Compare with llama.cpp on the same file and threads:
+//! `bash benches/llama-bench.sh`.
 //!
 //! Environment: `EDGECHAT_BENCH_MODEL` (default models/SmolLM2-135M-Instruct.Q4_1.gguf),
 //! `EDGECHAT_BENCH_THREADS` (default: all cores), `EDGECHAT_BENCH_RUNS` (default 3),
@@ -35,7 +37,15 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     let started = Instant::now();
-    let options = EngineOptions { threads, max_batch: 1, ..EngineOptions::default() };
+    let batch: usize =
+        std::env::var("EDGECHAT_BENCH_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(4);
+    // No prompt cache: each run must compute its prompt again.
+    let options = EngineOptions {
+        threads,
+        max_batch: batch.max(1),
+        prompt_cache_mb: 0,
+        ..EngineOptions::default()
+    };
     let engine = Engine::load(&model, options).expect("load the model");
     let load = started.elapsed();
     let rss_loaded = peak_rss_kib();
@@ -43,6 +53,7 @@ fn main() {
     let prompt = prompt_of(&engine, PREFILL_TOKENS);
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut batched = Vec::new();
     for _ in 0..runs {
         // One generated token: the time is the prompt's forward pass plus one sampling step.
         let (t, _) = runtime.block_on(time(&engine, prompt.clone(), 1));
@@ -51,6 +62,9 @@ fn main() {
         let (first, _) = runtime.block_on(time(&engine, short.clone(), 1));
         let (total, n) = runtime.block_on(time(&engine, short, DECODE_TOKENS));
         decode.push((n - 1) as f64 / (total - first).as_secs_f64());
+        if batch > 1 {
+            batched.push(runtime.block_on(decode_together(&engine, batch)));
+        }
     }
     println!("model: {}", model.display());
     println!("threads: {}", std::env::var("RAYON_NUM_THREADS").unwrap_or_default());
@@ -65,6 +79,13 @@ fn main() {
         best(&decode),
         list(&decode)
     );
+    if batch > 1 {
+        println!(
+            "decode tg{DECODE_TOKENS} x{batch} together: {:.1} tok/s in all (best of {runs}: {})",
+            best(&batched),
+            list(&batched)
+        );
+    }
     println!(
         "peak rss: {} MiB after load, {} MiB at end",
         rss_loaded / 1024,
@@ -102,6 +123,33 @@ async fn time(engine: &Engine, messages: Vec<Message>, max_tokens: usize) -> (Du
     let started = Instant::now();
     let (_, _, usage) = engine.generate(request).unwrap().collect_text().await.unwrap();
     (started.elapsed(), usage.completion_tokens)
+}
+
+/// Aggregate decode tokens/s of `n` requests generated together, from the moment the last
+/// of them has its first token (every prompt is in) to the end of the first to finish (the
+/// batch is full all along).
+async fn decode_together(engine: &Engine, n: usize) -> f64 {
+    use futures_util::StreamExt;
+    let one = |i: usize| async move {
+        let text = format!("Story number {i}: write a long story about a brave dragon.");
+        let messages = vec![Message::new(Role::User, text)];
+        let request =
+            GenerateRequest { messages, max_tokens: DECODE_TOKENS, ..GenerateRequest::default() };
+        let mut stream = engine.generate(request).unwrap();
+        let mut times = Vec::new();
+        while let Some(event) = stream.next().await {
+            if let edgechat::local::Event::Delta(_) = event.unwrap() {
+                times.push(Instant::now());
+            }
+        }
+        times
+    };
+    let all = futures_util::future::join_all((0..n).map(one)).await;
+    let start = all.iter().filter_map(|t| t.first()).max().copied().unwrap();
+    let end = all.iter().filter_map(|t| t.last()).min().copied().unwrap();
+    let tokens: usize =
+        all.iter().map(|t| t.iter().filter(|&&x| x > start && x <= end).count()).sum();
+    tokens as f64 / (end - start).as_secs_f64()
 }
 
 fn best(xs: &[f64]) -> f64 {

@@ -357,10 +357,7 @@ async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
         tracing::warn!(model = %spec.name, path = %spec.path.display(), "no file for this local model: it answers once the file is there (`edgechat model pull`, or `bash models/fetch-default.sh` for the default)");
     }
     match registry.fallback() {
-        Some(name) => {
-            let engine = registry.engine(name).await?;
-            crate::metrics::local_kernels(engine.kernels());
-        }
+        Some(name) => drop(registry.engine(name).await?),
         None => {
             tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`")
         }

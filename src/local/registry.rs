@@ -153,6 +153,7 @@ impl Registry {
             .map_err(|e| LocalError::Generation(format!("loading stopped: {e}")))??;
         let load_ms = started.elapsed().as_millis() as u64;
         tracing::info!(model = %spec.name, path = %spec.path.display(), kernels = engine.kernels(), load_ms, "local model loaded");
+        crate::metrics::local_kernels(engine.kernels());
         let mut slots = self.lock();
         slots.clock += 1;
         slots.slots[i] = Slot::Ready { engine: engine.clone(), used: slots.clock };
