@@ -1,7 +1,7 @@
 //! OpenAI's Chat Completions dialect: the request body and the reading of its stream chunks
 //! (`choices[0].delta.content`, a `finish_reason`, a usage-only chunk, then `[DONE]`).
 
-use super::remote::{Decode, DecodeError};
+use super::decode::{Decode, DecodeError};
 use super::{ChatRequest, Event, FinishReason, Usage};
 use serde_json::{json, Value};
 use std::collections::VecDeque;

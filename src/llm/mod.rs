@@ -11,6 +11,7 @@
 
 mod breaker;
 mod chat_completions;
+mod decode;
 mod remote;
 mod sse;
 mod text_generation;

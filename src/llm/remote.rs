@@ -4,6 +4,7 @@
 //! chunk. Retries, deadlines, breaker accounting, redaction and error classification live here
 //! once; the dialect modules only build the request and read its chunks.
 
+use super::decode::{Decode, DecodeError};
 use super::sse::{SseEvent, SseParser};
 use super::{
     chat_completions, text_generation, Breaker, ChatRequest, Event, EventStream, Phase,
@@ -30,23 +31,6 @@ pub enum Dialect {
     /// HuggingFace's classic text-generation task (TGI) at `{base_url}/{model}`, for models
     /// only served there; the conversation is sent as a plain transcript.
     TextGeneration,
-}
-
-/// Why a chunk could not be read; the shared stream turns both into `Protocol` errors, logging
-/// an error event's body (redacted) but never returning it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum DecodeError {
-    /// The chunk is not the dialect's JSON.
-    Malformed(String),
-    /// The upstream reported an error in the stream.
-    ErrorEvent,
-}
-
-/// Reads one dialect's SSE events into generation events.
-pub(super) trait Decode: Send {
-    /// Queues what `data` means; `Ok(true)` once it was the stream's last event (the decoder has
-    /// then queued the `Finish`).
-    fn decode(&mut self, data: &str, out: &mut VecDeque<Event>) -> Result<bool, DecodeError>;
 }
 
 impl Dialect {

@@ -2,7 +2,7 @@
 //! events of one token each out, the last of which carries `generated_text` and the details.
 //! There is no `[DONE]`: that last event ends the stream.
 
-use super::remote::{Decode, DecodeError};
+use super::decode::{Decode, DecodeError};
 use super::{ChatRequest, Event, FinishReason, Message, ProviderError, Role, Usage};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
