@@ -87,9 +87,10 @@ struct ChatArgs {
     /// Most tokens in one answer
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
-    /// 0 answers greedily (the same every time)
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    /// 0 answers greedily (the same every time) [default: the model's, as the server uses:
+    /// its GGUF's general.sampling.temp, else 0.2]
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Makes sampling at a temperature above 0 repeatable
     #[arg(long)]
     seed: Option<u64>,

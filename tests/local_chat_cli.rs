@@ -12,7 +12,9 @@ use std::time::Duration;
 
 fn chat(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_edgechat"));
-    c.arg("chat").arg("--model").arg(default_model()).args(args).env("NO_COLOR", "1");
+    // Greedy, so that the answers these tests look for are the same every run.
+    c.arg("chat").arg("--model").arg(default_model()).arg("--temperature").arg("0");
+    c.args(args).env("NO_COLOR", "1");
     c
 }
 

@@ -3,6 +3,7 @@
 
 mod common_local;
 
+use candle_core::quantized::gguf_file::Value;
 use common_local::{tiny_model, write_tiny_model, Tiny, CONTEXT};
 use edgechat::local::{
     Engine, EngineOptions, Event, FinishReason, GenerateRequest, LocalError, Message, Role,
@@ -38,6 +39,32 @@ async fn loads_and_describes_the_model() {
     assert_eq!(info.quantization, "Q4_1"); // the layers outweigh the Q8_0 embedding and head
     assert!(info.parameters > 50_000, "{info:?}");
     assert_eq!(engine.context_length(), CONTEXT as usize);
+}
+
+#[test]
+fn sampling_defaults_come_from_the_file_where_it_has_them() {
+    let (_dir, path) = tiny_model();
+    let ours = edgechat::local::SamplingDefaults::default();
+    assert_eq!(load(&path).sampling(), ours);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.gguf");
+    let extra = vec![
+        ("general.sampling.temp", Value::F32(0.7)),
+        ("general.sampling.top_p", Value::F32(0.8)),
+        ("general.sampling.top_k", Value::I32(20)),
+        ("general.sampling.penalty_repeat", Value::F32(f32::NAN)), // invalid: ours stays
+    ];
+    write_tiny_model(&path, &Tiny { extra, ..Tiny::default() });
+    let tuned = load(&path).sampling();
+    let expected = edgechat::local::SamplingDefaults {
+        temperature: 0.7,
+        top_p: 0.8,
+        top_k: 20,
+        repetition_penalty: ours.repetition_penalty,
+    };
+    assert_eq!(tuned, expected);
+    let request = tuned.request(vec![Message::new(Role::User, "hi")], 5);
+    assert_eq!((request.temperature, request.top_k, request.max_tokens), (0.7, 20, 5));
 }
 
 #[tokio::test]

@@ -293,16 +293,14 @@ impl Chat {
         let messages = context::fit(history, &input.messages, budget, |m| {
             engine.prompt_tokens(m).unwrap_or(usize::MAX)
         });
-        let p = &input.params;
+        let (p, base) = (&input.params, engine.sampling());
         let generation = engine
             .generate(crate::local::GenerateRequest {
-                messages,
-                max_tokens,
-                temperature: p.temperature.unwrap_or(DEFAULT_LOCAL_TEMPERATURE),
-                top_p: p.top_p.unwrap_or(1.0),
+                temperature: p.temperature.unwrap_or(base.temperature),
+                top_p: p.top_p.unwrap_or(base.top_p),
                 seed: p.seed,
                 stop: p.stop.clone(),
-                ..Default::default()
+                ..base.request(messages, max_tokens)
             })
             .map_err(local_error)?;
         let who = Answerer { model: name, provider: ProviderName::Local, fallback };
@@ -333,9 +331,6 @@ impl Chat {
         save.then(|| reply::Persist::new(self.store.clone(), input)).flatten()
     }
 }
-
-/// SmolLM2's model card suggests a low temperature; OpenAI's default of 1.0 rambles on it.
-const DEFAULT_LOCAL_TEMPERATURE: f32 = 0.2;
 
 fn request(model: &str, messages: Vec<Message>, max_tokens: u32, p: &Sampling) -> ChatRequest {
     let sampling = Sampling { max_tokens: Some(max_tokens), ..p.clone() };

@@ -14,7 +14,8 @@ pub struct ChatOptions {
     pub prompt: Option<String>,
     pub system: Option<String>,
     pub max_tokens: usize,
-    pub temperature: f32,
+    /// `None`: the model's default ([`super::SamplingDefaults`], as the server uses).
+    pub temperature: Option<f32>,
     pub seed: Option<u64>,
     pub threads: Option<usize>,
 }
@@ -85,14 +86,11 @@ async fn answer(
     history: &[Message],
     interrupts: &mut Signal,
 ) -> Result<String, String> {
+    let base = engine.sampling();
     let request = GenerateRequest {
-        messages: history.to_vec(),
-        max_tokens: options.max_tokens,
-        temperature: options.temperature,
-        top_p: if options.temperature > 0.0 { 0.95 } else { 1.0 },
-        repetition_penalty: 1.1,
+        temperature: options.temperature.unwrap_or(base.temperature),
         seed: options.seed,
-        ..GenerateRequest::default()
+        ..base.request(history.to_vec(), options.max_tokens)
     };
     let mut stream = engine.generate(request).map_err(|e| e.to_string())?;
     let mut text = String::new();

@@ -47,6 +47,16 @@ impl GgufFile {
         self.content.metadata.get(key).and_then(value_u32)
     }
 
+    /// A number however the file stores it (`general.sampling.*` are f32 by convention).
+    pub fn f32(&self, key: &str) -> Option<f32> {
+        use candle_core::quantized::gguf_file::Value;
+        match self.content.metadata.get(key)? {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            other => value_u32(other).map(|x| x as f32),
+        }
+    }
+
     pub fn architecture(&self) -> Result<String, LocalError> {
         self.string("general.architecture")
             .map(str::to_owned)

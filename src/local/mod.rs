@@ -26,6 +26,7 @@ mod tokenizer;
 pub use error::LocalError;
 pub use gguf::{list_models, ModelInfo};
 pub use registry::{LoadLimits, ModelSpec, Registry};
+pub use sampler::SamplingDefaults;
 pub use template::{ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
 
@@ -156,6 +157,7 @@ struct Inner {
     file_bytes: u64,
     tokenizer: Arc<TextTokenizer>,
     template: ChatTemplate,
+    sampling: SamplingDefaults,
     queue: Arc<Queue>,
 }
 
@@ -181,6 +183,7 @@ impl Engine {
             None => template::fallback(|t| tokenizer.has_token(t)).to_owned(),
         };
         let template = ChatTemplate::new(&source, &tokenizer.bos_text, &tokenizer.eos_text)?;
+        let sampling = SamplingDefaults::of(&gguf);
         let device = model::device();
         let kernels = model::kernels(&device);
         let (weights, limit) = model::Weights::load(gguf, &device)?;
@@ -197,7 +200,8 @@ impl Engine {
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;
-        let inner = Inner { info, kernels, context, file_bytes, tokenizer, template, queue };
+        let inner =
+            Inner { info, kernels, context, file_bytes, tokenizer, template, sampling, queue };
         Ok(Engine { inner: Arc::new(inner) })
     }
 
@@ -221,6 +225,11 @@ impl Engine {
     /// Bytes of KV cache the prompt cache holds.
     pub fn prompt_cache_bytes(&self) -> usize {
         self.inner.queue.kv_bytes().1
+    }
+
+    /// How this model samples when a request does not say.
+    pub fn sampling(&self) -> SamplingDefaults {
+        self.inner.sampling
     }
 
     /// The model file's facts.

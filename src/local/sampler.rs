@@ -1,11 +1,63 @@
 //! Choosing the next token from the logits: greedy, or temperature / top-k / top-p sampling with
-//! a repetition penalty, reproducible under a seed.
+//! a repetition penalty, reproducible under a seed; and the model's defaults for those.
 
+use super::gguf::GgufFile;
+use super::{GenerateRequest, Message};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// How many recent tokens the repetition penalty looks at (llama.cpp's `repeat_last_n`).
 const PENALTY_WINDOW: usize = 64;
+
+/// How a model samples when a request does not say: the GGUF's `general.sampling.*` values
+/// (as llama.cpp reads them), else edgechat's. The server and `edgechat chat` both start from
+/// these, so the same model answers the same way through either.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables it.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingDefaults {
+    /// SmolLM2's model card suggests a low temperature; OpenAI's default of 1.0 rambles on
+    /// small models.
+    fn default() -> Self {
+        SamplingDefaults { temperature: 0.2, top_p: 1.0, top_k: 0, repetition_penalty: 1.0 }
+    }
+}
+
+impl SamplingDefaults {
+    /// The file's values where it has valid ones, ours for the rest.
+    pub(crate) fn of(gguf: &GgufFile) -> Self {
+        let ours = SamplingDefaults::default();
+        let key = |k: &str| gguf.f32(&format!("general.sampling.{k}")).filter(|v| v.is_finite());
+        SamplingDefaults {
+            temperature: key("temp").filter(|t| *t >= 0.0).unwrap_or(ours.temperature),
+            top_p: key("top_p").filter(|p| *p > 0.0 && *p <= 1.0).unwrap_or(ours.top_p),
+            top_k: key("top_k").filter(|k| *k >= 0.0).map_or(ours.top_k, |k| k as usize),
+            repetition_penalty: key("penalty_repeat")
+                .filter(|r| *r > 0.0)
+                .unwrap_or(ours.repetition_penalty),
+        }
+    }
+
+    /// A request for `messages` sampled this way (greedy decoding: set `temperature` to 0).
+    pub fn request(&self, messages: Vec<Message>, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            messages,
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            ..GenerateRequest::default()
+        }
+    }
+}
 
 /// Sampling settings, already validated.
 #[derive(Debug, Clone, Copy, PartialEq)]

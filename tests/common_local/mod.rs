@@ -35,8 +35,8 @@ pub struct Tiny {
     pub rope_freqs: Option<Vec<f32>>,
     /// Norm weights drawn from 1 ± this instead of all ones, so a misapplied norm shows.
     pub norm_noise: f32,
-    /// More metadata, keys without the architecture prefix (`rope.scaling.type`, …); they
-    /// replace the defaults of the same name.
+    /// More metadata, keys without the architecture prefix (`rope.scaling.type`, …), or
+    /// `general.*` ones as they are; they replace the defaults of the same name.
     pub extra: Vec<(&'static str, Value)>,
 }
 
@@ -181,7 +181,7 @@ pub fn write_tiny_model(path: &Path, opts: &Tiny) {
         ("tokenizer.chat_template".into(), string(TEMPLATE)),
     ];
     let extra: Vec<(String, Value)> =
-        opts.extra.iter().map(|(k, v)| (format!("{arch}.{k}"), v.clone())).collect();
+        opts.extra.iter().map(|(k, v)| (keyed(arch, k), v.clone())).collect();
     metadata.retain(|(k, _)| extra.iter().all(|(e, _)| e != k));
     metadata.extend(extra);
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -221,6 +221,15 @@ fn family_tensors(
             extra
         }
         _ => Vec::new(),
+    }
+}
+
+/// `extra`'s keys belong to the architecture (`llama.rope.dimension_count`), except the
+/// `general.*` ones.
+fn keyed(arch: &str, key: &str) -> String {
+    match key.starts_with("general.") {
+        true => key.to_owned(),
+        false => format!("{arch}.{key}"),
     }
 }
 
