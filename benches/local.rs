@@ -122,7 +122,7 @@ async fn time(engine: &Engine, messages: Vec<Message>, max_tokens: usize) -> (Du
     let request = GenerateRequest { messages, max_tokens, ..GenerateRequest::default() };
     let started = Instant::now();
     let (_, _, usage) = engine.generate(request).unwrap().collect_text().await.unwrap();
-    (started.elapsed(), usage.completion_tokens)
+    (started.elapsed(), usage.completion_tokens as usize)
 }
 
 /// Aggregate decode tokens/s of `n` requests generated together, from the moment the last

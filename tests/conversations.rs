@@ -28,7 +28,7 @@ async fn add_conversation(s: &TestServer, owner: Uuid, title: &str, at: i64) -> 
             content: format!("{title}!"),
             model: Some("smollm2".into()),
             provider: Some("local".into()),
-            usage: Some(Usage { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 }),
+            usage: Some(Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 0 }),
         },
     ];
     let target = TurnTarget::New { title: title.into(), model: "smollm2".into() };

@@ -25,7 +25,7 @@ fn ask(text: &str, max_tokens: usize) -> GenerateRequest {
 
 async fn answer(engine: &Engine, request: GenerateRequest) -> (String, FinishReason, usize) {
     let (text, reason, usage) = engine.generate(request).unwrap().collect_text().await.unwrap();
-    (text, reason, usage.completion_tokens)
+    (text, reason, usage.completion_tokens as usize)
 }
 
 #[tokio::test]
@@ -112,7 +112,7 @@ async fn greedy_generation_is_deterministic_and_counts_usage() {
     assert_eq!(answer(&engine, ask("hello", 12)).await.0, a);
     let usage = engine.generate(ask("hello", 3)).unwrap().collect_text().await.unwrap().2;
     let prompt = engine.render_prompt(&ask("hello", 3).messages).unwrap();
-    assert_eq!(usage.prompt_tokens, engine.tokenizer().encode(&prompt).unwrap().len());
+    assert_eq!(usage.prompt_tokens as usize, engine.tokenizer().encode(&prompt).unwrap().len());
     assert_eq!(usage.completion_tokens, 3);
 }
 
@@ -146,10 +146,10 @@ async fn streams_deltas_then_one_done() {
     let mut deltas = Vec::new();
     let mut done = None;
     while let Some(event) = stream.next().await {
-        assert!(done.is_none(), "an event after Done");
+        assert!(done.is_none(), "an event after Finish");
         match event.unwrap() {
             Event::Delta(d) => deltas.push(d),
-            Event::Done { finish_reason, usage } => done = Some((finish_reason, usage)),
+            Event::Finish { reason, usage } => done = Some((reason, usage.unwrap())),
         }
     }
     assert!(deltas.iter().all(|d| !d.is_empty()));
@@ -173,7 +173,7 @@ async fn a_stop_string_ends_generation_and_is_never_shown() {
     while let Some(event) = stream.next().await {
         match event.unwrap() {
             Event::Delta(d) => shown.push_str(&d),
-            Event::Done { finish_reason, .. } => reason = Some(finish_reason),
+            Event::Finish { reason: why, .. } => reason = Some(why),
         }
     }
     assert_eq!(shown, before);

@@ -119,7 +119,7 @@ async fn loads_and_answers_greedily() {
     let (text, _reason, usage) =
         engine().generate(question(8)).unwrap().collect_text().await.unwrap();
     assert!(text.starts_with(&expected.first_text), "answer: {text:?}");
-    assert_eq!(usage.prompt_tokens, expected.prompt_tokens);
+    assert_eq!(usage.prompt_tokens as usize, expected.prompt_tokens);
     assert!((1..=8).contains(&usage.completion_tokens));
 }
 

@@ -124,7 +124,7 @@ impl From<&Message> for MessageOut {
         let usage = m.usage.map(|u: Usage| UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            total_tokens: u.total_tokens,
+            total_tokens: u.total(),
         });
         MessageOut {
             id: m.id.to_string(),

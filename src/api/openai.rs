@@ -11,7 +11,7 @@ use super::extract::Checks;
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
 use crate::chat::seed::{whole_i64, whole_number};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
-use crate::llm::{FinishReason, Sampling};
+use crate::llm::Sampling;
 use crate::message::{Message, Role};
 use futures_util::stream::{self, StreamExt};
 use http::{Method, Response, StatusCode};
@@ -179,7 +179,7 @@ impl UsageV1 {
         UsageV1 {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
+            total_tokens: u.total(),
             prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
         }
     }
@@ -338,13 +338,6 @@ fn stop_list(stop: Option<&Stop>) -> Vec<String> {
     list.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
-fn finish(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
 fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
     CompletionOut {
         id,
@@ -355,7 +348,7 @@ fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
             "index": 0,
             "message": {"role": "assistant", "content": done.text, "refusal": null},
             "logprobs": null,
-            "finish_reason": finish(done.finish),
+            "finish_reason": done.finish.as_str(),
         })],
         usage: UsageV1::of(done),
         system_fingerprint: None,
@@ -383,7 +376,7 @@ fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> S
         Ok(Step::Delta(d)) => vec![data(&chunk(&who.model, json!({ "content": d }), None))],
         Ok(Step::Done(done)) => {
             charge(&app, user, &done);
-            let mut out = vec![data(&chunk(&who.model, json!({}), Some(finish(done.finish))))];
+            let mut out = vec![data(&chunk(&who.model, json!({}), Some(done.finish.as_str())))];
             if usage {
                 let mut last = chunk(&who.model, json!({}), None);
                 last["choices"] = json!([]);

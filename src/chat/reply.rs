@@ -60,17 +60,12 @@ pub fn turn(
         provider: None,
         usage: None,
     });
-    let u = done.usage;
     let answer = NewMessage {
         role: Role::Assistant,
         content: done.text.clone(),
         model: Some(who.model.clone()),
         provider: Some(who.provider.as_str().to_string()),
-        usage: Some(crate::store::Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        }),
+        usage: Some(done.usage),
     };
     Some((target, said.chain([answer]).collect()))
 }
@@ -102,23 +97,7 @@ impl Reply {
     }
 
     pub(super) fn local(persist: Option<Persist>, who: Answerer, generation: Generation) -> Reply {
-        let events = generation
-            .map(|e| match e {
-                Ok(crate::local::Event::Delta(d)) => Ok(Event::Delta(d)),
-                Ok(crate::local::Event::Done { finish_reason, usage }) => Ok(Event::Finish {
-                    reason: match finish_reason {
-                        crate::local::FinishReason::Stop => FinishReason::Stop,
-                        crate::local::FinishReason::Length => FinishReason::Length,
-                    },
-                    usage: Some(Usage {
-                        prompt_tokens: usage.prompt_tokens as u32,
-                        completion_tokens: usage.completion_tokens as u32,
-                        cached_tokens: usage.cached_tokens as u32,
-                    }),
-                }),
-                Err(e) => Err(local_error(e)),
-            })
-            .boxed();
+        let events = generation.map(|e| e.map_err(local_error)).boxed();
         Reply { who, events, persist, prompt: Vec::new(), text: String::new(), done: false }
     }
 

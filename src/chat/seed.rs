@@ -106,7 +106,7 @@ impl UsageOut {
         UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
+            total_tokens: u.total(),
         }
     }
 }

@@ -23,7 +23,7 @@ pub use sse::{SseError, SseEvent, SseParser};
 use futures_util::stream::BoxStream;
 use std::time::Duration;
 
-pub use crate::message::{Message, Role};
+pub use crate::message::{Event, FinishReason, Message, Role, Usage};
 
 /// What to generate.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,36 +42,6 @@ pub struct Sampling {
     /// Generation ends before any of these would appear.
     pub stop: Vec<String>,
     pub seed: Option<u64>,
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A natural end or a stop string.
-    Stop,
-    /// `max_tokens` (or the context) ran out.
-    Length,
-}
-
-/// Token counts as the provider reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    /// Prompt tokens served from a prompt cache instead of computed (OpenAI's
-    /// `prompt_tokens_details.cached_tokens`; the local model's prefix cache).
-    pub cached_tokens: u32,
-}
-
-/// One item of a generation stream.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Delta(String),
-    /// Always last, exactly once.
-    Finish {
-        reason: FinishReason,
-        usage: Option<Usage>,
-    },
 }
 
 /// The deadline that passed.

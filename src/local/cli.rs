@@ -105,7 +105,7 @@ async fn answer(
                 text.push_str(&d);
                 let _ = out.write_all(d.as_bytes()).and_then(|_| out.flush());
             }
-            Some(Ok(Event::Done { .. })) | None => break,
+            Some(Ok(Event::Finish { .. })) | None => break,
             Some(Err(e)) => return Err(e.to_string()),
         }
     }

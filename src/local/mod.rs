@@ -103,30 +103,7 @@ impl Default for GenerateRequest {
     }
 }
 
-/// Why generation ended, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// An end-of-turn token or a stop string.
-    Stop,
-    /// `max_tokens` or the context window.
-    Length,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// Prompt tokens whose K/V came from the prompt cache (not computed).
-    pub cached_tokens: usize,
-}
-
-/// What a generation stream yields: text deltas, then exactly one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Delta(String),
-    Done { finish_reason: FinishReason, usage: Usage },
-}
+pub use crate::message::{Event, FinishReason, Usage};
 
 /// A loaded model; cheap to clone and share between tasks.
 #[derive(Clone)]
@@ -302,7 +279,9 @@ impl Generation {
         while let Some(event) = self.next().await {
             match event? {
                 Event::Delta(d) => text.push_str(&d),
-                Event::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+                Event::Finish { reason, usage } => {
+                    return Ok((text, reason, usage.unwrap_or_default()));
+                }
             }
         }
         Err(LocalError::Stopped)
@@ -318,7 +297,7 @@ impl Stream for Generation {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(item)) => {
-                self.done = matches!(item, Ok(Event::Done { .. }) | Err(_));
+                self.done = matches!(item, Ok(Event::Finish { .. }) | Err(_));
                 Poll::Ready(Some(item))
             }
             // The thread went away without finishing: say so once.

@@ -283,17 +283,18 @@ impl Sequence {
     fn finish(&mut self, reason: FinishReason) {
         let tail = self.text.finish();
         self.send_text(tail);
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let usage = Usage {
-            prompt_tokens: self.job.prompt.len(),
-            completion_tokens: self.generated,
-            cached_tokens: self.reused,
+            prompt_tokens: count(self.job.prompt.len()),
+            completion_tokens: count(self.generated),
+            cached_tokens: count(self.reused),
         };
         // The first token comes out of the prefill; the rest are decode steps.
         let decoded = self.generated.saturating_sub(1);
         if decoded > 0 && !self.decode_time.is_zero() {
             crate::metrics::local_decode_rate(decoded as f64 / self.decode_time.as_secs_f64());
         }
-        let _ = self.job.reply.send(Ok(Event::Done { finish_reason: reason, usage }));
+        let _ = self.job.reply.send(Ok(Event::Finish { reason, usage: Some(usage) }));
     }
 
     fn fail(&self, e: LocalError) {
