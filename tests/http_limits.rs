@@ -246,8 +246,13 @@ async fn http2_with_prior_knowledge_and_http1_on_one_port() {
 
 #[tokio::test]
 async fn ready_reports_storage_and_whether_anything_can_answer() {
-    // The test config loads no local model and has no provider keys: nothing can answer.
-    let s = TestServer::start(|_| {}).await;
+    // No local model (turned on, but its file is not there) and no provider keys: nothing
+    // can answer.
+    let s = TestServer::start(|c| {
+        c.local.enabled = true;
+        c.local.model = "models/not-fetched-yet.gguf".into();
+    })
+    .await;
     let r = s.get("/ready", None).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let b: Value = r.json().await.unwrap();

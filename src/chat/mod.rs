@@ -128,9 +128,9 @@ impl Chat {
     /// Each provider's state, for `/ready`.
     pub fn status(&self) -> Vec<ProviderStatus> {
         let mut out = self.remotes.status();
-        let local = match self.local.names().next() {
-            Some(_) => "up",
-            None => "not_loaded",
+        let local = match self.local.available() {
+            true => "up",
+            false => "not_loaded",
         };
         out.push(ProviderStatus { provider: ProviderName::Local, state: local });
         out

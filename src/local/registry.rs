@@ -88,6 +88,12 @@ impl Registry {
         self.fallback.map(|i| self.specs[i].name.as_str())
     }
 
+    /// Whether any model can answer: one is loaded, or its file is there to load.
+    pub fn available(&self) -> bool {
+        let loaded = self.lock().slots.iter().any(|s| matches!(s, Slot::Ready { .. }));
+        loaded || self.specs.iter().any(|s| s.path.exists())
+    }
+
     /// The configured name `model` refers to (names compare case-insensitively).
     pub fn find(&self, model: &str) -> Option<&str> {
         self.index(model).map(|i| self.specs[i].name.as_str())
