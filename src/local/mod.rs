@@ -2,8 +2,9 @@
 //! network at all.
 //!
 //! [`Engine::load`] reads the model once; [`Engine::generate`] renders the chat template,
-//! tokenizes, and queues the request for the one generation thread, returning a stream of
-//! [`Event`]s. Invariants:
+//! tokenizes, and queues the request for the model's one generation thread, returning a
+//! stream of [`Event`]s. A server holds its models in a [`Registry`], which loads each on
+//! first use and unloads idle ones to make room. Invariants:
 //! - generation never runs on the caller's (tokio) threads: a dedicated thread owns the weights;
 //! - the wait queue is bounded: overflow is [`LocalError::Busy`], never unbounded memory;
 //! - dropping the stream cancels the request before its next token;
@@ -15,7 +16,7 @@ mod error;
 pub mod files;
 mod gguf;
 mod model;
-pub mod registry;
+mod registry;
 mod sampler;
 mod scheduler;
 mod spm;
@@ -25,7 +26,7 @@ mod tokenizer;
 
 pub use error::LocalError;
 pub use gguf::{list_models, ModelInfo};
-pub use registry::{LoadLimits, ModelSpec, Registry};
+pub use registry::{LoadLimits, Loaded, ModelSpec, Registry};
 pub use sampler::SamplingDefaults;
 pub use template::{ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
