@@ -117,10 +117,15 @@ impl Chat {
         Ok(Chat { store, remotes, local, routing: config.routing.clone() })
     }
 
-    /// Every model that can be asked for now, with the provider that owns it.
+    /// Every model that can be asked for now, with the provider that owns it (local models
+    /// whose file is missing are left out until it is there).
     pub fn models(&self) -> Vec<(String, ProviderName)> {
-        let mut out: Vec<_> =
-            self.local.names().map(|name| (name.to_owned(), ProviderName::Local)).collect();
+        let mut out: Vec<_> = self
+            .local
+            .available()
+            .into_iter()
+            .map(|n| (n.to_owned(), ProviderName::Local))
+            .collect();
         out.extend(self.remotes.models());
         out
     }
@@ -128,9 +133,9 @@ impl Chat {
     /// Each provider's state, for `/ready`.
     pub fn status(&self) -> Vec<ProviderStatus> {
         let mut out = self.remotes.status();
-        let local = match self.local.available() {
-            true => "up",
-            false => "not_loaded",
+        let local = match self.local.available().is_empty() {
+            false => "up",
+            true => "not_loaded",
         };
         out.push(ProviderStatus { provider: ProviderName::Local, state: local });
         out

@@ -88,10 +88,13 @@ impl Registry {
         self.fallback.map(|i| self.specs[i].name.as_str())
     }
 
-    /// Whether any model can answer: one is loaded, or its file is there to load.
-    pub fn available(&self) -> bool {
-        let loaded = self.lock().slots.iter().any(|s| matches!(s, Slot::Ready { .. }));
-        loaded || self.specs.iter().any(|s| s.path.exists())
+    /// The models that can answer now (loaded, or their file is there to load), in
+    /// configuration order: what `/v1/models` lists.
+    pub fn available(&self) -> Vec<&str> {
+        let slots = self.lock();
+        let ready = |i: usize| matches!(slots.slots[i], Slot::Ready { .. });
+        let specs = self.specs.iter().enumerate();
+        specs.filter(|(i, s)| ready(*i) || s.path.exists()).map(|(_, s)| s.name.as_str()).collect()
     }
 
     /// The configured name `model` refers to (names compare case-insensitively).
