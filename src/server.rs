@@ -8,7 +8,7 @@ use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, Provider
 use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::jobs::Jobs;
-use crate::local::{EngineOptions, LoadLimits, ModelSpec, Registry};
+use crate::local::{EngineOptions, LoadLimits, LocalError, ModelSpec, Registry};
 use crate::logmask;
 use crate::secret::{write_private_file, Secret};
 use crate::store::{Store, StoreError};
@@ -352,10 +352,9 @@ async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
     let limits = LoadLimits { max_loaded: c.max_loaded_models, max_bytes };
     let fallback = c.model.exists().then_some(0);
     let registry = Registry::new(specs.collect(), fallback, limits);
-    let missing = registry.check_files()?;
-    for spec in missing {
-        tracing::warn!(model = %spec.name, path = %spec.path.display(), "no file for this local model: it answers once the file is there (`edgechat model pull`, or `bash models/fetch-default.sh` for the default)");
-    }
+    let registry = tokio::task::spawn_blocking(move || registry.check_files().map(|()| registry))
+        .await
+        .map_err(|e| LocalError::Generation(format!("checking the model files stopped: {e}")))??;
     match registry.fallback() {
         Some(name) => drop(registry.engine(name).await?),
         None => {

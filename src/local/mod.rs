@@ -131,8 +131,6 @@ struct Inner {
     kernels: &'static str,
     /// The longest sequence (prompt + answer) the engine runs.
     context: usize,
-    /// The model file's size: its weights are mapped from it.
-    file_bytes: u64,
     tokenizer: Arc<TextTokenizer>,
     template: ChatTemplate,
     sampling: SamplingDefaults,
@@ -152,9 +150,6 @@ impl Engine {
         set_threads(options.threads);
         let gguf = gguf::GgufFile::open(path)?;
         let info = gguf.info()?;
-        let file_bytes = std::fs::metadata(path)
-            .map_err(|source| LocalError::Io { path: path.to_path_buf(), source })?
-            .len();
         let tokenizer = Arc::new(TextTokenizer::load(&gguf)?);
         let source = match gguf.string("tokenizer.chat_template") {
             Some(source) => source.to_owned(),
@@ -178,8 +173,7 @@ impl Engine {
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;
-        let inner =
-            Inner { info, kernels, context, file_bytes, tokenizer, template, sampling, queue };
+        let inner = Inner { info, kernels, context, tokenizer, template, sampling, queue };
         Ok(Engine { inner: Arc::new(inner) })
     }
 
@@ -191,7 +185,7 @@ impl Engine {
     /// Memory the model takes now: its file (mapped) plus its KV caches, the running
     /// requests' and the prompt cache's.
     pub fn memory_bytes(&self) -> u64 {
-        self.inner.file_bytes + self.inner.queue.kv_bytes().0 as u64
+        self.inner.info.file_size + self.inner.queue.kv_bytes() as u64
     }
 
     /// Whether another handle to this model exists: a request being answered holds one (in
@@ -202,7 +196,7 @@ impl Engine {
 
     /// Bytes of KV cache the prompt cache holds.
     pub fn prompt_cache_bytes(&self) -> usize {
-        self.inner.queue.kv_bytes().1
+        self.inner.queue.prompt_cache_bytes()
     }
 
     /// How this model samples when a request does not say.

@@ -103,12 +103,11 @@ impl Registry {
     }
 
     /// Reads the header of every model file that is there, so that a file that cannot load
-    /// stops the start rather than a later request; returns the models whose file is missing.
-    pub fn check_files(&self) -> Result<Vec<&ModelSpec>, LocalError> {
-        let mut missing = Vec::new();
+    /// stops the start rather than a later request; warns of each missing one. Blocking.
+    pub fn check_files(&self) -> Result<(), LocalError> {
         for spec in &self.specs {
             if !spec.path.exists() {
-                missing.push(spec);
+                tracing::warn!(model = %spec.name, path = %spec.path.display(), "no file for this local model: it answers once the file is there (`edgechat model pull`, or `bash models/fetch-default.sh` for the default)");
                 continue;
             }
             let architecture = super::gguf::GgufFile::open(&spec.path)?.info()?.architecture;
@@ -118,7 +117,7 @@ impl Registry {
                 return Err(LocalError::UnsupportedArchitecture { path, architecture, supported });
             }
         }
-        Ok(missing)
+        Ok(())
     }
 
     /// The models loaded now, in configuration order. (No handle leaves: one held would make

@@ -83,10 +83,14 @@ impl Queue {
         (waiting, self.active.load(Ordering::Relaxed))
     }
 
-    /// KV cache bytes held now: (running sequences and prompt cache together, prompt cache).
-    pub fn kv_bytes(&self) -> (usize, usize) {
-        let cache = self.prompt_cache_bytes.load(Ordering::Relaxed);
-        (self.kv_bytes.load(Ordering::Relaxed), cache)
+    /// KV cache bytes held after the last step: the running sequences' and the prompt cache's.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_bytes.load(Ordering::Relaxed)
+    }
+
+    /// KV cache bytes the prompt cache held after the last step.
+    pub fn prompt_cache_bytes(&self) -> usize {
+        self.prompt_cache_bytes.load(Ordering::Relaxed)
     }
 
     pub fn shutdown(&self) {
