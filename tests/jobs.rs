@@ -8,8 +8,10 @@ mod common_local;
 use common::upstream::{answer, Act, Upstream};
 use common::{user_cmd, with_default_model, TestServer};
 use common_local::default_model;
+use edgechat::clock::now_ms;
 use edgechat::config::Config;
 use edgechat::secret::Secret;
+use edgechat::store::{Job, QueueLimits, Store};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -278,4 +280,41 @@ async fn the_admin_view_is_for_admins_and_counts_move() {
     assert!(page.headers().contains_key("content-security-policy"));
     let html = page.text().await.unwrap();
     assert!(html.contains("Recent failures") && html.contains(&id), "{html}");
+}
+
+#[tokio::test]
+async fn jobs_queued_by_an_older_build_are_upgraded_and_run() {
+    let up = Upstream::start(vec![answer(vec!["from the old queue"])]).await;
+    let s = TestServer::start(|c| flaky_openai(c, &up)).await;
+    let token = s.user("alice").await;
+    let me: Value = s.get("/auth/me", Some(&token)).await.json().await.unwrap();
+    let user = uuid::Uuid::parse_str(me["id"].as_str().unwrap()).unwrap();
+    let dir = s.stop_keeping_data().await;
+
+    // What builds before the versioned record queued: the `/chat` body itself.
+    let v0 = json!({"message": "hi", "model": "gpt-4o-mini", "max_tokens": 5, "temperature": null,
+        "conversation_id": null, "system": "be brief", "stream": false});
+    let store = Store::open(dir.path()).unwrap();
+    let limits = QueueLimits { per_user: 10, total: 10 };
+    // Not the grouped enqueue: its commit thread may hold the file a moment after answering.
+    let queued = store.enqueue_jobs(vec![Job::new(user, v0, now_ms())], limits).await.unwrap();
+    let job = queued.into_iter().next().unwrap().unwrap();
+    drop(store);
+
+    let s = TestServer::start_in(dir, |c| flaky_openai(c, &up), edgechat::api::routes()).await;
+    let token = s.login("alice").await["access_token"].as_str().unwrap().to_string();
+    let task = finished(&s, &token, &job.id.to_string()).await;
+    assert_eq!(task["status"], "succeeded", "{task}");
+    assert_eq!(task["result"]["response"], "from the old queue");
+    let sent = &up.requests()[0];
+    assert_eq!(
+        (&sent["messages"], &sent["max_tokens"]),
+        (
+            &json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
+            &json!(5)
+        )
+    );
+    let dir = s.stop_keeping_data().await;
+    let stored = Store::open(dir.path()).unwrap().job(user, job.id).unwrap().unwrap();
+    assert_eq!(stored.request["version"], 1, "upgraded in place: {}", stored.request);
 }

@@ -10,9 +10,11 @@ mod chat;
 mod conversations;
 pub mod error;
 mod extract;
+mod frame;
 mod openai;
 pub mod openapi;
 mod ops;
+mod seed;
 mod tasks;
 mod web;
 

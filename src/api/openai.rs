@@ -2,14 +2,14 @@
 //! `GET /v1/models`, so that the official SDKs work by pointing `base_url` here. Unknown
 //! request fields are ignored, as OpenAI does; errors are OpenAI-shaped (see `api::error`).
 
-use super::chat::{
+use super::error::rate_limit_headers;
+use super::extract::Checks;
+use super::frame::{
     admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
     done_event, sse, steps, stream_error, with_answerer, SseStream,
 };
-use super::error::rate_limit_headers;
-use super::extract::Checks;
+use super::seed::{whole_i64, whole_number};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::seed::{whole_i64, whole_number};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::llm::Sampling;
 use crate::message::{Message, Role};

@@ -3,9 +3,10 @@
 //! Another user's task answers exactly like a missing one (`404`), and so does `/admin/jobs`
 //! for anyone who is not an admin.
 
-use super::chat::{admit, check};
+use super::chat::check;
+use super::frame::admit;
+use super::seed::{SeedAnswer, SeedRequest};
 use super::{handler, ApiError, App, Doc, Req, Routes};
-use crate::chat::{SeedAnswer, SeedRequest};
 use crate::clock::rfc3339;
 use crate::http::{bytes, json, Body};
 use crate::store::{Job, JobStats};
@@ -122,7 +123,7 @@ async fn enqueue(app: Arc<App>, mut req: Req) -> Answer {
     // What `POST /chat` would refuse before answering (an unknown model, another user's
     // conversation) is refused now, with the same status, not by a failed job later.
     app.chat.check(&input)?;
-    let job = app.jobs.enqueue(principal.user.id, &body).await?;
+    let job = app.jobs.enqueue(&input).await?;
     let mut r =
         json(StatusCode::ACCEPTED, &Queued { task_id: job.id.to_string(), status: "queued" });
     if let Ok(v) = HeaderValue::from_str(&format!("/chat/tasks/{}", job.id)) {

@@ -8,11 +8,9 @@ mod context;
 mod providers;
 mod reply;
 pub mod routing;
-pub mod seed;
 
 pub use providers::{Keys, ProviderStatus};
 pub use reply::{turn, Completion, Reply, Step};
-pub use seed::{SeedAnswer, SeedRequest};
 
 use crate::config::{Config, ProviderName, RoutingConfig};
 use crate::llm::{ChatRequest, ProviderError, Sampling};

@@ -11,7 +11,11 @@
 //! - Cancelling a queued job is one write; a running one also has its generation or upstream
 //!   request dropped at once, and its late result is discarded by the ownership check.
 
-use crate::chat::{turn, Chat, ChatError, SeedAnswer, SeedRequest};
+mod record;
+
+pub use record::{JobAnswer, JobRequest};
+
+use crate::chat::{turn, Chat, ChatError, ChatInput};
 use crate::clock::{now_ms, Millis};
 use crate::config::JobsConfig;
 use crate::metrics;
@@ -85,6 +89,10 @@ impl Jobs {
         if rescued > 0 {
             tracing::info!(rescued, "requeued jobs left running by the previous process");
         }
+        let upgraded = store.upgrade_queued_requests(JobRequest::upgrade).await?;
+        if upgraded > 0 {
+            tracing::info!(upgraded, "queued jobs' requests upgraded to the current record");
+        }
         let jobs = Arc::new(Jobs {
             store,
             chat,
@@ -114,10 +122,11 @@ impl Jobs {
         }
     }
 
-    /// Stores a job for `request` and returns it once committed (concurrent enqueues share
-    /// one commit: the store groups them).
-    pub async fn enqueue(&self, user: Uuid, request: &SeedRequest) -> Result<Job, JobError> {
-        let body = serde_json::to_value(request).expect("requests serialize");
+    /// Stores a job for `input` and returns it once committed (concurrent enqueues share one
+    /// commit: the store groups them).
+    pub async fn enqueue(&self, input: &ChatInput) -> Result<Job, JobError> {
+        let user = input.user;
+        let body = serde_json::to_value(JobRequest::of(input)).expect("records serialize");
         let limits = QueueLimits {
             per_user: self.config.max_queued_per_user,
             total: self.config.max_queued,
@@ -276,8 +285,7 @@ impl Jobs {
 
     /// Runs the chat and says how the attempt ended.
     async fn attempt(&self, job: &Job) -> Settlement {
-        let request: Result<SeedRequest, _> = serde_json::from_value(job.request.clone());
-        let Some(input) = request.ok().and_then(|r| r.input(job.user_id)) else {
+        let Some(input) = JobRequest::read(&job.request).map(|r| r.input(job.user_id)) else {
             return Settlement::Failed {
                 error: "the stored request is not a valid chat request".into(),
             };
@@ -291,7 +299,7 @@ impl Jobs {
                         done.conversation_id = Some(conv.id);
                         done.message_id = messages.last().map(|m| m.id);
                     }
-                    serde_json::to_value(SeedAnswer::new(&who, &done)).expect("answers serialize")
+                    serde_json::to_value(JobAnswer::new(&who, &done)).expect("answers serialize")
                 }),
             },
             Err(e) if retryable(&e) && job.attempts < self.config.max_attempts => {

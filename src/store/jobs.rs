@@ -455,6 +455,33 @@ impl Store {
         .await
     }
 
+    /// Rewrites the request of every queued job with `upgrade` (`None` keeps it), in one
+    /// transaction; returns how many changed. The caller owns the request format: this is how
+    /// it migrates records queued by an older build before any worker reads them.
+    pub async fn upgrade_queued_requests(
+        &self,
+        upgrade: impl Fn(&Value) -> Option<Value> + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let queued: Vec<u128> = tx
+                .open_table(tables::JOBS_QUEUED)?
+                .iter()?
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            let mut changed = 0;
+            for id in queued {
+                let old = load(tx, Uuid::from_u128(id))?;
+                if let Some(request) = upgrade(&old.request) {
+                    tx.open_table(tables::JOBS)?
+                        .insert(id, encode(&Job { request, ..old }).as_slice())?;
+                    changed += 1;
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
     /// Deletes up to `batch` jobs that finished before `before`; returns how many.
     pub async fn purge_jobs(&self, before: Millis, batch: usize) -> Result<usize, StoreError> {
         self.write(move |tx| {

@@ -63,7 +63,15 @@ impl TestServer {
 
     /// Starts serving `routes` instead of the default table.
     pub async fn start_routes(tweak: impl FnOnce(&mut Config), routes: Routes) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), tweak, routes).await
+    }
+
+    /// Starts on the data in `dir` (a server stopped before, or a file a test wrote).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+        routes: Routes,
+    ) -> TestServer {
         let mut config = test_config(dir.path());
         tweak(&mut config);
         let running = server::start(config, &Environment::default(), routes).await.unwrap();
@@ -130,8 +138,14 @@ impl TestServer {
         self.login(name).await["access_token"].as_str().unwrap().to_string()
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keeping_data().await;
+    }
+
+    /// Stops the server and hands back its data directory.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
         self.running.take().unwrap().shutdown().await;
+        self.dir
     }
 }
 

@@ -1,7 +1,7 @@
 //! The seed face's request and answer, shared by `POST /chat` and background jobs (a job stores
 //! the request as accepted and, when done, exactly the answer `POST /chat` would have given).
 
-use super::{Answerer, ChatInput, Completion, Thread};
+use crate::chat::{Answerer, ChatInput, Completion, Thread};
 use crate::clock::rfc3339;
 use crate::llm::Sampling;
 use crate::message::{Message, Role};
@@ -128,5 +128,30 @@ fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error
     match n.as_i64().or_else(|| n.as_f64().filter(|f| in_range(*f)).map(|f| f as i64)) {
         Some(v) => Ok(Some(v)),
         None => Err(D::Error::custom(format!("expected a 64-bit whole number, got {n}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::Completion;
+    use crate::config::ProviderName;
+    use crate::jobs::JobAnswer;
+    use crate::message::{FinishReason, Usage};
+
+    #[test]
+    fn a_jobs_stored_answer_reads_as_the_answer_post_chat_gives() {
+        let who = Answerer { model: "m".into(), provider: ProviderName::Local, fallback: None };
+        let done = Completion {
+            text: "hello".into(),
+            finish: FinishReason::Stop,
+            usage: Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 1 },
+            conversation_id: Some(Uuid::now_v7()),
+            message_id: Some(Uuid::now_v7()),
+            created_at: 1_700_000_000_000,
+        };
+        let stored = serde_json::to_value(JobAnswer::new(&who, &done)).unwrap();
+        let read: SeedAnswer = serde_json::from_value(stored).unwrap();
+        assert_eq!(read, SeedAnswer::new(&who, &done));
     }
 }
