@@ -456,6 +456,8 @@ fn commit_cost(serve: &Runtime, s: &Setup) {
     let msg = |role, text: &str| NewMessage {
         role,
         content: text.into(),
+        tool_calls: Vec::new(),
+        tool_call_id: None,
         model: None,
         provider: None,
         usage: None,

@@ -56,6 +56,8 @@ async fn fixture() -> Fixture {
         let msg = |role, text: &str| NewMessage {
             role,
             content: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: None,
             provider: None,
             usage: None,

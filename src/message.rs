@@ -1,9 +1,10 @@
 //! The words every part that handles a conversation shares — the store, the remote providers,
 //! the local engine and the chat service — so that none of them has to know another to speak
-//! of a turn: its messages, and what a generation yields (deltas, then why it ended and what
-//! it cost).
+//! of a turn: its messages, what the answer must look like (tools, a JSON schema), and what a
+//! generation yields (deltas and tool-call fragments, then why it ended and what it cost).
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +13,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, answering one of the assistant's `tool_calls`.
+    Tool,
 }
 
 impl Role {
@@ -21,6 +24,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -30,23 +34,116 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// The functions an assistant turn called (its `content` may then be empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
     /// A turn by `role`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into() }
+        Message { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+}
+
+/// A function call the model made: `arguments` is JSON text, as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A function the model may call (OpenAI's `tools[].function`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON schema of its arguments; `None` takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// The arguments must validate against `parameters` exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    /// Exactly this function.
+    Function(String),
+}
+
+/// The form the answer's text must take; serializes as OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        json_schema: JsonSchema,
+    },
+}
+
+/// A named JSON schema the answer must validate against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonSchema {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// `None` accepts any JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// What the answer must look like beyond text: the tools it may call and the format of its
+/// text. The default is plain text and no tools.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Shape {
+    pub tools: Vec<Tool>,
+    /// `None`: the provider's default (`auto` with tools).
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+impl Shape {
+    /// Tools are offered and the model may call them.
+    pub fn offers_tools(&self) -> bool {
+        !self.tools.is_empty() && self.tool_choice != Some(ToolChoice::None)
+    }
+
+    /// The text must be JSON.
+    pub fn wants_json(&self) -> bool {
+        !matches!(self.response_format, None | Some(ResponseFormat::Text))
     }
 }
 
 /// Why generation ended, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-turn token, a stop string, or the provider's natural end.
+    #[default]
     Stop,
     /// `max_tokens` or the context window ran out.
     Length,
+    /// The answer is one or more tool calls.
+    ToolCalls,
+    /// The provider withheld content.
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -55,6 +152,8 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
         }
     }
 }
@@ -105,15 +204,54 @@ impl From<Usage> for UsageRecord {
     }
 }
 
-/// One item of a generation stream: text deltas, then exactly one `Finish`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One item of a generation stream: text deltas (and what else the provider streams), then
+/// exactly one `Finish`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Delta(String),
+    /// A fragment of a tool call, relayed as it came.
+    ToolCall(ToolCallDelta),
+    /// A fragment of the model's refusal to answer (OpenAI's `refusal`).
+    Refusal(String),
+    /// Token log probabilities of the chunk (OpenAI's `logprobs.content` items, as sent).
+    Logprobs(Vec<Value>),
+    /// The upstream's `system_fingerprint`, once.
+    Fingerprint(String),
     Finish {
         reason: FinishReason,
         /// `None` when a remote provider reported none.
         usage: Option<Usage>,
     },
+}
+
+/// A request field a provider cannot honour, and why: answered with `400` naming the field,
+/// never dropped silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    /// The field as the client wrote it (`tools`, `logit_bias`, …).
+    pub field: String,
+    pub why: String,
+}
+
+impl Unsupported {
+    /// `field` is not supported, because `why`.
+    pub fn new(field: impl Into<String>, why: impl Into<String>) -> Unsupported {
+        Unsupported { field: field.into(), why: why.into() }
+    }
+}
+
+/// OpenAI fields that describe the caller, not the answer: every provider accepts them, and
+/// those that have no use for them change nothing in the answer.
+pub const INFORMATIONAL_FIELDS: [&str; 3] = ["user", "metadata", "safety_identifier"];
+
+/// One streamed piece of a tool call: the first piece of an `index` carries its id and name,
+/// the rest append to its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[cfg(test)]

@@ -234,6 +234,8 @@ async fn conversation(s: &TestServer, user: Uuid, title: &str) -> Uuid {
     let msg = |role, text: &str| NewMessage {
         role,
         content: text.into(),
+        tool_calls: Vec::new(),
+        tool_call_id: None,
         model: None,
         provider: None,
         usage: None,

@@ -19,6 +19,8 @@ async fn add_conversation(s: &TestServer, owner: Uuid, title: &str, at: i64) -> 
         NewMessage {
             role: Role::User,
             content: format!("{title}?"),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: None,
             provider: None,
             usage: None,
@@ -26,6 +28,8 @@ async fn add_conversation(s: &TestServer, owner: Uuid, title: &str, at: i64) -> 
         NewMessage {
             role: Role::Assistant,
             content: format!("{title}!"),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: Some("smollm2".into()),
             provider: Some("local".into()),
             usage: Some(Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 0 }),

@@ -177,6 +177,7 @@ fn request() -> ChatRequest {
         model: MODEL.into(),
         messages: vec![Message::new(Role::User, "Hello")],
         sampling: Sampling { max_tokens: Some(16), ..Default::default() },
+        ..Default::default()
     }
 }
 
@@ -221,6 +222,7 @@ async fn the_request_carries_the_transcript_and_only_set_parameters() {
                 top_p: Some(0.5),
                 seed: Some(42),
                 stop: vec!["\nUser:".into()],
+                ..Default::default()
             },
             ..request()
         };

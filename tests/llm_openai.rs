@@ -20,6 +20,7 @@ fn request() -> ChatRequest {
         model: "gpt-4o-mini".into(),
         messages: vec![Message::new(Role::User, "Hello")],
         sampling: Sampling { max_tokens: Some(16), ..Default::default() },
+        ..Default::default()
     }
 }
 

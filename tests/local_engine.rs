@@ -150,6 +150,7 @@ async fn streams_deltas_then_one_done() {
         match event.unwrap() {
             Event::Delta(d) => deltas.push(d),
             Event::Finish { reason, usage } => done = Some((reason, usage.unwrap())),
+            other => panic!("the local model sends no {other:?}"),
         }
     }
     assert!(deltas.iter().all(|d| !d.is_empty()));
@@ -174,6 +175,7 @@ async fn a_stop_string_ends_generation_and_is_never_shown() {
         match event.unwrap() {
             Event::Delta(d) => shown.push_str(&d),
             Event::Finish { reason: why, .. } => reason = Some(why),
+            other => panic!("the local model sends no {other:?}"),
         }
     }
     assert_eq!(shown, before);

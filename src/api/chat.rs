@@ -4,11 +4,11 @@ use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::frame::{
     admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
-    done_event, sse, steps, stream_error, with_answerer, SseStream,
+    done_event, sse, steps, stream_error, with_answerer, Progress, SseStream,
 };
 use super::seed::{SeedAnswer, SeedRequest};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{Reply, Step};
+use crate::chat::{ChatInput, Reply, Step};
 use crate::http::json;
 use futures_util::stream::{self, StreamExt};
 use http::{Response, StatusCode};
@@ -35,9 +35,7 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let body: SeedRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
-    check(&app, &body)?;
-    let input =
-        body.input(principal.user.id).ok_or(ApiError::NotFound("Conversation not found"))?;
+    let input = input(&app, &body, principal.user.id)?;
     let user = principal.user.id;
     let mut response = if body.stream {
         let reply = app.chat.start(&input).await?;
@@ -56,8 +54,10 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
 /// `data: {"delta": …}` per delta, the whole answer object, then `[DONE]`.
 fn seed_events(app: Arc<App>, user: Uuid, reply: Reply) -> SseStream {
     steps(reply)
-        .map(move |(who, step)| match step {
+        .map(move |Progress { who, step, .. }| match step {
             Ok(Step::Delta(d)) => vec![data(&serde_json::json!({ "delta": d }))],
+            // The seed face offers no tools or log probabilities; a refusal has no event here.
+            Ok(Step::ToolCall(_) | Step::Refusal(_) | Step::Logprobs(_)) => vec![],
             Ok(Step::Done(done)) => {
                 charge(&app, user, &done);
                 vec![data(&SeedAnswer::new(&who, &done)), done_event()]
@@ -68,8 +68,9 @@ fn seed_events(app: Arc<App>, user: Uuid, reply: Reply) -> SseStream {
         .boxed()
 }
 
-/// The seed request's values, checked the same way for `/chat` and `/chat/background`.
-pub(super) fn check(app: &App, body: &SeedRequest) -> Result<(), ApiError> {
+/// The seed request's values, checked the same way for `/chat` and `/chat/background`, as the
+/// chat input of `user`.
+pub(super) fn input(app: &App, body: &SeedRequest, user: Uuid) -> Result<ChatInput, ApiError> {
     let mut checks = Checks::default();
     checks
         .field("message", non_empty(&body.message))
@@ -78,7 +79,9 @@ pub(super) fn check(app: &App, body: &SeedRequest) -> Result<(), ApiError> {
         .field("temperature", check_temperature(body.temperature));
     let texts = std::iter::once(body.message.as_str()).chain(body.system.as_deref());
     check_input_size(&mut checks, app, "message", texts);
-    checks.finish()
+    let shape = body.shape(&mut checks);
+    checks.finish()?;
+    body.input(user, shape).ok_or(ApiError::NotFound("Conversation not found"))
 }
 
 fn non_empty(text: &str) -> Result<(), &'static str> {

@@ -1,10 +1,11 @@
 //! `/conversations*`: the caller's conversations, newest activity first, with their messages.
 //! Another user's conversation answers exactly like a missing one (`404`).
 
+use super::seed::UsageOut;
 use super::{handler, ApiError, App, Doc, Req, Routes};
 use crate::clock::rfc3339;
 use crate::http::{empty, json, Body};
-use crate::store::{Conversation, Cursor, Message, Role, Usage};
+use crate::store::{Conversation, Cursor, Message, Role, ToolCall};
 use http::{Method, Response, StatusCode};
 use serde::Serialize;
 use std::sync::Arc;
@@ -78,6 +79,12 @@ pub struct MessageOut {
     id: String,
     role: RoleOut,
     content: String,
+    /// An assistant message's function calls (omitted when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallOut>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<String>,
     model: Option<String>,
     provider: Option<String>,
     created_at: String,
@@ -91,14 +98,32 @@ pub enum RoleOut {
     System,
     User,
     Assistant,
+    Tool,
 }
 
-/// Token counts of an answer.
+/// A function an assistant message called.
 #[derive(Serialize, ToSchema)]
-pub struct UsageOut {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
+pub struct ToolCallOut {
+    id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionCallOut,
+}
+
+/// The function's name and its JSON arguments, as the model wrote them.
+#[derive(Serialize, ToSchema)]
+pub struct FunctionCallOut {
+    name: String,
+    arguments: String,
+}
+
+impl ToolCallOut {
+    /// OpenAI's form of a stored call.
+    pub(super) fn of(c: &ToolCall) -> ToolCallOut {
+        let function = FunctionCallOut { name: c.name.clone(), arguments: c.arguments.clone() };
+        ToolCallOut { id: c.id.clone(), kind: "function", function }
+    }
 }
 
 impl From<&Conversation> for ConversationOut {
@@ -120,16 +145,15 @@ impl From<&Message> for MessageOut {
             Role::System => RoleOut::System,
             Role::User => RoleOut::User,
             Role::Assistant => RoleOut::Assistant,
+            Role::Tool => RoleOut::Tool,
         };
-        let usage = m.usage.map(|u: Usage| UsageOut {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total(),
-        });
+        let usage = m.usage.as_ref().map(UsageOut::from);
         MessageOut {
             id: m.id.to_string(),
             role,
             content: m.content.clone(),
+            tool_calls: m.tool_calls.iter().map(ToolCallOut::of).collect(),
+            tool_call_id: m.tool_call_id.clone(),
             model: m.model.clone(),
             provider: m.provider.clone(),
             created_at: rfc3339(m.created_at),

@@ -214,7 +214,7 @@ impl ApiError {
             (ApiError::Validation(errors), Face::OpenAi) => openai_validation(errors),
             (_, Face::Seed) => json!({ "detail": shape.message }),
             (_, Face::OpenAi) => json!({ "error": {
-                "message": shape.message, "type": shape.kind, "param": null, "code": shape.code,
+                "message": shape.message, "type": shape.kind, "param": self.param(), "code": shape.code,
             }}),
         };
         let status = match (&self, face) {
@@ -228,6 +228,14 @@ impl ApiError {
         let mut response = json(status, &body);
         self.add_headers(response.headers_mut(), face);
         response
+    }
+
+    /// The request field the error is about, when there is one.
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Chat(ChatError::Unsupported(u)) => Some(&u.field),
+            _ => None,
+        }
     }
 
     fn add_headers(&self, headers: &mut HeaderMap, face: Face) {
@@ -305,11 +313,16 @@ fn chat_shape(e: &ChatError) -> Shape {
             (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("provider_unavailable"))
         }
         C::Upstream { .. } => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_error")),
+        C::Unsupported(_) => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error", Some("unsupported_parameter"))
+        }
         C::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
     };
     let message = match e {
         C::Store(_) => "Internal Server Error".to_string(),
         C::ConversationNotFound => "Conversation not found".to_string(),
+        // It starts with the field's name, as the client wrote it.
+        C::Unsupported(u) => u.why.clone(),
         C::Upstream { provider, reason } => format!(
             "The {} provider failed ({reason}) and no fallback could answer",
             provider.as_str()

@@ -18,16 +18,22 @@ use uuid::Uuid;
 /// Largest accepted `max_tokens`; providers clamp further to what their model allows.
 pub(super) const MAX_TOKENS: u32 = 32_768;
 
-/// A reply as a stream of (who answers, step), ending after `Done` or an error.
-pub(super) fn steps(
-    reply: Reply,
-) -> stream::BoxStream<'static, (Answerer, Result<Step, crate::chat::ChatError>)> {
+/// One step of a reply, with who answers and the upstream's fingerprint so far.
+pub(super) struct Progress {
+    pub who: Answerer,
+    pub fingerprint: Option<String>,
+    pub step: Result<Step, crate::chat::ChatError>,
+}
+
+/// A reply as a stream of steps, ending after `Done` or an error.
+pub(super) fn steps(reply: Reply) -> stream::BoxStream<'static, Progress> {
     stream::unfold(Some(reply), |state| async move {
         let mut reply = state?;
         let step = reply.next().await?;
         let who = reply.answerer().clone();
-        let more = matches!(step, Ok(Step::Delta(_)));
-        Some(((who, step), more.then_some(reply)))
+        let fingerprint = reply.fingerprint().map(str::to_owned);
+        let more = step.as_ref().is_ok_and(|s| !matches!(s, Step::Done(_)));
+        Some((Progress { who, fingerprint, step }, more.then_some(reply)))
     })
     .boxed()
 }

@@ -15,6 +15,7 @@ mod openai;
 pub mod openapi;
 mod ops;
 mod seed;
+mod shape;
 mod tasks;
 mod web;
 

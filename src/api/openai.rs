@@ -1,18 +1,24 @@
 //! The OpenAI face: `POST /v1/chat/completions` (JSON and `chat.completion.chunk` SSE) and
-//! `GET /v1/models`, so that the official SDKs work by pointing `base_url` here. Unknown
-//! request fields are ignored, as OpenAI does; errors are OpenAI-shaped (see `api::error`).
+//! `GET /v1/models`, so that the official SDKs work by pointing `base_url` here. Every field of
+//! OpenAI's request is honoured or refused with `400` naming it (the provider that answers
+//! decides which); fields OpenAI does not define are ignored, as OpenAI ignores them. Errors
+//! are OpenAI-shaped (see `api::error`).
 
+use super::conversations::ToolCallOut;
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::frame::{
     admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
-    done_event, sse, steps, stream_error, with_answerer, SseStream,
+    done_event, sse, steps, stream_error, with_answerer, Progress, SseStream,
 };
 use super::seed::{whole_i64, whole_number};
+use super::shape::{ResponseFormatIn, ShapeIn, ToolCallIn, ToolChoiceIn, ToolIn};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::llm::Sampling;
+use crate::message::ToolCallDelta;
 use crate::message::{Message, Role};
+use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -31,7 +37,7 @@ pub fn routes(r: &mut Routes) {
         handler(completions),
         doc("OpenAI Chat Completions (JSON, or chat.completion.chunk SSE with stream: true)")
             .body::<CompletionRequest>()
-            .refine(needs_a_user_message)
+            .refine(cross_field_rules)
             .json::<CompletionOut>(200)
             .streams()
             .errors(&[400, 404, 429, 502, 503]),
@@ -45,7 +51,27 @@ pub fn routes(r: &mut Routes) {
     );
 }
 
-/// The Chat Completions request; fields not listed are accepted and ignored.
+/// OpenAI request fields relayed verbatim to upstreams that speak Chat Completions (and
+/// refused by the others, except the informational `user`, `metadata`, `safety_identifier`).
+const RELAYED: [&str; 13] = [
+    "user",
+    "metadata",
+    "safety_identifier",
+    "service_tier",
+    "reasoning_effort",
+    "verbosity",
+    "prediction",
+    "modalities",
+    "audio",
+    "web_search_options",
+    "prompt_cache_key",
+    "functions",
+    "function_call",
+];
+
+/// The Chat Completions request. Every OpenAI field is honoured or refused by name; the ones
+/// not listed here (`user`, `metadata`, `service_tier`, `reasoning_effort`, …) are relayed to
+/// Chat Completions upstreams as given. Fields OpenAI does not define are ignored.
 #[derive(Deserialize, ToSchema)]
 pub struct CompletionRequest {
     #[schema(max_length = 256)]
@@ -82,6 +108,35 @@ pub struct CompletionRequest {
     /// Stored as a conversation unless false.
     #[serde(default)]
     store: Option<bool>,
+    #[serde(default)]
+    #[schema(min_items = 0, max_items = 128)]
+    tools: Option<Vec<ToolIn>>,
+    #[serde(default)]
+    tool_choice: Option<ToolChoiceIn>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    response_format: Option<ResponseFormatIn>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    /// Alternatives per token, with `logprobs: true` (else there are no log probabilities).
+    #[serde(default, deserialize_with = "whole_i64")]
+    #[schema(minimum = 0, maximum = 20)]
+    top_logprobs: Option<i64>,
+    #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    frequency_penalty: Option<f32>,
+    /// Token id (as a string) → bias from -100 to 100.
+    #[serde(default)]
+    #[schema(value_type = Option<std::collections::HashMap<String, f64>>)]
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    /// The OpenAI fields in `RELAYED`, and any others (which are ignored).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: serde_json::Map<String, Value>,
 }
 
 /// `stream_options`.
@@ -103,12 +158,18 @@ pub enum Stop {
 #[derive(Deserialize, ToSchema)]
 pub struct InMessage {
     role: InRole,
-    /// Text, or a list of text parts; may be null on an assistant turn.
+    /// Text, or a list of text parts; may be null on an assistant turn that calls tools.
     #[serde(default)]
     content: Option<InContent>,
+    /// The functions an assistant turn called.
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallIn>>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
-/// Who said it; `developer` is OpenAI's newer name for `system`.
+/// Who said it; `developer` is OpenAI's newer name for `system`; `tool` answers a tool call.
 #[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum InRole {
@@ -116,6 +177,7 @@ pub enum InRole {
     Developer,
     User,
     Assistant,
+    Tool,
 }
 
 /// `content`: a string, or parts of which only `text` ones are supported.
@@ -153,8 +215,7 @@ pub struct CompletionOut {
     #[schema(value_type = Vec<Object>)]
     choices: Vec<Value>,
     usage: UsageV1,
-    #[schema(value_type = Option<String>)]
-    system_fingerprint: Option<()>,
+    system_fingerprint: Option<String>,
 }
 
 /// OpenAI's usage object: the counts, and how many prompt tokens came from a prompt cache
@@ -255,29 +316,90 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
     // A top_p too small for f32 still means "only the most likely token".
     let top_p = body.top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE));
     let messages: Vec<Message> = body.messages.iter().map(message).collect();
-    check_input_size(&mut checks, app, "messages", messages.iter().map(|m| m.content.as_str()));
+    let texts = messages.iter().flat_map(|m| {
+        std::iter::once(m.content.as_str()).chain(m.tool_calls.iter().map(|c| c.arguments.as_str()))
+    });
+    check_input_size(&mut checks, app, "messages", texts);
+    let shape = ShapeIn {
+        tools: body.tools.as_deref(),
+        tool_choice: body.tool_choice.as_ref(),
+        parallel_tool_calls: body.parallel_tool_calls,
+        response_format: body.response_format.as_ref(),
+    }
+    .check(&mut checks);
+    let params = Sampling {
+        max_tokens,
+        temperature: body.temperature,
+        top_p,
+        stop: stop_list(body.stop.as_ref()),
+        seed: body.seed.map(|s| s as u64),
+        presence_penalty: body.presence_penalty,
+        frequency_penalty: body.frequency_penalty,
+        logit_bias: logit_bias(&mut checks, body.logit_bias.as_ref()),
+        logprobs: logprobs(&mut checks, body.logprobs, body.top_logprobs),
+    };
+    for (field, v) in
+        [("presence_penalty", body.presence_penalty), ("frequency_penalty", body.frequency_penalty)]
+    {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            checks.field(field, Err("must be between -2 and 2"));
+        }
+    }
     checks.finish()?;
+    let extra = body.rest.iter().filter(|(k, _)| RELAYED.contains(&k.as_str()));
     Ok(ChatInput {
         user,
         model: Some(body.model.clone()),
         thread: if body.store == Some(false) { Thread::Unstored } else { Thread::New },
         messages,
-        params: Sampling {
-            max_tokens,
-            temperature: body.temperature,
-            top_p,
-            stop: stop_list(body.stop.as_ref()),
-            seed: body.seed.map(|s| s as u64),
-        },
+        params,
+        shape,
+        extra: extra.map(|(k, v)| (k.clone(), v.clone())).collect(),
     })
 }
 
-/// A conversation needs something to answer: at least one user message.
+/// `logit_bias`: token ids (as strings) to biases from -100 to 100.
+fn logit_bias(
+    checks: &mut Checks,
+    bias: Option<&serde_json::Map<String, Value>>,
+) -> Vec<(u32, f32)> {
+    let mut out = Vec::new();
+    for (token, b) in bias.into_iter().flatten() {
+        match (token.parse::<u32>(), b.as_f64().filter(|b| (-100.0..=100.0).contains(b))) {
+            (Ok(id), Some(b)) => out.push((id, b as f32)),
+            _ => {
+                checks.field("logit_bias", Err("must map token ids to numbers from -100 to 100"));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// `logprobs` and `top_logprobs` as one setting: `None`, or how many alternatives.
+fn logprobs(checks: &mut Checks, on: Option<bool>, top: Option<i64>) -> Option<u8> {
+    match (on.unwrap_or(false), top) {
+        (_, Some(n)) if !(0..=20).contains(&n) => {
+            checks.field("top_logprobs", Err("must be between 0 and 20"));
+            None
+        }
+        (true, top) => Some(top.unwrap_or(0) as u8),
+        // Without `logprobs` there are none to give, alternatives or not.
+        (false, _) => None,
+    }
+}
+
+/// A conversation needs something to answer: at least one user message; a tool result names
+/// its call, and only assistant turns call tools.
 fn check_messages(messages: &[InMessage]) -> Result<(), &'static str> {
     if messages.is_empty() {
         Err("must not be empty")
     } else if !messages.iter().any(|m| m.role == InRole::User) {
         Err("must contain at least one message with role `user`")
+    } else if messages.iter().any(|m| m.role == InRole::Tool && m.tool_call_id.is_none()) {
+        Err("a message with role `tool` needs its `tool_call_id`")
+    } else if messages.iter().any(|m| m.role != InRole::Assistant && m.tool_calls.is_some()) {
+        Err("only messages with role `assistant` may have `tool_calls`")
     } else {
         Ok(())
     }
@@ -292,15 +414,36 @@ fn stop_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     OneOfBuilder::new().item(text()).item(list).item(null).into()
 }
 
-/// The document says what `check_messages` requires (JSON Schema's `contains`, which utoipa
-/// cannot write).
-fn needs_a_user_message(components: &mut serde_json::Map<String, Value>) {
-    let messages =
-        components.get_mut("CompletionRequest").and_then(|s| s.pointer_mut("/properties/messages"));
-    if let Some(messages) = messages {
-        messages["contains"] = json!({
-            "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}}
-        });
+/// The document says what the checks require across fields, in JSON Schema words utoipa
+/// cannot write: a user message (`contains`), a tool result's call id, tool calls only on
+/// assistant turns, tools for a `required` or named `tool_choice`, token ids as `logit_bias`
+/// keys.
+fn cross_field_rules(components: &mut serde_json::Map<String, Value>) {
+    if let Some(request) = components.get_mut("CompletionRequest") {
+        if let Some(messages) = request.pointer_mut("/properties/messages") {
+            messages["contains"] = json!({
+                "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}}
+            });
+        }
+        if let Some(bias) = request.pointer_mut("/properties/logit_bias") {
+            bias["propertyNames"] = json!({"pattern": "^[0-9]{1,9}$"});
+            bias["additionalProperties"] =
+                json!({"type": "number", "minimum": -100, "maximum": 100});
+        }
+        request["allOf"] = json!([{
+            "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [
+                {"const": "required"}, {"type": "object"}
+            ]}}},
+            "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+        }]);
+    }
+    if let Some(message) = components.get_mut("InMessage") {
+        message["allOf"] = json!([
+            {"if": {"properties": {"role": {"const": "tool"}}},
+             "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}},
+            {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+             "then": {"properties": {"tool_calls": {"type": "null"}}}},
+        ]);
     }
 }
 
@@ -319,13 +462,18 @@ fn message(m: &InMessage) -> Message {
         InRole::System | InRole::Developer => Role::System,
         InRole::User => Role::User,
         InRole::Assistant => Role::Assistant,
+        InRole::Tool => Role::Tool,
     };
     let content = match &m.content {
         None => String::new(),
         Some(InContent::Text(s)) => s.clone(),
         Some(InContent::Parts(parts)) => parts.iter().map(|p| p.text.as_str()).collect(),
     };
-    Message::new(role, content)
+    Message {
+        tool_calls: m.tool_calls.iter().flatten().map(ToolCallIn::call).collect(),
+        tool_call_id: m.tool_call_id.clone(),
+        ..Message::new(role, content)
+    }
 }
 
 /// The stop strings; empty ones could never match and are dropped.
@@ -339,6 +487,15 @@ fn stop_list(stop: Option<&Stop>) -> Vec<String> {
 }
 
 fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
+    let calls: Vec<Value> = done.tool_calls.iter().map(|c| json!(ToolCallOut::of(c))).collect();
+    let content = match done.text.is_empty() && (!calls.is_empty() || done.refusal.is_some()) {
+        true => Value::Null,
+        false => done.text.as_str().into(),
+    };
+    let mut message = json!({"role": "assistant", "content": content, "refusal": done.refusal});
+    if !calls.is_empty() {
+        message["tool_calls"] = calls.into();
+    }
     CompletionOut {
         id,
         object: "chat.completion",
@@ -346,47 +503,100 @@ fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
         model: who.model.clone(),
         choices: vec![json!({
             "index": 0,
-            "message": {"role": "assistant", "content": done.text, "refusal": null},
-            "logprobs": null,
+            "message": message,
+            "logprobs": logprobs_out(&done.logprobs),
             "finish_reason": done.finish.as_str(),
         })],
         usage: UsageV1::of(done),
-        system_fingerprint: None,
+        system_fingerprint: done.fingerprint.clone(),
     }
 }
 
-/// `chat.completion.chunk` events: the role, each delta, the finish reason, optionally usage,
-/// then `[DONE]`.
-fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> SseStream {
-    let created = crate::clock::now_ms() / 1000;
-    let chunk = move |model: &str, delta: Value, finish: Option<&str>| {
+/// A choice's `logprobs`: null when none were asked for (or given).
+fn logprobs_out(items: &[Value]) -> Value {
+    match items.is_empty() {
+        true => Value::Null,
+        false => json!({"content": items, "refusal": null}),
+    }
+}
+
+/// A streamed tool-call fragment as OpenAI sends it: id, type and name only on the first.
+fn tool_call_delta(d: &ToolCallDelta) -> Value {
+    let mut function = json!({"arguments": d.arguments});
+    if let Some(name) = &d.name {
+        function["name"] = name.as_str().into();
+    }
+    let mut call = json!({"index": d.index, "function": function});
+    if let Some(id) = &d.id {
+        call["id"] = id.as_str().into();
+        call["type"] = "function".into();
+    }
+    json!({"tool_calls": [call]})
+}
+
+/// The frame of every `chat.completion.chunk` of one answer.
+struct Chunker {
+    id: String,
+    created: i64,
+    /// `stream_options.include_usage`: every chunk has `usage`, null but in the last.
+    usage: bool,
+}
+
+impl Chunker {
+    fn chunk(&self, p: &Progress, delta: Value, finish: Option<&str>) -> Value {
         let mut c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": null,
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": p.who.model, "system_fingerprint": p.fingerprint,
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
-        if usage {
+        if self.usage {
             c["usage"] = Value::Null;
         }
         c
-    };
-    let model = reply.answerer().model.clone();
-    let first = data(&chunk(&model, json!({"role": "assistant", "content": ""}), None));
-    let rest = steps(reply).map(move |(who, step)| match step {
-        Ok(Step::Delta(d)) => vec![data(&chunk(&who.model, json!({ "content": d }), None))],
-        Ok(Step::Done(done)) => {
-            charge(&app, user, &done);
-            let mut out = vec![data(&chunk(&who.model, json!({}), Some(done.finish.as_str())))];
-            if usage {
-                let mut last = chunk(&who.model, json!({}), None);
-                last["choices"] = json!([]);
-                last["usage"] = json!(UsageV1::of(&done));
-                out.push(data(&last));
+    }
+
+    /// The chunks of one step: a delta (text, refusal, tool-call fragment, log probabilities),
+    /// or the finish reason, usage when asked for, and `[DONE]`.
+    fn events(&self, p: &Progress, charge: impl FnOnce(&Completion)) -> Vec<Bytes> {
+        let delta = |d: Value| vec![data(&self.chunk(p, d, None))];
+        match &p.step {
+            Ok(Step::Delta(d)) => delta(json!({ "content": d })),
+            Ok(Step::Refusal(r)) => delta(json!({ "refusal": r })),
+            Ok(Step::ToolCall(d)) => delta(tool_call_delta(d)),
+            Ok(Step::Logprobs(items)) => {
+                let mut c = self.chunk(p, json!({}), None);
+                c["choices"][0]["logprobs"] = logprobs_out(items);
+                vec![data(&c)]
             }
-            out.push(done_event());
-            out
+            Ok(Step::Done(done)) => {
+                charge(done);
+                let mut out = vec![data(&self.chunk(p, json!({}), Some(done.finish.as_str())))];
+                if self.usage {
+                    let mut last = self.chunk(p, json!({}), None);
+                    last["choices"] = json!([]);
+                    last["usage"] = json!(UsageV1::of(done));
+                    out.push(data(&last));
+                }
+                out.push(done_event());
+                out
+            }
+            Err(e) => vec![data(&stream_error(e))],
         }
-        Err(e) => vec![data(&stream_error(&e))],
+    }
+}
+
+/// `chat.completion.chunk` events: the role, each step's chunks, then `[DONE]`.
+fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> SseStream {
+    let chunker = Chunker { id, created: crate::clock::now_ms() / 1000, usage };
+    let mut first = true;
+    let all = steps(reply).map(move |p| {
+        let mut out = chunker.events(&p, |done| charge(&app, user, done));
+        // The role goes first, in the first step's frame (the fingerprint is known by then).
+        if std::mem::take(&mut first) {
+            let role = json!({"role": "assistant", "content": ""});
+            out.insert(0, data(&chunker.chunk(&p, role, None)));
+        }
+        out
     });
-    stream::once(async move { first }).chain(rest.flat_map(stream::iter)).boxed()
+    all.flat_map(stream::iter).boxed()
 }

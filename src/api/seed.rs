@@ -1,17 +1,19 @@
 //! The seed face's request and answer, shared by `POST /chat` and background jobs (a job stores
 //! the request as accepted and, when done, exactly the answer `POST /chat` would have given).
 
+use super::extract::Checks;
+use super::shape::{ResponseFormatIn, ShapeIn};
 use crate::chat::{Answerer, ChatInput, Completion, Thread};
 use crate::clock::rfc3339;
 use crate::llm::Sampling;
-use crate::message::{Message, Role};
+use crate::message::{Message, Role, Shape, Usage};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// `POST /chat` and `POST /chat/background`. Unknown fields are ignored, as the seed's FastAPI
 /// did.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct SeedRequest {
     /// What the user says (not only white space).
     #[schema(min_length = 1, pattern = "\\S")]
@@ -35,11 +37,27 @@ pub struct SeedRequest {
     /// Answer as server-sent events (`POST /chat` only).
     #[serde(default)]
     pub stream: bool,
+    /// JSON output: `{"type": "json_object"}`, or `json_schema` with a schema, as on the OpenAI
+    /// face.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormatIn>,
 }
 
 impl SeedRequest {
-    /// The chat input for `user`; `None` when `conversation_id` cannot name a conversation.
-    pub fn input(&self, user: Uuid) -> Option<ChatInput> {
+    /// The answer's shape (its response format), each problem reported in `checks`.
+    pub fn shape(&self, checks: &mut Checks) -> Shape {
+        let given = ShapeIn {
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: self.response_format.as_ref(),
+        };
+        given.check(checks)
+    }
+
+    /// The chat input for `user`, shaped by `shape`; `None` when `conversation_id` cannot name a
+    /// conversation.
+    pub fn input(&self, user: Uuid, shape: Shape) -> Option<ChatInput> {
         let thread = match self.conversation_id.as_deref() {
             None | Some("") => Thread::New,
             Some(id) => Thread::Continue(Uuid::parse_str(id).ok()?),
@@ -54,7 +72,8 @@ impl SeedRequest {
             temperature: self.temperature,
             ..Sampling::default()
         };
-        Some(ChatInput { user, model: self.model.clone(), thread, messages, params })
+        let model = self.model.clone();
+        Some(ChatInput { user, model, thread, messages, params, shape, extra: Default::default() })
     }
 }
 
@@ -85,7 +104,7 @@ impl SeedAnswer {
             model: who.model.clone(),
             provider: who.provider.as_str().to_string(),
             fallback: who.fallback.is_some(),
-            usage: UsageOut::of(done),
+            usage: UsageOut::from(&done.usage),
             created_at: rfc3339(done.created_at),
         }
     }
@@ -99,10 +118,8 @@ pub struct UsageOut {
     pub total_tokens: u32,
 }
 
-impl UsageOut {
-    /// The counts of `done`, with their total.
-    pub fn of(done: &Completion) -> UsageOut {
-        let u = done.usage;
+impl From<&Usage> for UsageOut {
+    fn from(u: &Usage) -> UsageOut {
         UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
@@ -149,6 +166,7 @@ mod tests {
             conversation_id: Some(Uuid::now_v7()),
             message_id: Some(Uuid::now_v7()),
             created_at: 1_700_000_000_000,
+            ..Completion::default()
         };
         let stored = serde_json::to_value(JobAnswer::new(&who, &done)).unwrap();
         let read: SeedAnswer = serde_json::from_value(stored).unwrap();

@@ -3,7 +3,7 @@
 //! Another user's task answers exactly like a missing one (`404`), and so does `/admin/jobs`
 //! for anyone who is not an admin.
 
-use super::chat::check;
+use super::chat::input;
 use super::frame::admit;
 use super::seed::{SeedAnswer, SeedRequest};
 use super::{handler, ApiError, App, Doc, Req, Routes};
@@ -117,9 +117,7 @@ async fn enqueue(app: Arc<App>, mut req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let body: SeedRequest = req.json(&app).await?;
     admit(&app, principal.user.id)?;
-    check(&app, &body)?;
-    let input =
-        body.input(principal.user.id).ok_or(ApiError::NotFound("Conversation not found"))?;
+    let input = input(&app, &body, principal.user.id)?;
     // What `POST /chat` would refuse before answering (an unknown model, another user's
     // conversation) is refused now, with the same status, not by a failed job later.
     app.chat.check(&input)?;

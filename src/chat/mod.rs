@@ -15,7 +15,7 @@ pub use reply::{turn, Completion, Reply, Step};
 use crate::config::{Config, ProviderName, RoutingConfig};
 use crate::llm::{ChatRequest, ProviderError, Sampling};
 use crate::local::{LocalError, Registry};
-use crate::message::{Message, Role};
+use crate::message::{Message, ResponseFormat, Role, Shape, Unsupported};
 use crate::store::{Store, StoreError};
 use providers::Remotes;
 use routing::Target;
@@ -23,9 +23,10 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 /// Where this turn is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Thread {
     /// A new conversation, titled after the first user message.
+    #[default]
     New,
     /// The user's existing conversation: its messages are the context, the turn is appended.
     Continue(Uuid),
@@ -34,7 +35,7 @@ pub enum Thread {
 }
 
 /// One chat request, as both faces describe it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatInput {
     pub user: Uuid,
     /// `None` means `routing.default_model`.
@@ -45,6 +46,10 @@ pub struct ChatInput {
     pub messages: Vec<Message>,
     /// `None` fields go to the provider's defaults (`max_tokens`: `routing.default_max_tokens`).
     pub params: Sampling,
+    /// Tools and response format.
+    pub shape: Shape,
+    /// Other OpenAI fields, relayed to upstreams that speak Chat Completions.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Why the answer comes from the local model instead of the provider asked for.
@@ -76,6 +81,9 @@ pub struct Answerer {
 pub enum ChatError {
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A field the provider that would answer cannot honour.
+    #[error("{}", .0.why)]
+    Unsupported(Unsupported),
     #[error("no provider is configured for model `{0}`")]
     UnknownModel(String),
     #[error("conversation not found")]
@@ -193,13 +201,21 @@ impl Chat {
             Target::Remote(provider) => provider,
         };
         let Some(remote) = self.remotes.get(provider) else {
+            if let Some(refused) = local_refuses(input) {
+                let why =
+                    format!("not configured, and the local model cannot stand in: {}", refused.why);
+                return Err(ChatError::Unavailable { provider, why });
+            }
             return self.start_local(input, history, "", None, persist).await;
         };
         let max_tokens = self.max_tokens(input);
         let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
         let messages =
             context::fit(history.clone(), &input.messages, budget, context::estimate_tokens);
-        let request = request(&model, messages, max_tokens, &input.params);
+        let request = request(&model, messages, max_tokens, input);
+        if let Some(refused) = remote.refuses(&request) {
+            return Err(ChatError::Unsupported(refused));
+        }
         match remote.chat(&request).await {
             Ok(events) => {
                 let who = Answerer { model, provider, fallback: None };
@@ -224,7 +240,7 @@ impl Chat {
         match reply.collect().await {
             Ok(done) => Ok((reply.answerer().clone(), done)),
             Err(ChatError::Upstream { provider, reason })
-                if provider != ProviderName::Local && self.can_fall_back() =>
+                if provider != ProviderName::Local && self.can_fall_back_with(input) =>
             {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
                 let fallback = Some(Fallback { from: provider, reason });
@@ -247,7 +263,7 @@ impl Chat {
         persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
         let reason = error.reason();
-        if self.can_fall_back() {
+        if self.can_fall_back_with(input) {
             tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
             let fallback = Some(Fallback { from: provider, reason });
             return self.start_local(input, history, "", fallback, persist).await;
@@ -260,8 +276,10 @@ impl Chat {
         })
     }
 
-    fn can_fall_back(&self) -> bool {
-        self.routing.fallback && self.local.fallback().is_some()
+    /// Fallback is on, a local model is there, and it can honour everything `input` asks
+    /// (else the upstream's failure is the answer: never one that ignores tools or a schema).
+    fn can_fall_back_with(&self, input: &ChatInput) -> bool {
+        self.routing.fallback && self.local.fallback().is_some() && local_refuses(input).is_none()
     }
 
     /// Answers from the local model `name` (empty: the fallback model), loading it first when
@@ -274,6 +292,9 @@ impl Chat {
         fallback: Option<Fallback>,
         persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
+        if let Some(refused) = local_refuses(input) {
+            return Err(ChatError::Unsupported(refused));
+        }
         if let Some(f) = &fallback {
             crate::metrics::fallback(f.from.as_str(), f.reason);
         }
@@ -293,9 +314,9 @@ impl Chat {
         let max_tokens = self.max_tokens(input) as usize;
         let budget =
             engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
-        let messages = context::fit(history, &input.messages, budget, |m| {
-            engine.prompt_tokens(m).unwrap_or(usize::MAX)
-        });
+        let turn = with_format_hint(input.messages.clone(), &input.shape);
+        let messages =
+            context::fit(history, &turn, budget, |m| engine.prompt_tokens(m).unwrap_or(usize::MAX));
         let (p, base) = (&input.params, engine.sampling());
         let generation = engine
             .generate(crate::local::GenerateRequest {
@@ -303,6 +324,7 @@ impl Chat {
                 top_p: p.top_p.unwrap_or(base.top_p),
                 seed: p.seed,
                 stop: p.stop.clone(),
+                response_format: input.shape.response_format.clone(),
                 ..base.request(messages, max_tokens)
             })
             .map_err(local_error)?;
@@ -327,7 +349,12 @@ impl Chat {
         let Thread::Continue(id) = input.thread else { return Ok(Vec::new()) };
         let (_, messages) =
             self.store.conversation(input.user, id)?.ok_or(ChatError::ConversationNotFound)?;
-        Ok(messages.into_iter().map(|m| Message::new(m.role, m.content)).collect())
+        let said = |m: crate::store::Message| Message {
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            ..Message::new(m.role, m.content)
+        };
+        Ok(messages.into_iter().map(said).collect())
     }
 
     fn persist(&self, input: &ChatInput, save: bool) -> Option<reply::Persist> {
@@ -335,9 +362,48 @@ impl Chat {
     }
 }
 
-fn request(model: &str, messages: Vec<Message>, max_tokens: u32, p: &Sampling) -> ChatRequest {
-    let sampling = Sampling { max_tokens: Some(max_tokens), ..p.clone() };
-    ChatRequest { model: model.to_string(), messages, sampling }
+fn request(model: &str, messages: Vec<Message>, max_tokens: u32, input: &ChatInput) -> ChatRequest {
+    let sampling = Sampling { max_tokens: Some(max_tokens), ..input.params.clone() };
+    ChatRequest {
+        model: model.to_string(),
+        messages,
+        sampling,
+        shape: input.shape.clone(),
+        extra: input.extra.clone(),
+    }
+}
+
+/// What the local model is told when its answer must follow a JSON schema: the grammar makes
+/// the answer valid, the schema in the prompt makes it meaningful.
+/// It goes at the end of the last user message: every chat template accepts that.
+fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Message> {
+    let Some(ResponseFormat::JsonSchema { json_schema }) = &shape.response_format else {
+        return turn;
+    };
+    let (Some(schema), Some(last)) =
+        (&json_schema.schema, turn.iter_mut().rev().find(|m| m.role == Role::User))
+    else {
+        return turn;
+    };
+    last.content.push_str(&format!("\n\nAnswer with JSON that follows this JSON schema: {schema}"));
+    turn
+}
+
+/// The first field of `input` the local models cannot honour.
+fn local_refuses(input: &ChatInput) -> Option<Unsupported> {
+    const WHY: &str = "is not supported by the local model";
+    let (p, shape) = (&input.params, &input.shape);
+    let asked = [
+        ("tools", shape.offers_tools()),
+        ("logprobs", p.logprobs.is_some()),
+        ("logit_bias", !p.logit_bias.is_empty()),
+        ("presence_penalty", p.presence_penalty.is_some_and(|v| v != 0.0)),
+        ("frequency_penalty", p.frequency_penalty.is_some_and(|v| v != 0.0)),
+    ];
+    let extra =
+        input.extra.keys().find(|k| !crate::message::INFORMATIONAL_FIELDS.contains(&k.as_str()));
+    let field = asked.iter().find(|(_, on)| *on).map(|(f, _)| *f).or(extra.map(String::as_str))?;
+    Some(Unsupported::new(field, format!("{field} {WHY}")))
 }
 
 fn local_error(e: LocalError) -> ChatError {

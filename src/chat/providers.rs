@@ -80,11 +80,19 @@ impl RemoteProvider {
 
     /// Streams an answer through whichever API serves `req.model`.
     pub(super) async fn chat(&self, req: &ChatRequest) -> Result<EventStream, ProviderError> {
+        self.client(req).chat(req).await
+    }
+
+    /// The first field of `req` the client for its model cannot honour.
+    pub(super) fn refuses(&self, req: &ChatRequest) -> Option<crate::message::Unsupported> {
+        self.client(req).refuses(req)
+    }
+
+    /// The text-generation client for the models that need it, else the chat client.
+    fn client(&self, req: &ChatRequest) -> &Remote {
         match &self.text_generation {
-            Some((client, models)) if models.iter().any(|m| glob(m, &req.model)) => {
-                client.chat(req).await
-            }
-            _ => self.chat.chat(req).await,
+            Some((client, models)) if models.iter().any(|m| glob(m, &req.model)) => client,
+            _ => &self.chat,
         }
     }
 

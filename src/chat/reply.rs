@@ -3,24 +3,36 @@
 
 use super::{context, local_error, title, Answerer, ChatError, ChatInput, Thread};
 use crate::clock::{now_ms, Millis};
-use crate::llm::{Event, EventStream, FinishReason, Usage};
+use crate::llm::{Event, EventStream, FinishReason, ToolCall, ToolCallDelta, Usage};
 use crate::local::Generation;
 use crate::message::{Message, Role};
 use crate::store::{NewMessage, Store, TurnTarget};
 use futures_util::stream::{BoxStream, StreamExt};
+use serde_json::Value;
 use uuid::Uuid;
 
-/// What `Reply::next` yields: deltas, then one `Done`.
+/// What `Reply::next` yields: the answer's pieces as they come, then one `Done`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Delta(String),
+    ToolCall(ToolCallDelta),
+    Refusal(String),
+    Logprobs(Vec<Value>),
     Done(Completion),
 }
 
 /// A finished answer; the ids are `None` when the turn was not stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
     pub text: String,
+    /// The functions the model called, in index order.
+    pub tool_calls: Vec<ToolCall>,
+    /// The model's refusal to answer, when it gave one instead of text.
+    pub refusal: Option<String>,
+    /// Per-token log probabilities, when asked for and given.
+    pub logprobs: Vec<Value>,
+    /// The upstream's `system_fingerprint`, when it sent one.
+    pub fingerprint: Option<String>,
     pub finish: FinishReason,
     pub usage: Usage,
     pub conversation_id: Option<Uuid>,
@@ -56,6 +68,8 @@ pub fn turn(
     let said = input.messages.iter().map(|m| NewMessage {
         role: m.role,
         content: m.content.clone(),
+        tool_calls: m.tool_calls.clone(),
+        tool_call_id: m.tool_call_id.clone(),
         model: None,
         provider: None,
         usage: None,
@@ -63,6 +77,8 @@ pub fn turn(
     let answer = NewMessage {
         role: Role::Assistant,
         content: done.text.clone(),
+        tool_calls: done.tool_calls.clone(),
+        tool_call_id: None,
         model: Some(who.model.clone()),
         provider: Some(who.provider.as_str().to_string()),
         usage: Some(done.usage),
@@ -78,7 +94,8 @@ pub struct Reply {
     persist: Option<Persist>,
     /// What was sent, for a usage estimate when the provider reports none.
     prompt: Vec<Message>,
-    text: String,
+    /// The answer so far.
+    so_far: Completion,
     done: bool,
 }
 
@@ -93,12 +110,13 @@ impl Reply {
         let events = events
             .map(move |e| e.map_err(|e| ChatError::Upstream { provider, reason: e.reason() }))
             .boxed();
-        Reply { who, events, persist, prompt, text: String::new(), done: false }
+        Reply { who, events, persist, prompt, so_far: Completion::default(), done: false }
     }
 
     pub(super) fn local(persist: Option<Persist>, who: Answerer, generation: Generation) -> Reply {
         let events = generation.map(|e| e.map_err(local_error)).boxed();
-        Reply { who, events, persist, prompt: Vec::new(), text: String::new(), done: false }
+        let so_far = Completion::default();
+        Reply { who, events, persist, prompt: Vec::new(), so_far, done: false }
     }
 
     /// Who answers.
@@ -106,20 +124,44 @@ impl Reply {
         &self.who
     }
 
+    /// The upstream's `system_fingerprint`, once it has sent one.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.so_far.fingerprint.as_deref()
+    }
+
     /// The next delta, or the completion after the turn is stored; `None` after that.
     pub async fn next(&mut self) -> Option<Result<Step, ChatError>> {
         if self.done {
             return None;
         }
-        let event = match self.events.next().await {
-            Some(e) => e,
-            None => Err(ChatError::Upstream { provider: self.who.provider, reason: "ended" }),
+        let event = loop {
+            match self.events.next().await {
+                Some(Ok(Event::Fingerprint(f))) => self.so_far.fingerprint = Some(f),
+                Some(e) => break e,
+                None => {
+                    break Err(ChatError::Upstream { provider: self.who.provider, reason: "ended" })
+                }
+            }
         };
+        let so_far = &mut self.so_far;
         match event {
             Ok(Event::Delta(d)) => {
-                self.text.push_str(&d);
+                so_far.text.push_str(&d);
                 Some(Ok(Step::Delta(d)))
             }
+            Ok(Event::ToolCall(d)) => {
+                add_tool_call(&mut so_far.tool_calls, &d);
+                Some(Ok(Step::ToolCall(d)))
+            }
+            Ok(Event::Refusal(r)) => {
+                so_far.refusal.get_or_insert_with(String::new).push_str(&r);
+                Some(Ok(Step::Refusal(r)))
+            }
+            Ok(Event::Logprobs(items)) => {
+                so_far.logprobs.extend(items.iter().cloned());
+                Some(Ok(Step::Logprobs(items)))
+            }
+            Ok(Event::Fingerprint(_)) => unreachable!("taken above"),
             Ok(Event::Finish { reason, usage }) => {
                 self.done = true;
                 let done = self.finish(reason, usage).await;
@@ -156,24 +198,19 @@ impl Reply {
         finish: FinishReason,
         usage: Option<Usage>,
     ) -> Result<Completion, ChatError> {
+        let answer = Message {
+            tool_calls: self.so_far.tool_calls.clone(),
+            ..Message::new(Role::Assistant, &*self.so_far.text)
+        };
         let usage = usage.unwrap_or_else(|| Usage {
             prompt_tokens: context::estimate_tokens(&self.prompt) as u32,
-            completion_tokens: context::estimate_tokens(&[Message::new(
-                Role::Assistant,
-                &*self.text,
-            )]) as u32,
+            completion_tokens: context::estimate_tokens(&[answer]) as u32,
             cached_tokens: 0,
         });
-        let text = std::mem::take(&mut self.text);
         let now = now_ms();
-        let mut done = Completion {
-            text,
-            finish,
-            usage,
-            conversation_id: None,
-            message_id: None,
-            created_at: now,
-        };
+        let mut done =
+            Completion { finish, usage, created_at: now, ..std::mem::take(&mut self.so_far) };
+        self.so_far.fingerprint.clone_from(&done.fingerprint);
         let Some(p) = self.persist.take() else { return Ok(done) };
         let Some((target, messages)) = turn(&p.input, &self.who, &done) else { return Ok(done) };
         let (conv, stored) =
@@ -187,4 +224,21 @@ impl Reply {
         done.message_id = stored.last().map(|m| m.id);
         Ok(done)
     }
+}
+
+/// Folds a streamed fragment into the calls: a new index starts a call, the rest of its
+/// fragments append to its arguments.
+fn add_tool_call(calls: &mut Vec<ToolCall>, d: &ToolCallDelta) {
+    let i = d.index as usize;
+    while calls.len() <= i {
+        calls.push(ToolCall { id: String::new(), name: String::new(), arguments: String::new() });
+    }
+    let call = &mut calls[i];
+    if let Some(id) = &d.id {
+        call.id.clone_from(id);
+    }
+    if let Some(name) = &d.name {
+        call.name.push_str(name);
+    }
+    call.arguments.push_str(&d.arguments);
 }

@@ -5,7 +5,7 @@
 use crate::chat::{Answerer, ChatInput, Completion, Thread};
 use crate::clock::rfc3339;
 use crate::llm::Sampling;
-use crate::message::{Message, Role, Usage};
+use crate::message::{Message, ResponseFormat, Role, Shape, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -26,6 +26,8 @@ pub struct JobRequest {
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl JobRequest {
@@ -42,6 +44,7 @@ impl JobRequest {
             messages: input.messages.clone(),
             max_tokens: input.params.max_tokens,
             temperature: input.params.temperature,
+            response_format: input.shape.response_format.clone(),
         }
     }
 
@@ -57,6 +60,8 @@ impl JobRequest {
                 temperature: self.temperature,
                 ..Sampling::default()
             },
+            shape: Shape { response_format: self.response_format.clone(), ..Shape::default() },
+            extra: Default::default(),
         }
     }
 
@@ -110,6 +115,7 @@ impl BodyV0 {
             messages,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
+            response_format: None,
         }
     }
 }

@@ -2,23 +2,48 @@
 //! (`choices[0].delta.content`, a `finish_reason`, a usage-only chunk, then `[DONE]`).
 
 use super::decode::{Decode, DecodeError};
-use super::{ChatRequest, Event, FinishReason, Usage};
+use super::{ChatRequest, Event, FinishReason, Message, Shape, ToolCallDelta, ToolChoice, Usage};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 
-/// The upstream request: always streamed, usage requested in the last chunk.
+/// The upstream request: always streamed, usage requested in the last chunk; the other OpenAI
+/// fields the caller gave are relayed as they came.
 pub(super) fn body(req: &ChatRequest) -> Value {
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-        .collect();
-    let mut body = json!({
+    let messages: Vec<Value> = req.messages.iter().map(message).collect();
+    let mut body = Value::Object(req.extra.clone());
+    let base = json!({
         "model": req.model,
         "messages": messages,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    body.as_object_mut().expect("an object").extend(base.as_object().expect("an object").clone());
+    sampling(&mut body, req);
+    shape(&mut body, &req.shape);
+    body
+}
+
+/// A message as OpenAI takes it: an assistant's tool calls, a tool result's call id.
+pub(super) fn message(m: &Message) -> Value {
+    let mut out = json!({"role": m.role.as_str(), "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+        out["tool_calls"] = calls.into();
+        if m.content.is_empty() {
+            out["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &m.tool_call_id {
+        out["tool_call_id"] = id.as_str().into();
+    }
+    out
+}
+
+fn sampling(body: &mut Value, req: &ChatRequest) {
     if let Some(v) = req.sampling.max_tokens {
         body["max_tokens"] = v.into();
     }
@@ -34,14 +59,65 @@ pub(super) fn body(req: &ChatRequest) -> Value {
     if !req.sampling.stop.is_empty() {
         body["stop"] = json!(req.sampling.stop);
     }
-    body
+    let s = &req.sampling;
+    for (key, v) in
+        [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)]
+    {
+        if let Some(v) = v {
+            body[key] = v.into();
+        }
+    }
+    if !s.logit_bias.is_empty() {
+        let bias: serde_json::Map<String, Value> =
+            s.logit_bias.iter().map(|(id, b)| (id.to_string(), number(*b))).collect();
+        body["logit_bias"] = bias.into();
+    }
+    if let Some(n) = s.logprobs {
+        body["logprobs"] = true.into();
+        if n > 0 {
+            body["top_logprobs"] = n.into();
+        }
+    }
 }
 
-/// Remembers the finish reason and usage, which arrive in chunks before `[DONE]`.
+/// A whole number as an integer (as clients write biases), anything else as a float.
+fn number(v: f32) -> Value {
+    match v.fract() == 0.0 {
+        true => json!(v as i64),
+        false => json!(v),
+    }
+}
+
+/// Tools, the tool choice and the response format, in OpenAI's words.
+pub(super) fn shape(body: &mut Value, shape: &Shape) {
+    if !shape.tools.is_empty() {
+        let tools: Vec<Value> =
+            shape.tools.iter().map(|t| json!({"type": "function", "function": t})).collect();
+        body["tools"] = tools.into();
+    }
+    if let Some(choice) = &shape.tool_choice {
+        body["tool_choice"] = match choice {
+            ToolChoice::None => "none".into(),
+            ToolChoice::Auto => "auto".into(),
+            ToolChoice::Required => "required".into(),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+    }
+    if let Some(v) = shape.parallel_tool_calls {
+        body["parallel_tool_calls"] = v.into();
+    }
+    if let Some(format) = &shape.response_format {
+        body["response_format"] = serde_json::to_value(format).expect("formats serialize");
+    }
+}
+
+/// Remembers the finish reason and usage, which arrive in chunks before `[DONE]`, and whether
+/// the fingerprint was passed on.
 #[derive(Debug, Default)]
 pub(super) struct Decoder {
     finish: Option<FinishReason>,
     usage: Option<Usage>,
+    fingerprint: bool,
 }
 
 impl Decode for Decoder {
@@ -67,19 +143,49 @@ impl Decode for Decoder {
                     .unwrap_or(0) as u32,
             });
         }
-        if let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) {
-            if let Some(text) =
-                choice.pointer("/delta/content").and_then(Value::as_str).filter(|t| !t.is_empty())
-            {
-                out.push_back(Event::Delta(text.to_string()));
-            }
-            match choice.get("finish_reason").and_then(Value::as_str) {
-                Some("length") => self.finish = Some(FinishReason::Length),
-                Some(_) => self.finish = Some(FinishReason::Stop),
-                None => {}
+        if let Some(f) = chunk.get("system_fingerprint").and_then(Value::as_str) {
+            if !std::mem::replace(&mut self.fingerprint, true) {
+                out.push_back(Event::Fingerprint(f.to_string()));
             }
         }
+        if let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) {
+            choice_events(choice, out);
+            self.finish = match choice.get("finish_reason").and_then(Value::as_str) {
+                Some("length") => Some(FinishReason::Length),
+                Some("tool_calls" | "function_call") => Some(FinishReason::ToolCalls),
+                Some("content_filter") => Some(FinishReason::ContentFilter),
+                Some(_) => Some(FinishReason::Stop),
+                None => self.finish,
+            };
+        }
         Ok(false)
+    }
+}
+
+/// The events of one streamed choice: text, refusal and tool-call fragments, log probabilities.
+fn choice_events(choice: &Value, out: &mut VecDeque<Event>) {
+    let text = |key: &str| {
+        choice.pointer(&format!("/delta/{key}")).and_then(Value::as_str).filter(|t| !t.is_empty())
+    };
+    if let Some(t) = text("content") {
+        out.push_back(Event::Delta(t.to_string()));
+    }
+    if let Some(t) = text("refusal") {
+        out.push_back(Event::Refusal(t.to_string()));
+    }
+    let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
+    for call in calls.into_iter().flatten() {
+        let s = |p: &str| call.pointer(p).and_then(Value::as_str).map(str::to_string);
+        out.push_back(Event::ToolCall(ToolCallDelta {
+            index: call.get("index").and_then(Value::as_u64).unwrap_or(0) as u32,
+            id: s("/id"),
+            name: s("/function/name"),
+            arguments: s("/function/arguments").unwrap_or_default(),
+        }));
+    }
+    let logprobs = choice.pointer("/logprobs/content").and_then(Value::as_array);
+    if let Some(items) = logprobs.filter(|l| !l.is_empty()) {
+        out.push_back(Event::Logprobs(items.clone()));
     }
 }
 
@@ -95,6 +201,7 @@ mod tests {
             model: "gpt-4o-mini".into(),
             messages: vec![Message::new(Role::User, "hi")],
             sampling: Sampling { max_tokens: Some(5), ..Default::default() },
+            ..Default::default()
         };
         let b = body(&req);
         assert_eq!(b["messages"], json!([{"role": "user", "content": "hi"}]));

@@ -23,7 +23,10 @@ pub use sse::{SseError, SseEvent, SseParser};
 use futures_util::stream::BoxStream;
 use std::time::Duration;
 
-pub use crate::message::{Event, FinishReason, Message, Role, Usage};
+pub use crate::message::{
+    Event, FinishReason, JsonSchema, Message, ResponseFormat, Role, Shape, Tool, ToolCall,
+    ToolCallDelta, ToolChoice, Usage,
+};
 
 /// What to generate.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,6 +34,10 @@ pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
     pub sampling: Sampling,
+    pub shape: Shape,
+    /// Other OpenAI request fields (`user`, `metadata`, `service_tier`, …), sent verbatim to
+    /// upstreams that speak Chat Completions; `Dialect::refuses` names them for the others.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// How to sample; `None` leaves a parameter to the provider's default.
@@ -42,6 +49,12 @@ pub struct Sampling {
     /// Generation ends before any of these would appear.
     pub stop: Vec<String>,
     pub seed: Option<u64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (in the model's own vocabulary) → bias added to its logit.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each token's log probability, with this many alternatives.
+    pub logprobs: Option<u8>,
 }
 
 /// The deadline that passed.

@@ -49,6 +49,14 @@ impl Dialect {
         }
     }
 
+    /// The first field of `req` this dialect cannot honour (Chat Completions relays them all).
+    pub fn refuses(self, req: &ChatRequest) -> Option<crate::message::Unsupported> {
+        match self {
+            Dialect::ChatCompletions => None,
+            Dialect::TextGeneration => text_generation::refuses(req),
+        }
+    }
+
     fn decoder(self) -> Box<dyn Decode> {
         match self {
             Dialect::ChatCompletions => Box::<chat_completions::Decoder>::default(),
@@ -96,6 +104,11 @@ impl Remote {
             retry,
             breaker,
         })
+    }
+
+    /// The first field of `req` this endpoint's dialect cannot honour.
+    pub fn refuses(&self, req: &ChatRequest) -> Option<crate::message::Unsupported> {
+        self.dialect.refuses(req)
     }
 
     /// The provider's configured name (`openai`, `huggingface`, …).

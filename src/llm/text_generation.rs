@@ -3,7 +3,10 @@
 //! There is no `[DONE]`: that last event ends the stream.
 
 use super::decode::{Decode, DecodeError};
-use super::{ChatRequest, Event, FinishReason, Message, ProviderError, Role, Usage};
+use super::{
+    ChatRequest, Event, FinishReason, Message, ProviderError, ResponseFormat, Role, Usage,
+};
+use crate::message::{Unsupported, INFORMATIONAL_FIELDS};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 
@@ -48,7 +51,44 @@ pub(super) fn body(req: &ChatRequest) -> Value {
     if !req.sampling.stop.is_empty() {
         p["stop"] = json!(req.sampling.stop);
     }
+    if let Some(v) = req.sampling.frequency_penalty {
+        p["frequency_penalty"] = v.into();
+    }
+    if let Some(grammar) = grammar(req.shape.response_format.as_ref()) {
+        p["grammar"] = grammar;
+    }
     json!({"inputs": transcript(&req.messages), "parameters": p, "stream": true})
+}
+
+/// TGI's JSON grammar for a JSON response format.
+fn grammar(format: Option<&ResponseFormat>) -> Option<Value> {
+    let schema = match format? {
+        ResponseFormat::Text => return None,
+        ResponseFormat::JsonObject => json!({"type": "object"}),
+        ResponseFormat::JsonSchema { json_schema } => {
+            json_schema.schema.clone().unwrap_or_else(|| json!({}))
+        }
+    };
+    Some(json!({"type": "json", "value": schema}))
+}
+
+/// The first field of `req` this API cannot honour: it has no tools, no log probabilities,
+/// no presence penalty or logit bias, and none of OpenAI's other options.
+pub(super) fn refuses(req: &ChatRequest) -> Option<Unsupported> {
+    const WHY: &str =
+        "is not supported by HuggingFace's text-generation API (use a model served by the router)";
+    let s = &req.sampling;
+    let asked = [
+        ("tools", !req.shape.tools.is_empty()),
+        ("tool_choice", req.shape.tool_choice.is_some()),
+        ("parallel_tool_calls", req.shape.parallel_tool_calls.is_some()),
+        ("logprobs", s.logprobs.is_some()),
+        ("presence_penalty", s.presence_penalty.is_some()),
+        ("logit_bias", !s.logit_bias.is_empty()),
+    ];
+    let extra = req.extra.keys().find(|k| !INFORMATIONAL_FIELDS.contains(&k.as_str()));
+    let field = asked.iter().find(|(_, on)| *on).map(|(f, _)| *f).or(extra.map(String::as_str))?;
+    Some(Unsupported::new(field, format!("{field} {WHY}")))
 }
 
 /// The task takes one string, so the conversation becomes a plain transcript that ends where
@@ -60,6 +100,7 @@ pub(super) fn transcript(messages: &[Message]) -> String {
             Role::System => "System",
             Role::User => "User",
             Role::Assistant => "Assistant",
+            Role::Tool => "Tool",
         };
         out.push_str(&format!("{who}: {}\n\n", m.content));
     }

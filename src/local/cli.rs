@@ -106,6 +106,7 @@ async fn answer(
                 let _ = out.write_all(d.as_bytes()).and_then(|_| out.flush());
             }
             Some(Ok(Event::Finish { .. })) | None => break,
+            Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e.to_string()),
         }
     }

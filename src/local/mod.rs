@@ -15,6 +15,7 @@ pub mod cli;
 mod error;
 pub mod files;
 mod gguf;
+mod grammar;
 mod model;
 mod registry;
 mod sampler;
@@ -31,12 +32,14 @@ pub use sampler::SamplingDefaults;
 pub use template::{ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
 
+use crate::message::ResponseFormat;
 use futures_util::Stream;
+use grammar::{Constraint, Grammars};
 use sampler::SamplingParams;
 use scheduler::{Job, Queue};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
@@ -87,6 +90,8 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Generation ends before any of these would appear; none of it is ever emitted.
     pub stop: Vec<String>,
+    /// JSON (any object, or valid against a schema), enforced token by token.
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl Default for GenerateRequest {
@@ -100,6 +105,7 @@ impl Default for GenerateRequest {
             repetition_penalty: 1.0,
             seed: None,
             stop: Vec::new(),
+            response_format: None,
         }
     }
 }
@@ -135,6 +141,8 @@ struct Inner {
     template: ChatTemplate,
     sampling: SamplingDefaults,
     queue: Arc<Queue>,
+    /// Built on the first request for JSON output (a few hundred milliseconds).
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl Drop for Inner {
@@ -173,7 +181,9 @@ impl Engine {
             .map_err(|e| {
                 LocalError::Generation(format!("cannot start the generation thread: {e}"))
             })?;
-        let inner = Inner { info, kernels, context, tokenizer, template, sampling, queue };
+        let grammars = OnceLock::new();
+        let inner =
+            Inner { info, kernels, context, tokenizer, template, sampling, queue, grammars };
         Ok(Engine { inner: Arc::new(inner) })
     }
 
@@ -245,6 +255,7 @@ impl Engine {
         if prompt.len() >= context {
             return Err(LocalError::PromptTooLong { prompt_tokens: prompt.len(), context });
         }
+        let constraint = self.constraint(request.response_format.as_ref())?;
         let (reply, rx) = mpsc::unbounded_channel();
         self.inner.queue.push(Job {
             max_tokens: request.max_tokens.min(context - prompt.len()),
@@ -252,9 +263,31 @@ impl Engine {
             params,
             seed: request.seed,
             stop: request.stop,
+            constraint,
             reply,
         })?;
         Ok(Generation { rx, done: false, _engine: self.clone() })
+    }
+}
+
+impl Engine {
+    /// The grammar state for `format`: `None` for text.
+    fn constraint(
+        &self,
+        format: Option<&ResponseFormat>,
+    ) -> Result<Option<Constraint>, LocalError> {
+        let schema = match format {
+            None | Some(ResponseFormat::Text) => return Ok(None),
+            Some(ResponseFormat::JsonObject) => None,
+            Some(ResponseFormat::JsonSchema { json_schema }) => json_schema.schema.as_ref(),
+        };
+        let grammars = self
+            .inner
+            .grammars
+            .get_or_init(|| Grammars::new(&self.inner.tokenizer).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| LocalError::Generation(e.clone()))?;
+        grammars.json(schema).map(Some)
     }
 }
 
@@ -277,6 +310,7 @@ impl Generation {
                 Event::Finish { reason, usage } => {
                     return Ok((text, reason, usage.unwrap_or_default()));
                 }
+                _ => {}
             }
         }
         Err(LocalError::Stopped)

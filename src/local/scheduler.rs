@@ -3,6 +3,7 @@
 //! sequence (a token each, or a slice of a new prompt), so the weights are read once for all,
 //! requests join and leave between steps, and no request starves another.
 
+use super::grammar::Constraint;
 use super::model::{self, Input, Weights};
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Step, TextStream};
@@ -30,6 +31,8 @@ pub(crate) struct Job {
     pub params: SamplingParams,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// The grammar the answer must follow (a JSON schema), if any.
+    pub constraint: Option<Constraint>,
     pub reply: Reply,
 }
 
@@ -311,7 +314,14 @@ impl Sequence {
         mut logits: Vec<f32>,
         tokenizer: &TextTokenizer,
     ) -> Result<Option<FinishReason>, LocalError> {
+        if let Some(c) = &mut self.job.constraint {
+            c.mask(&mut logits)?;
+        }
         let next = self.sampler.sample(&mut logits, &self.tokens);
+        let complete = match &mut self.job.constraint {
+            Some(c) => c.accept(next)?,
+            None => false,
+        };
         if tokenizer.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));
         }
@@ -323,6 +333,9 @@ impl Sequence {
                 return Ok(Some(FinishReason::Stop));
             }
             Step::Continue(text) => self.send_text(text),
+        }
+        if complete {
+            return Ok(Some(FinishReason::Stop));
         }
         Ok((self.generated >= self.job.max_tokens).then_some(FinishReason::Length))
     }

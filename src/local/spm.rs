@@ -171,6 +171,18 @@ impl Spm {
         self.pieces.len()
     }
 
+    /// The bytes token `id` stands for, and whether it is a control token (written as its
+    /// piece); `None` past the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<(Vec<u8>, bool)> {
+        let kind = *self.kinds.get(id as usize)?;
+        if matches!(kind, Kind::Control | Kind::Unknown | Kind::Other) {
+            return Some((self.pieces[id as usize].as_bytes().to_vec(), true));
+        }
+        let mut bytes = Vec::new();
+        self.piece_bytes(id, &mut bytes);
+        Some((bytes, false))
+    }
+
     fn piece_bytes(&self, id: u32, out: &mut Vec<u8>) {
         let i = id as usize;
         let (Some(piece), Some(kind)) = (self.pieces.get(i), self.kinds.get(i)) else { return };

@@ -119,6 +119,27 @@ impl TextTokenizer {
         self.inner.token_to_id(token).is_some()
     }
 
+    /// Every token's bytes, and whether it is a special token (then its text, as written in
+    /// prompts), by id. For constrained decoding.
+    pub(crate) fn vocabulary_bytes(&self) -> Vec<(Vec<u8>, bool)> {
+        let ids = 0..self.vocab_size() as u32;
+        match &self.inner {
+            Backend::Spm(t) => ids.map(|id| t.token_bytes(id).unwrap_or_default()).collect(),
+            Backend::Hf(t) => {
+                let specials = t.get_added_tokens_decoder();
+                let spell = Speller::of(t);
+                ids.map(|id| {
+                    let text = t.id_to_token(id).unwrap_or_default();
+                    match specials.get(&id).is_some_and(|a| a.special) {
+                        true => (text.into_bytes(), true),
+                        false => (spell.bytes(&text), false),
+                    }
+                })
+                .collect()
+            }
+        }
+    }
+
     /// Tokens in the vocabulary, special ones included.
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
@@ -150,6 +171,65 @@ impl Backend {
             Backend::Spm(t) => t.id_to_token(id).map(str::to_owned),
         }
     }
+}
+
+/// How a `tokenizers` vocabulary spells bytes: byte-level BPE as one character of GPT-2's
+/// table per byte; SentencePiece style with `▁` for spaces and `<0xNN>` for odd bytes.
+enum Speller {
+    ByteLevel(std::collections::HashMap<char, u8>),
+    Pieces,
+}
+
+impl Speller {
+    fn of(t: &Tokenizer) -> Speller {
+        use tokenizers::DecoderWrapper;
+        let byte_level = match t.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => true,
+            Some(DecoderWrapper::Sequence(s)) => {
+                s.get_decoders().iter().any(|d| matches!(d, DecoderWrapper::ByteLevel(_)))
+            }
+            _ => false,
+        };
+        match byte_level {
+            true => Speller::ByteLevel(gpt2_chars()),
+            false => Speller::Pieces,
+        }
+    }
+
+    /// The bytes `piece` spells (a character outside the table stands for its own UTF-8).
+    fn bytes(&self, piece: &str) -> Vec<u8> {
+        match self {
+            Speller::ByteLevel(table) => piece
+                .chars()
+                .flat_map(|c| match table.get(&c) {
+                    Some(&b) => vec![b],
+                    None => c.to_string().into_bytes(),
+                })
+                .collect(),
+            Speller::Pieces => {
+                let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                match hex.filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => vec![b],
+                    None => piece.replace('\u{2581}', " ").into_bytes(),
+                }
+            }
+        }
+    }
+}
+
+/// GPT-2's table: printable bytes stand for themselves, the other 68 are spelled U+0100
+/// onwards, in byte order.
+fn gpt2_chars() -> std::collections::HashMap<char, u8> {
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| match matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
+            true => (b as char, b),
+            false => {
+                next += 1;
+                (char::from_u32(next - 1).unwrap_or('\0'), b)
+            }
+        })
+        .collect()
 }
 
 fn sidecar(model: &Path) -> Option<PathBuf> {

@@ -600,6 +600,8 @@ mod tests {
             let msg = |role| NewMessage {
                 role,
                 content: "x".into(),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
                 model: None,
                 provider: None,
                 usage: None,

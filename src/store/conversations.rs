@@ -23,7 +23,7 @@ pub struct Conversation {
 
 pub use crate::message::Role;
 
-pub use crate::message::Usage;
+pub use crate::message::{ToolCall, Usage};
 
 /// A stored message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,12 @@ pub struct Message {
     pub id: Uuid,
     pub role: Role,
     pub content: String,
+    /// An assistant turn's function calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool result's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
     pub model: Option<String>,
     pub provider: Option<String>,
     pub created_at: Millis,
@@ -42,6 +48,8 @@ pub struct Message {
 pub struct NewMessage {
     pub role: Role,
     pub content: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub tool_call_id: Option<String>,
     pub model: Option<String>,
     pub provider: Option<String>,
     pub usage: Option<Usage>,
@@ -280,6 +288,8 @@ pub(super) fn record_turn_in(
             id: Uuid::now_v7(),
             role: m.role,
             content: m.content,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
             model: m.model,
             provider: m.provider,
             created_at: now,
@@ -306,6 +316,8 @@ mod tests {
         NewMessage {
             role,
             content: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: Some("m".into()),
             provider: None,
             usage: None,

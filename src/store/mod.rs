@@ -18,7 +18,7 @@ pub use accounts::{
 };
 pub use backup::restore;
 pub use conversations::{
-    Conversation, ConversationPage, Cursor, Message, NewMessage, Role, TurnTarget, Usage,
+    Conversation, ConversationPage, Cursor, Message, NewMessage, Role, ToolCall, TurnTarget, Usage,
 };
 pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
 pub use recovery::IoFailure;

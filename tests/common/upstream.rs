@@ -25,6 +25,9 @@ pub enum Act {
     DropAfterFirst,
     /// Sends a chunk that is not JSON.
     Malformed,
+    /// Streams these chunks as written (tool calls, refusals, log probabilities…), then
+    /// `[DONE]`.
+    Chunks(Vec<Value>),
     /// Answers with an error status, a JSON error body, and `Retry-After` seconds.
     Status(u16, Option<u64>),
     /// Answers with an error status and OpenAI's error body, echoing the key it was sent and
@@ -191,6 +194,12 @@ fn stream_body(act: Act, gone: Arc<Notify>) -> Body {
             }
             Act::Malformed => {
                 let _ = send("data: {not json\n\n".into()).await;
+            }
+            Act::Chunks(chunks) => {
+                for c in chunks {
+                    let _ = send(format!("data: {c}\n\n")).await;
+                }
+                let _ = send("data: [DONE]\n\n".into()).await;
             }
             Act::StallBeforeHead | Act::Status(..) | Act::Echo(_) => {
                 unreachable!("no stream for these")
