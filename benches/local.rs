@@ -1,7 +1,8 @@
 //! `cargo bench --bench local`: the local engine on the default model — load time, prefill
 //! tokens/s (a 256-token prompt), decode tokens/s (128 tokens) alone and for a batch of
 //! `EDGECHAT_BENCH_BATCH` requests together (default 4: aggregate tokens/s once all have
-//! their first token), peak RSS. Compare with llama.cpp on the same file and threads:
+//! their first token), decode held to a nested JSON schema by constrained decoding (as a share
+//! of free decode), peak RSS. Compare with llama.cpp on the same file and threads:
 //! `bash benches/llama-bench.sh`.
 //!
 //! Environment: `EDGECHAT_BENCH_MODEL` (default models/SmolLM2-135M-Instruct.Q4_1.gguf),
@@ -10,6 +11,7 @@
 //! binary's (`cli::tune_allocator`).
 
 use edgechat::local::{Engine, EngineOptions, GenerateRequest, Message, Role};
+use edgechat::message::{JsonSchema, ResponseFormat};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,9 @@ fn main() {
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     let mut batched = Vec::new();
+    let mut constrained = Vec::new();
+    // The first constrained request builds the vocabulary's grammar tables: not timed.
+    runtime.block_on(time_request(&engine, nested("warm up"), 2));
     for _ in 0..runs {
         // One generated token: the time is the prompt's forward pass plus one sampling step.
         let (t, _) = runtime.block_on(time(&engine, prompt.clone(), 1));
@@ -62,6 +67,10 @@ fn main() {
         let (first, _) = runtime.block_on(time(&engine, short.clone(), 1));
         let (total, n) = runtime.block_on(time(&engine, short, DECODE_TOKENS));
         decode.push((n - 1) as f64 / (total - first).as_secs_f64());
+        let ask = "Invent a library of books with long descriptions.";
+        let (first, _) = runtime.block_on(time_request(&engine, nested(ask), 1));
+        let (total, n) = runtime.block_on(time_request(&engine, nested(ask), DECODE_TOKENS));
+        constrained.push((n - 1) as f64 / (total - first).as_secs_f64());
         if batch > 1 {
             batched.push(runtime.block_on(decode_together(&engine, batch)));
         }
@@ -78,6 +87,12 @@ fn main() {
         "decode tg{DECODE_TOKENS}: {:.1} tok/s (best of {runs}: {})",
         best(&decode),
         list(&decode)
+    );
+    println!(
+        "decode tg{DECODE_TOKENS} json_schema (nested): {:.1} tok/s, {:.0} % of free decode (best of {runs}: {})",
+        best(&constrained),
+        100.0 * best(&constrained) / best(&decode),
+        list(&constrained)
     );
     if batch > 1 {
         println!(
@@ -118,8 +133,41 @@ fn prompt_of(engine: &Engine, tokens: usize) -> Vec<Message> {
     }
 }
 
+/// A request whose answer must follow a nested schema: books, each with authors and chapters.
+fn nested(ask: &str) -> GenerateRequest {
+    let text = serde_json::json!({"type": "string"});
+    let chapter = serde_json::json!({"type": "object", "required": ["title", "summary"],
+        "properties": {"title": text, "summary": text}, "additionalProperties": false});
+    let book = serde_json::json!({"type": "object", "required": ["title", "authors", "chapters"],
+        "additionalProperties": false, "properties": {"title": text,
+            "authors": {"type": "array", "items": text},
+            "chapters": {"type": "array", "items": chapter}}});
+    let schema = serde_json::json!({"type": "object", "required": ["books"],
+        "additionalProperties": false, "properties": {"books": {"type": "array", "items": book}}});
+    let json_schema = JsonSchema {
+        name: "library".into(),
+        description: None,
+        schema: Some(schema),
+        strict: None,
+    };
+    GenerateRequest {
+        messages: vec![Message::new(Role::User, ask)],
+        response_format: Some(ResponseFormat::JsonSchema { json_schema }),
+        ..GenerateRequest::default()
+    }
+}
+
 async fn time(engine: &Engine, messages: Vec<Message>, max_tokens: usize) -> (Duration, usize) {
-    let request = GenerateRequest { messages, max_tokens, ..GenerateRequest::default() };
+    time_request(engine, GenerateRequest { messages, ..GenerateRequest::default() }, max_tokens)
+        .await
+}
+
+async fn time_request(
+    engine: &Engine,
+    request: GenerateRequest,
+    max_tokens: usize,
+) -> (Duration, usize) {
+    let request = GenerateRequest { max_tokens, ..request };
     let started = Instant::now();
     let (_, _, usage) = engine.generate(request).unwrap().collect_text().await.unwrap();
     (started.elapsed(), usage.completion_tokens as usize)

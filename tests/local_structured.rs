@@ -57,3 +57,58 @@ async fn json_object_on_the_seed_face_and_a_schema_that_cannot_be_used() {
     let message = error["error"]["message"].as_str().unwrap();
     assert!(message.contains("JSON schema cannot be used"), "{message}");
 }
+
+#[tokio::test]
+async fn a_required_tool_call_follows_the_tools_schema_and_auto_needs_a_template_with_tools() {
+    let model = default_model();
+    let s = TestServer::start(|c| with_default_model(c, &model)).await;
+    let token = s.user("alice").await;
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"], "additionalProperties": false}}});
+    let other = json!({"type": "function", "function": {"name": "get_time"}});
+    let body = json!({"model": "smollm2", "max_tokens": 60, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [weather, other], "tool_choice": "required"});
+    let r = s.post("/v1/chat/completions", &body, Some(&token)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let out: Value = r.json().await.unwrap();
+    let choice = &out["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{out}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+    let name = call["function"]["name"].as_str().unwrap();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    match name {
+        "get_weather" => assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1),
+        "get_time" => assert!(args.is_object()),
+        other => panic!("called {other}"),
+    }
+
+    // Named: that function, streamed as one call.
+    let mut named = body.clone();
+    named["tool_choice"] = json!({"type": "function", "function": {"name": "get_weather"}});
+    named["stream"] = true.into();
+    let text = s.post("/v1/chat/completions", &named, Some(&token)).await.text().await.unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let calls: Vec<&Value> =
+        events.iter().filter_map(|e| e["choices"][0]["delta"].get("tool_calls")).collect();
+    assert_eq!(calls.len(), 1, "{text}");
+    assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+    let last = events.iter().rev().find(|e| !e["choices"][0]["finish_reason"].is_null()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+
+    // SmolLM2's template has no tools: `auto` cannot be honoured.
+    let mut auto = body;
+    auto["tool_choice"] = "auto".into();
+    let r = s.post("/v1/chat/completions", &auto, Some(&token)).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "tools", "{error}");
+}

@@ -5,6 +5,7 @@
 //! stores nothing.
 
 mod context;
+mod local_tools;
 mod providers;
 mod reply;
 pub mod routing;
@@ -246,7 +247,13 @@ impl Chat {
                 let fallback = Some(Fallback { from: provider, reason });
                 let persist = self.persist(input, save);
                 let history = self.history(input)?;
-                let mut reply = self.start_local(input, history, "", fallback, persist).await?;
+                let mut reply = match self.start_local(input, history, "", fallback, persist).await
+                {
+                    Err(ChatError::Unsupported(_)) => {
+                        return Err(ChatError::Upstream { provider, reason })
+                    }
+                    other => other?,
+                };
                 let done = reply.collect().await?;
                 Ok((reply.answerer().clone(), done))
             }
@@ -263,17 +270,22 @@ impl Chat {
         persist: Option<reply::Persist>,
     ) -> Result<Reply, ChatError> {
         let reason = error.reason();
-        if self.can_fall_back_with(input) {
-            tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
-            let fallback = Some(Fallback { from: provider, reason });
-            return self.start_local(input, history, "", fallback, persist).await;
-        }
-        Err(match error {
+        let failed = match &error {
             ProviderError::NotConfigured | ProviderError::CircuitOpen => {
                 ChatError::Unavailable { provider, why: error.to_string() }
             }
             _ => ChatError::Upstream { provider, reason },
-        })
+        };
+        if !self.can_fall_back_with(input) {
+            return Err(failed);
+        }
+        tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
+        let fallback = Some(Fallback { from: provider, reason });
+        match self.start_local(input, history, "", fallback, persist).await {
+            // The local model cannot serve these tools: the upstream's failure is the answer.
+            Err(ChatError::Unsupported(_)) => Err(failed),
+            other => other,
+        }
     }
 
     /// Fallback is on, a local model is there, and it can honour everything `input` asks
@@ -311,10 +323,14 @@ impl Chat {
         };
         let engine = self.local.engine(name).await.map_err(|e| unavailable(e.to_string()))?;
         let name = self.local.find(name).unwrap_or(name).to_owned();
+        let knows_tools = engine.knows_tools();
+        let plan =
+            local_tools::Plan::of(&input.shape, knows_tools).map_err(ChatError::Unsupported)?;
         let max_tokens = self.max_tokens(input) as usize;
         let budget =
             engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
-        let turn = with_format_hint(input.messages.clone(), &input.shape);
+        let mut turn = with_format_hint(input.messages.clone(), &input.shape);
+        plan.hint(&mut turn, knows_tools);
         let messages =
             context::fit(history, &turn, budget, |m| engine.prompt_tokens(m).unwrap_or(usize::MAX));
         let (p, base) = (&input.params, engine.sampling());
@@ -324,12 +340,13 @@ impl Chat {
                 top_p: p.top_p.unwrap_or(base.top_p),
                 seed: p.seed,
                 stop: p.stop.clone(),
-                response_format: input.shape.response_format.clone(),
+                response_format: plan.format().or_else(|| input.shape.response_format.clone()),
+                tools: plan.rendered(knows_tools),
                 ..base.request(messages, max_tokens)
             })
             .map_err(local_error)?;
         let who = Answerer { model: name, provider: ProviderName::Local, fallback };
-        Ok(Reply::local(persist, who, generation))
+        Ok(Reply::local(persist, who, generation, plan))
     }
 
     fn model_name(&self, input: &ChatInput) -> String {
@@ -392,9 +409,8 @@ fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Message> {
 /// The first field of `input` the local models cannot honour.
 fn local_refuses(input: &ChatInput) -> Option<Unsupported> {
     const WHY: &str = "is not supported by the local model";
-    let (p, shape) = (&input.params, &input.shape);
+    let p = &input.params;
     let asked = [
-        ("tools", shape.offers_tools()),
         ("logprobs", p.logprobs.is_some()),
         ("logit_bias", !p.logit_bias.is_empty()),
         ("presence_penalty", p.presence_penalty.is_some_and(|v| v != 0.0)),

@@ -1,6 +1,7 @@
 //! An answer in progress: its deltas as they come, then, once the provider has finished, the
 //! turn stored in one transaction and the completion with its ids.
 
+use super::local_tools::Plan;
 use super::{context, local_error, title, Answerer, ChatError, ChatInput, Thread};
 use crate::clock::{now_ms, Millis};
 use crate::llm::{Event, EventStream, FinishReason, ToolCall, ToolCallDelta, Usage};
@@ -113,8 +114,13 @@ impl Reply {
         Reply { who, events, persist, prompt, so_far: Completion::default(), done: false }
     }
 
-    pub(super) fn local(persist: Option<Persist>, who: Answerer, generation: Generation) -> Reply {
-        let events = generation.map(|e| e.map_err(local_error)).boxed();
+    pub(super) fn local(
+        persist: Option<Persist>,
+        who: Answerer,
+        generation: Generation,
+        tools: Plan,
+    ) -> Reply {
+        let events = tools.adapt(generation.map(|e| e.map_err(local_error)).boxed());
         let so_far = Completion::default();
         Reply { who, events, persist, prompt: Vec::new(), so_far, done: false }
     }

@@ -32,7 +32,7 @@ pub use sampler::SamplingDefaults;
 pub use template::{ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
 
-use crate::message::ResponseFormat;
+use crate::message::{ResponseFormat, Tool};
 use futures_util::Stream;
 use grammar::{Constraint, Grammars};
 use sampler::SamplingParams;
@@ -92,6 +92,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// JSON (any object, or valid against a schema), enforced token by token.
     pub response_format: Option<ResponseFormat>,
+    /// Tools the chat template offers the model (ignored by templates without tools).
+    pub tools: Vec<Tool>,
 }
 
 impl Default for GenerateRequest {
@@ -106,6 +108,7 @@ impl Default for GenerateRequest {
             seed: None,
             stop: Vec::new(),
             response_format: None,
+            tools: Vec::new(),
         }
     }
 }
@@ -239,6 +242,11 @@ impl Engine {
         self.inner.template.render(messages)
     }
 
+    /// Whether the model's chat template renders tools (so it can choose to call them).
+    pub fn knows_tools(&self) -> bool {
+        self.inner.template.knows_tools()
+    }
+
     /// Tokens the prompt for `messages` takes, so that callers can trim history to fit.
     pub fn prompt_tokens(&self, messages: &[Message]) -> Result<usize, LocalError> {
         let prompt = self.render_prompt(messages)?;
@@ -249,7 +257,7 @@ impl Engine {
     /// prompt does not fit, or the queue is full.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation, LocalError> {
         let params = validate(&request)?;
-        let prompt = self.render_prompt(&request.messages)?;
+        let prompt = self.inner.template.render_with_tools(&request.messages, &request.tools)?;
         let prompt = self.inner.tokenizer.encode_prompt(&prompt)?;
         let context = self.inner.context;
         if prompt.len() >= context {

@@ -47,13 +47,17 @@ pub fn fallback(has_token: impl Fn(&str) -> bool) -> &'static str {
     }
 }
 
+use crate::message::Tool;
 pub use crate::message::{Message, Role};
+use serde_json::{json, Value};
 
 /// A compiled template; rendering is cheap and thread-safe.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders a `tools` list (Qwen2.5, Qwen3, Llama 3.x do).
+    knows_tools: bool,
 }
 
 impl ChatTemplate {
@@ -67,21 +71,63 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_template_owned("chat", source.to_owned()).map_err(describe)?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let knows_tools = source.contains("tools");
+        let (bos_token, eos_token) = (bos_token.into(), eos_token.into());
+        Ok(ChatTemplate { env, bos_token, eos_token, knows_tools })
+    }
+
+    /// Whether the template renders tools, so the model can be offered them.
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// The prompt for `messages`, ending where the assistant's answer begins.
     pub fn render(&self, messages: &[Message]) -> Result<String, LocalError> {
+        self.render_with_tools(messages, &[])
+    }
+
+    /// `render`, with `tools` offered (templates that do not know tools leave them out).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[Tool],
+    ) -> Result<String, LocalError> {
         let template = self.env.get_template("chat").map_err(describe)?;
+        let messages: Vec<Value> = messages.iter().map(hf_message).collect();
+        let tools: Option<Vec<Value>> = (!tools.is_empty())
+            .then(|| tools.iter().map(|t| json!({"type": "function", "function": t})).collect());
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
             .map_err(describe)
     }
+}
+
+/// A message as Hugging Face templates read it: tool calls as `{type, function: {name,
+/// arguments}}`, their arguments as an object where they parse as one.
+fn hf_message(m: &Message) -> Value {
+    let mut out = json!({"role": m.role.as_str(), "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let arguments = serde_json::from_str(&c.arguments)
+                    .unwrap_or_else(|_| Value::String(c.arguments.clone()));
+                json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        out["tool_calls"] = calls.into();
+    }
+    if let Some(id) = &m.tool_call_id {
+        out["tool_call_id"] = id.as_str().into();
+    }
+    out
 }
 
 fn describe(e: Error) -> LocalError {
@@ -177,6 +223,33 @@ mod tests {
         let gemma = |t: &str| t == "<start_of_turn>" || t == "<end_of_turn>";
         assert_eq!(fallback(gemma), GEMMA);
         assert_eq!(fallback(|t: &str| t == "<|im_start|>"), CHATML);
+    }
+
+    #[test]
+    fn tools_and_tool_calls_render_in_hugging_faces_shape() {
+        let source = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}\
+            {% for m in messages %}{{ m.role }}:{{ m.content }}\
+            {% for c in m.tool_calls or [] %}({{ c.function.name }} {{ c.function.arguments.city }}){% endfor %}\
+            {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        assert!(t.knows_tools());
+        let tool =
+            Tool { name: "get_weather".into(), description: None, parameters: None, strict: None };
+        let call = crate::message::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        };
+        let messages = [
+            Message::new(Role::User, "hi"),
+            Message { tool_calls: vec![call], ..Message::new(Role::Assistant, "") },
+            Message { tool_call_id: Some("call_1".into()), ..Message::new(Role::Tool, "21") },
+        ];
+        assert_eq!(
+            t.render_with_tools(&messages, &[tool]).unwrap(),
+            "[get_weather]user:hi;assistant:(get_weather Paris);tool:21#call_1;"
+        );
+        assert!(!ChatTemplate::new(CHATML, "", "").unwrap().knows_tools());
     }
 
     #[test]
