@@ -112,3 +112,50 @@ async fn a_required_tool_call_follows_the_tools_schema_and_auto_needs_a_template
     let error: Value = r.json().await.unwrap();
     assert_eq!(error["error"]["param"], "tools", "{error}");
 }
+
+#[tokio::test]
+async fn logprobs_logit_bias_and_penalties_on_the_local_model() {
+    let model = default_model();
+    let s = TestServer::start(|c| with_default_model(c, &model)).await;
+    let token = s.user("alice").await;
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "smollm2", "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (s, token) = (&s, token.as_str());
+    let completion = |body: Value| async move {
+        let r = s.post("/v1/chat/completions", &body, Some(token)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap()
+    };
+    let out = completion(ask(json!({"logprobs": true, "top_logprobs": 2}))).await;
+    let items = out["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 3, "{out}");
+    let text: String = items.iter().map(|i| i["token"].as_str().unwrap()).collect();
+    assert_eq!(text, out["choices"][0]["message"]["content"].as_str().unwrap());
+    for item in &items {
+        let top = item["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the likeliest.
+        assert_eq!(top[0]["token"], item["token"]);
+        assert!(item["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    // A bias of +100 on a token makes it all but certain.
+    let first = &items[0];
+    let biased =
+        out_first(&completion(ask(json!({"logprobs": true, "logit_bias": {"28": 100}}))).await);
+    assert_ne!(biased["token"], first["token"]);
+    assert!(biased["logprob"].as_f64().unwrap() > -0.01, "{biased}");
+    // A frequency penalty is accepted and changes nothing for a first token.
+    let penalized = completion(ask(json!({"logprobs": true, "frequency_penalty": 2.0}))).await;
+    assert_eq!(out_first(&penalized)["token"], first["token"]);
+    let bad = ask(json!({"logit_bias": {"99999999": 1}}));
+    let r = s.post("/v1/chat/completions", &bad, Some(token)).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+fn out_first(out: &Value) -> Value {
+    out["choices"][0]["logprobs"]["content"][0].clone()
+}

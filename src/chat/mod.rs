@@ -342,6 +342,10 @@ impl Chat {
                 stop: p.stop.clone(),
                 response_format: plan.format().or_else(|| input.shape.response_format.clone()),
                 tools: plan.rendered(knows_tools),
+                presence_penalty: p.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+                logit_bias: p.logit_bias.clone(),
+                logprobs: p.logprobs,
                 ..base.request(messages, max_tokens)
             })
             .map_err(local_error)?;
@@ -409,16 +413,8 @@ fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Message> {
 /// The first field of `input` the local models cannot honour.
 fn local_refuses(input: &ChatInput) -> Option<Unsupported> {
     const WHY: &str = "is not supported by the local model";
-    let p = &input.params;
-    let asked = [
-        ("logprobs", p.logprobs.is_some()),
-        ("logit_bias", !p.logit_bias.is_empty()),
-        ("presence_penalty", p.presence_penalty.is_some_and(|v| v != 0.0)),
-        ("frequency_penalty", p.frequency_penalty.is_some_and(|v| v != 0.0)),
-    ];
-    let extra =
-        input.extra.keys().find(|k| !crate::message::INFORMATIONAL_FIELDS.contains(&k.as_str()));
-    let field = asked.iter().find(|(_, on)| *on).map(|(f, _)| *f).or(extra.map(String::as_str))?;
+    let field =
+        input.extra.keys().find(|k| !crate::message::INFORMATIONAL_FIELDS.contains(&k.as_str()))?;
     Some(Unsupported::new(field, format!("{field} {WHY}")))
 }
 

@@ -94,6 +94,13 @@ pub struct GenerateRequest {
     pub response_format: Option<ResponseFormat>,
     /// Tools the chat template offers the model (ignored by templates without tools).
     pub tools: Vec<Tool>,
+    /// OpenAI's penalties, from -2 to 2 (0 disables them).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Token id → bias added to its logit.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Send each token's log probability, with this many alternatives.
+    pub logprobs: Option<u8>,
 }
 
 impl Default for GenerateRequest {
@@ -109,6 +116,10 @@ impl Default for GenerateRequest {
             stop: Vec::new(),
             response_format: None,
             tools: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -264,6 +275,12 @@ impl Engine {
             return Err(LocalError::PromptTooLong { prompt_tokens: prompt.len(), context });
         }
         let constraint = self.constraint(request.response_format.as_ref())?;
+        let vocab = self.inner.tokenizer.vocab_size();
+        if let Some((id, _)) = request.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(LocalError::InvalidRequest(format!(
+                "logit_bias: token {id} is not in the model's vocabulary of {vocab} tokens"
+            )));
+        }
         let (reply, rx) = mpsc::unbounded_channel();
         self.inner.queue.push(Job {
             max_tokens: request.max_tokens.min(context - prompt.len()),
@@ -272,6 +289,8 @@ impl Engine {
             seed: request.seed,
             stop: request.stop,
             constraint,
+            logit_bias: request.logit_bias,
+            logprobs: request.logprobs,
             reply,
         })?;
         Ok(Generation { rx, done: false, _engine: self.clone() })
@@ -364,11 +383,16 @@ fn validate(r: &GenerateRequest) -> Result<SamplingParams, LocalError> {
     if !(r.repetition_penalty.is_finite() && r.repetition_penalty > 0.0) {
         return bad("repetition_penalty must be more than 0");
     }
+    if ![r.presence_penalty, r.frequency_penalty].iter().all(|p| (-2.0..=2.0).contains(p)) {
+        return bad("presence_penalty and frequency_penalty must be between -2 and 2");
+    }
     Ok(SamplingParams {
         temperature: r.temperature,
         top_p: r.top_p,
         top_k: r.top_k,
         repetition_penalty: r.repetition_penalty,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
     })
 }
 

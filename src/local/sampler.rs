@@ -70,10 +70,15 @@ pub(crate) struct SamplingParams {
     pub top_k: usize,
     /// 1.0 disables the penalty.
     pub repetition_penalty: f32,
+    /// OpenAI's penalties: subtracted once per recent token present, and per occurrence.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
 }
 
 pub(crate) struct Sampler {
     params: SamplingParams,
+    /// Added to these tokens' logits first (OpenAI's `logit_bias`).
+    bias: Vec<(u32, f32)>,
     rng: StdRng,
     /// Reused between tokens: (logit, id) pairs of the candidates.
     candidates: Vec<(f32, u32)>,
@@ -85,7 +90,29 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_entropy(),
         };
-        Sampler { params, rng, candidates: Vec::new() }
+        Sampler { params, bias: Vec::new(), rng, candidates: Vec::new() }
+    }
+
+    /// The sampler with `bias` added to those tokens' logits.
+    pub fn with_bias(self, bias: Vec<(u32, f32)>) -> Self {
+        Sampler { bias, ..self }
+    }
+
+    /// The log probability of `chosen` and of the `top` likeliest tokens, over `logits` as
+    /// `sample` left them (biased and penalized, before temperature).
+    pub fn logprobs(&self, logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_total = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+        let lp = |id: u32| logits.get(id as usize).map_or(f32::NEG_INFINITY, |l| l - log_total);
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || best.last().is_some_and(|b| l > b.1) {
+                let at = best.partition_point(|b| b.1 >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+        (lp(chosen), best.into_iter().map(|(id, l)| (id, l - log_total)).collect())
     }
 
     /// The next token given `logits` over the vocabulary and the tokens so far.
@@ -133,20 +160,28 @@ impl Sampler {
         self.candidates[kept - 1].1
     }
 
-    /// CTRL's penalty as llama.cpp applies it: each distinct recent token once.
+    /// The logit bias, then CTRL's penalty as llama.cpp applies it (each distinct recent token
+    /// once) and OpenAI's presence and frequency penalties over the same window.
     fn penalize(&self, logits: &mut [f32], history: &[u32]) {
-        let penalty = self.params.repetition_penalty;
-        if penalty == 1.0 {
+        for &(id, b) in &self.bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        let p = &self.params;
+        if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
             return;
         }
         let recent = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
         let mut seen: Vec<u32> = recent.to_vec();
         seen.sort_unstable();
-        seen.dedup();
-        for id in seen {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        for run in seen.chunk_by(|a, b| a == b) {
+            let Some(l) = logits.get_mut(run[0] as usize) else { continue };
+            if p.repetition_penalty != 1.0 {
+                let r = p.repetition_penalty;
+                *l = if *l > 0.0 { *l / r } else { *l * r };
             }
+            *l -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
         }
     }
 }
@@ -172,7 +207,14 @@ mod tests {
         top_k: usize,
         repetition_penalty: f32,
     ) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, repetition_penalty }
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 
     #[test]
@@ -206,6 +248,29 @@ mod tests {
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn bias_and_openai_penalties_move_greedy_choices() {
+        let mut s = Sampler::new(params(0.0, 1.0, 0, 1.0), None).with_bias(vec![(1, 5.0)]);
+        assert_eq!(s.sample(&mut [3.0, 0.0], &[]), 1);
+        let mut frequency = params(0.0, 1.0, 0, 1.0);
+        frequency.frequency_penalty = 0.5;
+        let mut s = Sampler::new(frequency, None);
+        // 3.0 - 0.5 × 3 occurrences = 1.5 < 2.0.
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0, 0, 0]), 1);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0]), 0);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_likeliest_first() {
+        let s = Sampler::new(params(0.0, 1.0, 0, 1.0), None);
+        let logits = [0.0f32, 2.0, 1.0];
+        let (chosen, top) = s.logprobs(&logits, 2, 2);
+        let total: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((chosen - (1.0f32.exp() / total).ln()).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((top[0].1 - (2.0f32.exp() / total).ln()).abs() < 1e-5);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(crate) struct Job {
     pub stop: Vec<String>,
     /// The grammar the answer must follow (a JSON schema), if any.
     pub constraint: Option<Constraint>,
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Send each token's log probability, with this many alternatives.
+    pub logprobs: Option<u8>,
     pub reply: Reply,
 }
 
@@ -227,7 +230,7 @@ struct Sequence {
 
 impl Sequence {
     fn new(job: Job, base: &Weights, prompts: &mut PrefixCache) -> Self {
-        let sampler = Sampler::new(job.params, job.seed);
+        let sampler = Sampler::new(job.params, job.seed).with_bias(job.logit_bias.clone());
         let text = TextStream::new(job.stop.clone());
         let tokens = job.prompt.clone();
         let (weights, reused) = base.resume(&tokens, prompts);
@@ -318,6 +321,9 @@ impl Sequence {
             c.mask(&mut logits)?;
         }
         let next = self.sampler.sample(&mut logits, &self.tokens);
+        if let Some(top) = self.job.logprobs {
+            self.send_logprobs(&logits, next, top, tokenizer);
+        }
         let complete = match &mut self.job.constraint {
             Some(c) => c.accept(next)?,
             None => false,
@@ -338,6 +344,19 @@ impl Sequence {
             return Ok(Some(FinishReason::Stop));
         }
         Ok((self.generated >= self.job.max_tokens).then_some(FinishReason::Length))
+    }
+
+    /// OpenAI's `logprobs.content` item for `chosen`: its text, bytes and log probability,
+    /// and the `top` likeliest alternatives.
+    fn send_logprobs(&self, logits: &[f32], chosen: u32, top: u8, tokenizer: &TextTokenizer) {
+        let (logprob, best) = self.sampler.logprobs(logits, chosen, top as usize);
+        let item = |id: u32, logprob: f32| {
+            let text = tokenizer.decode(&[id]).unwrap_or_default();
+            serde_json::json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+        };
+        let mut entry = item(chosen, logprob);
+        entry["top_logprobs"] = best.into_iter().map(|(id, lp)| item(id, lp)).collect();
+        let _ = self.job.reply.send(Ok(Event::Logprobs(vec![entry])));
     }
 
     fn send_text(&self, text: String) {
