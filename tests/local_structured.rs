@@ -5,32 +5,19 @@
 mod common;
 mod common_local;
 
-use common::{with_default_model, TestServer};
+use common::{python_sdk, with_default_model, TestServer};
 use common_local::default_model;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sdk_parses_local_answers_and_every_seeded_answer_validates() {
-    let probe = Command::new("python3").args(["-c", "import openai, pydantic"]).output();
-    assert!(
-        probe.is_ok_and(|o| o.status.success()),
-        "the openai Python package is missing: pip install openai==3.57.0 (./scripts/test.sh does)"
-    );
     let model = default_model();
     let s = TestServer::start(|c| with_default_model(c, &model)).await;
     let token = s.user("sdk").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_structured.py");
-    let base = s.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3").args([script, &base, &token, "smollm2"]).output().unwrap()
-    })
-    .await
-    .unwrap();
     let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("20 seeded answers: ok"), "{text}");
+        python_sdk("openai_structured.py", vec![s.url("/v1"), token, "smollm2".into()]).await;
+    assert!(text.contains("20 seeded answers: ok"), "{text}");
 }
 
 #[tokio::test]

@@ -7,13 +7,12 @@ mod common;
 mod common_local;
 
 use common::upstream::{answer, Act, Upstream};
-use common::{with_default_model, TestServer};
+use common::{python_sdk, with_default_model, TestServer};
 use common_local::default_model;
 use edgechat::config::{Config, ProviderName, RouteRule};
 use edgechat::secret::Secret;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::process::Command;
 
 /// Every model goes to OpenAI at `up`, with no fallback.
 fn openai_at(c: &mut Config, up: &Upstream) {
@@ -65,11 +64,6 @@ async fn completion(s: &TestServer, token: &str, body: Value) -> (StatusCode, Va
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tool_loop_works_through_the_official_python_sdk() {
-    let probe = Command::new("python3").args(["-c", "import openai"]).output();
-    assert!(
-        probe.is_ok_and(|o| o.status.success()),
-        "the openai Python package is missing: pip install openai==3.57.0 (./scripts/test.sh does)"
-    );
     let up = Upstream::start(vec![
         tool_call(),
         tool_call(),
@@ -78,16 +72,9 @@ async fn a_tool_loop_works_through_the_official_python_sdk() {
     .await;
     let s = TestServer::start(|c| openai_at(c, &up)).await;
     let token = s.user("sdk").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_tools.py");
-    let base = s.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3").args([script, &base, &token, "gpt-4o-mini"]).output().unwrap()
-    })
-    .await
-    .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("tool loop: ok"), "{text}");
+    let args = vec![s.url("/v1"), token, "gpt-4o-mini".into()];
+    let text = python_sdk("openai_tools.py", args).await;
+    assert!(text.contains("tool loop: ok"), "{text}");
 
     let sent = up.requests();
     assert_eq!(sent[0]["tools"], json!([weather_tool()]), "relayed as sent");

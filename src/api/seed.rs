@@ -4,7 +4,7 @@
 use super::extract::Checks;
 use super::shape::{ResponseFormatIn, ShapeIn};
 use crate::chat::{Answerer, ChatInput, Completion, Thread};
-use crate::clock::rfc3339;
+use crate::jobs::JobAnswer;
 use crate::llm::Sampling;
 use crate::message::{Message, Role, Shape, Usage};
 use serde::{Deserialize, Serialize};
@@ -96,16 +96,22 @@ pub struct SeedAnswer {
 impl SeedAnswer {
     /// The answer object for a completion stored as `conversation_id` / `message_id`.
     pub fn new(who: &Answerer, done: &Completion) -> SeedAnswer {
-        let id = |u: Option<Uuid>| u.map(|u| u.to_string()).unwrap_or_default();
+        JobAnswer::new(who, done).into()
+    }
+}
+
+/// A background job's stored answer is the answer `POST /chat` gives.
+impl From<JobAnswer> for SeedAnswer {
+    fn from(a: JobAnswer) -> SeedAnswer {
         SeedAnswer {
-            response: done.text.clone(),
-            conversation_id: id(done.conversation_id),
-            message_id: id(done.message_id),
-            model: who.model.clone(),
-            provider: who.provider.as_str().to_string(),
-            fallback: who.fallback.is_some(),
-            usage: UsageOut::from(&done.usage),
-            created_at: rfc3339(done.created_at),
+            response: a.response,
+            conversation_id: a.conversation_id,
+            message_id: a.message_id,
+            model: a.model,
+            provider: a.provider,
+            fallback: a.fallback,
+            usage: UsageOut::from(&a.usage),
+            created_at: a.created_at,
         }
     }
 }
@@ -153,7 +159,6 @@ mod tests {
     use super::*;
     use crate::chat::Completion;
     use crate::config::ProviderName;
-    use crate::jobs::JobAnswer;
     use crate::message::{FinishReason, Usage};
 
     #[test]
@@ -168,8 +173,9 @@ mod tests {
             created_at: 1_700_000_000_000,
             ..Completion::default()
         };
-        let stored = serde_json::to_value(JobAnswer::new(&who, &done)).unwrap();
-        let read: SeedAnswer = serde_json::from_value(stored).unwrap();
-        assert_eq!(read, SeedAnswer::new(&who, &done));
+        // Stored before the record had its own type: the answer object itself.
+        let answer = serde_json::to_value(SeedAnswer::new(&who, &done)).unwrap();
+        let read: JobAnswer = serde_json::from_value(answer.clone()).unwrap();
+        assert_eq!(serde_json::to_value(SeedAnswer::from(read)).unwrap(), answer);
     }
 }

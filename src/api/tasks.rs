@@ -9,6 +9,7 @@ use super::seed::{SeedAnswer, SeedRequest};
 use super::{handler, ApiError, App, Doc, Req, Routes};
 use crate::clock::rfc3339;
 use crate::http::{bytes, json, Body};
+use crate::jobs::JobAnswer;
 use crate::store::{Job, JobStats};
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use serde::Serialize;
@@ -96,7 +97,11 @@ impl Task {
             task_id: job.id.to_string(),
             status: job.state.as_str(),
             attempts: job.attempts,
-            result: job.result.clone().and_then(|v| serde_json::from_value(v).ok()),
+            result: job
+                .result
+                .clone()
+                .and_then(|v| serde_json::from_value::<JobAnswer>(v).ok())
+                .map(SeedAnswer::from),
             error: job.error.clone(),
             created_at: rfc3339(job.created_at),
             started_at: job.started_at.map(rfc3339),

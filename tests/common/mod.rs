@@ -300,3 +300,23 @@ pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().to_path_buf();
     (dir, path)
 }
+
+/// Runs `tests/python/{script}` with `args` and returns what it printed, failing the test with
+/// that output when it fails, or with the install command when the `openai` package is missing.
+pub async fn python_sdk(script: &str, args: Vec<String>) -> String {
+    let probe = Command::new("python3").args(["-c", "import openai, pydantic"]).output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "the openai Python package is missing: pip install openai==3.57.0 (./scripts/test.sh does)"
+    );
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3").arg(path).args(args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    text
+}
