@@ -1,4 +1,4 @@
-//! Tools on the local model. A `required` or named `tool_choice` is served by constrained
+//! Tools and JSON output on the local model. A `required` or named `tool_choice` is served by constrained
 //! decoding: the answer must be `{"name": …, "arguments": …}` for one of the allowed tools,
 //! valid against its parameters' schema. `auto` needs a chat template that knows tools (Qwen2.5,
 //! Qwen3, Llama 3.x): the model sees them there and decides; an answer in the template's call
@@ -116,6 +116,22 @@ impl Plan {
             })
             .boxed()
     }
+}
+
+/// `turn` with the schema a JSON answer must follow told to the model, at the end of the last
+/// user message (every chat template accepts that): the grammar makes the answer valid, the
+/// schema in the prompt makes it meaningful.
+pub(super) fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Message> {
+    let Some(ResponseFormat::JsonSchema { json_schema }) = &shape.response_format else {
+        return turn;
+    };
+    let (Some(schema), Some(last)) =
+        (&json_schema.schema, turn.iter_mut().rev().find(|m| m.role == Role::User))
+    else {
+        return turn;
+    };
+    last.content.push_str(&format!("\n\nAnswer with JSON that follows this JSON schema: {schema}"));
+    turn
 }
 
 /// The call `text` makes, when it is one: `{"name", "arguments"}` (or Llama's `parameters`),

@@ -16,7 +16,7 @@ pub use reply::{turn, Completion, Reply, Step};
 use crate::config::{Config, ProviderName, RoutingConfig};
 use crate::llm::{ChatRequest, ProviderError, Sampling};
 use crate::local::{LocalError, Registry};
-use crate::message::{Message, ResponseFormat, Role, Shape, Unsupported};
+use crate::message::{Message, Role, Shape, Unsupported};
 use crate::store::{Store, StoreError};
 use providers::Remotes;
 use routing::Target;
@@ -202,12 +202,17 @@ impl Chat {
             Target::Remote(provider) => provider,
         };
         let Some(remote) = self.remotes.get(provider) else {
-            if let Some(refused) = local_refuses(input) {
-                let why =
-                    format!("not configured, and the local model cannot stand in: {}", refused.why);
-                return Err(ChatError::Unavailable { provider, why });
-            }
-            return self.start_local(input, history, "", None, persist).await;
+            // Not configured: the local model answers, if it can honour the request.
+            let refused = match local_refuses(input) {
+                Some(refused) => refused,
+                None => match self.start_local(input, history, "", None, persist).await {
+                    Err(ChatError::Unsupported(refused)) => refused,
+                    other => return other,
+                },
+            };
+            let why =
+                format!("not configured, and the local model cannot stand in: {}", refused.why);
+            return Err(ChatError::Unavailable { provider, why });
         };
         let max_tokens = self.max_tokens(input);
         let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
@@ -329,26 +334,12 @@ impl Chat {
         let max_tokens = self.max_tokens(input) as usize;
         let budget =
             engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
-        let mut turn = with_format_hint(input.messages.clone(), &input.shape);
+        let mut turn = local_tools::with_format_hint(input.messages.clone(), &input.shape);
         plan.hint(&mut turn, knows_tools);
         let messages =
             context::fit(history, &turn, budget, |m| engine.prompt_tokens(m).unwrap_or(usize::MAX));
-        let (p, base) = (&input.params, engine.sampling());
-        let generation = engine
-            .generate(crate::local::GenerateRequest {
-                temperature: p.temperature.unwrap_or(base.temperature),
-                top_p: p.top_p.unwrap_or(base.top_p),
-                seed: p.seed,
-                stop: p.stop.clone(),
-                response_format: plan.format().or_else(|| input.shape.response_format.clone()),
-                tools: plan.rendered(knows_tools),
-                presence_penalty: p.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
-                logit_bias: p.logit_bias.clone(),
-                logprobs: p.logprobs,
-                ..base.request(messages, max_tokens)
-            })
-            .map_err(local_error)?;
+        let request = local_request(input, &engine, messages, max_tokens, &plan);
+        let generation = engine.generate(request).map_err(local_error)?;
         let who = Answerer { model: name, provider: ProviderName::Local, fallback };
         Ok(Reply::local(persist, who, generation, plan))
     }
@@ -394,20 +385,29 @@ fn request(model: &str, messages: Vec<Message>, max_tokens: u32, input: &ChatInp
     }
 }
 
-/// What the local model is told when its answer must follow a JSON schema: the grammar makes
-/// the answer valid, the schema in the prompt makes it meaningful.
-/// It goes at the end of the last user message: every chat template accepts that.
-fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Message> {
-    let Some(ResponseFormat::JsonSchema { json_schema }) = &shape.response_format else {
-        return turn;
-    };
-    let (Some(schema), Some(last)) =
-        (&json_schema.schema, turn.iter_mut().rev().find(|m| m.role == Role::User))
-    else {
-        return turn;
-    };
-    last.content.push_str(&format!("\n\nAnswer with JSON that follows this JSON schema: {schema}"));
-    turn
+/// What the local model runs for `input`: the model's sampling defaults under the request's
+/// own values, the tools and grammar of `plan`.
+fn local_request(
+    input: &ChatInput,
+    engine: &crate::local::Engine,
+    messages: Vec<Message>,
+    max_tokens: usize,
+    plan: &local_tools::Plan,
+) -> crate::local::GenerateRequest {
+    let (p, base) = (&input.params, engine.sampling());
+    crate::local::GenerateRequest {
+        temperature: p.temperature.unwrap_or(base.temperature),
+        top_p: p.top_p.unwrap_or(base.top_p),
+        seed: p.seed,
+        stop: p.stop.clone(),
+        response_format: plan.format().or_else(|| input.shape.response_format.clone()),
+        tools: plan.rendered(engine.knows_tools()),
+        presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+        logit_bias: p.logit_bias.clone(),
+        logprobs: p.logprobs,
+        ..base.request(messages, max_tokens)
+    }
 }
 
 /// The first field of `input` the local models cannot honour.
