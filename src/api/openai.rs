@@ -301,7 +301,6 @@ const MAX_STOP: usize = 4;
 
 fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, ApiError> {
     let mut checks = Checks::default();
-    let max_tokens = body.max_completion_tokens.or(body.max_tokens);
     checks
         .field("model", check_model(Some(&body.model)))
         .field("messages", check_messages(&body.messages))
@@ -310,11 +309,6 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
         .field("max_completion_tokens", check_max_tokens(body.max_completion_tokens))
         .field("temperature", check_temperature(body.temperature))
         .field("n", if body.n.unwrap_or(1) == 1 { Ok(()) } else { Err("only n = 1 is supported") });
-    if body.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        checks.field("top_p", Err("must be in (0, 1]"));
-    }
-    // A top_p too small for f32 still means "only the most likely token".
-    let top_p = body.top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE));
     let messages: Vec<Message> = body.messages.iter().map(message).collect();
     let texts = messages.iter().flat_map(|m| {
         std::iter::once(m.content.as_str()).chain(m.tool_calls.iter().map(|c| c.arguments.as_str()))
@@ -327,24 +321,7 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
         response_format: body.response_format.as_ref(),
     }
     .check(&mut checks);
-    let params = Sampling {
-        max_tokens,
-        temperature: body.temperature,
-        top_p,
-        stop: stop_list(body.stop.as_ref()),
-        seed: body.seed.map(|s| s as u64),
-        presence_penalty: body.presence_penalty,
-        frequency_penalty: body.frequency_penalty,
-        logit_bias: logit_bias(&mut checks, body.logit_bias.as_ref()),
-        logprobs: logprobs(&mut checks, body.logprobs, body.top_logprobs),
-    };
-    for (field, v) in
-        [("presence_penalty", body.presence_penalty), ("frequency_penalty", body.frequency_penalty)]
-    {
-        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-            checks.field(field, Err("must be between -2 and 2"));
-        }
-    }
+    let params = sampling(&mut checks, body);
     checks.finish()?;
     let extra = body.rest.iter().filter(|(k, _)| RELAYED.contains(&k.as_str()));
     Ok(ChatInput {
@@ -356,6 +333,34 @@ fn input(app: &App, user: Uuid, body: &CompletionRequest) -> Result<ChatInput, A
         shape,
         extra: extra.map(|(k, v)| (k.clone(), v.clone())).collect(),
     })
+}
+
+/// How to sample, each problem reported in `checks`.
+fn sampling(checks: &mut Checks, body: &CompletionRequest) -> Sampling {
+    if body.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        checks.field("top_p", Err("must be in (0, 1]"));
+    }
+    let penalties = [
+        ("presence_penalty", body.presence_penalty),
+        ("frequency_penalty", body.frequency_penalty),
+    ];
+    for (field, v) in penalties {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            checks.field(field, Err("must be between -2 and 2"));
+        }
+    }
+    Sampling {
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        temperature: body.temperature,
+        // A top_p too small for f32 still means "only the most likely token".
+        top_p: body.top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE)),
+        stop: stop_list(body.stop.as_ref()),
+        seed: body.seed.map(|s| s as u64),
+        presence_penalty: body.presence_penalty,
+        frequency_penalty: body.frequency_penalty,
+        logit_bias: logit_bias(checks, body.logit_bias.as_ref()),
+        logprobs: logprobs(checks, body.logprobs, body.top_logprobs),
+    }
 }
 
 /// `logit_bias`: token ids (as strings) to biases from -100 to 100.
