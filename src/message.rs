@@ -57,6 +57,14 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    /// The call as OpenAI writes it in a message's `tool_calls`.
+    pub fn to_openai(&self) -> Value {
+        serde_json::json!({"id": self.id, "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
 /// A function the model may call (OpenAI's `tools[].function`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tool {

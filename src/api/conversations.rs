@@ -120,7 +120,7 @@ pub struct FunctionCallOut {
 
 impl ToolCallOut {
     /// OpenAI's form of a stored call.
-    pub(super) fn of(c: &ToolCall) -> ToolCallOut {
+    fn of(c: &ToolCall) -> ToolCallOut {
         let function = FunctionCallOut { name: c.name.clone(), arguments: c.arguments.clone() };
         ToolCallOut { id: c.id.clone(), kind: "function", function }
     }

@@ -4,7 +4,6 @@
 //! decides which); fields OpenAI does not define are ignored, as OpenAI ignores them. Errors
 //! are OpenAI-shaped (see `api::error`).
 
-use super::conversations::ToolCallOut;
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::frame::{
@@ -16,8 +15,8 @@ use super::shape::{ResponseFormatIn, ShapeIn, ToolCallIn, ToolChoiceIn, ToolIn};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
 use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
 use crate::llm::Sampling;
-use crate::message::ToolCallDelta;
 use crate::message::{Message, Role};
+use crate::message::{ToolCall, ToolCallDelta};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{Method, Response, StatusCode};
@@ -492,7 +491,7 @@ fn stop_list(stop: Option<&Stop>) -> Vec<String> {
 }
 
 fn completion(id: String, who: &Answerer, done: &Completion) -> CompletionOut {
-    let calls: Vec<Value> = done.tool_calls.iter().map(|c| json!(ToolCallOut::of(c))).collect();
+    let calls: Vec<Value> = done.tool_calls.iter().map(ToolCall::to_openai).collect();
     let content = match done.text.is_empty() && (!calls.is_empty() || done.refusal.is_some()) {
         true => Value::Null,
         false => done.text.as_str().into(),

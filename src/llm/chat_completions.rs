@@ -2,7 +2,9 @@
 //! (`choices[0].delta.content`, a `finish_reason`, a usage-only chunk, then `[DONE]`).
 
 use super::decode::{Decode, DecodeError};
-use super::{ChatRequest, Event, FinishReason, Message, Shape, ToolCallDelta, ToolChoice, Usage};
+use super::{
+    ChatRequest, Event, FinishReason, Message, Shape, ToolCall, ToolCallDelta, ToolChoice, Usage,
+};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 
@@ -24,15 +26,10 @@ pub(super) fn body(req: &ChatRequest) -> Value {
 }
 
 /// A message as OpenAI takes it: an assistant's tool calls, a tool result's call id.
-pub(super) fn message(m: &Message) -> Value {
+fn message(m: &Message) -> Value {
     let mut out = json!({"role": m.role.as_str(), "content": m.content});
     if !m.tool_calls.is_empty() {
-        let calls: Vec<Value> = m
-            .tool_calls
-            .iter()
-            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-            .collect();
-        out["tool_calls"] = calls.into();
+        out["tool_calls"] = m.tool_calls.iter().map(ToolCall::to_openai).collect();
         if m.content.is_empty() {
             out["content"] = Value::Null;
         }
@@ -89,7 +86,7 @@ fn number(v: f32) -> Value {
 }
 
 /// Tools, the tool choice and the response format, in OpenAI's words.
-pub(super) fn shape(body: &mut Value, shape: &Shape) {
+fn shape(body: &mut Value, shape: &Shape) {
     if !shape.tools.is_empty() {
         let tools: Vec<Value> =
             shape.tools.iter().map(|t| json!({"type": "function", "function": t})).collect();

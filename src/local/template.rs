@@ -117,9 +117,11 @@ fn hf_message(m: &Message) -> Value {
             .tool_calls
             .iter()
             .map(|c| {
-                let arguments = serde_json::from_str(&c.arguments)
-                    .unwrap_or_else(|_| Value::String(c.arguments.clone()));
-                json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+                let mut call = c.to_openai();
+                if let Ok(object) = serde_json::from_str::<Value>(&c.arguments) {
+                    call["function"]["arguments"] = object;
+                }
+                call
             })
             .collect();
         out["tool_calls"] = calls.into();
