@@ -339,6 +339,9 @@ impl Chat {
         let messages =
             context::fit(history, &turn, budget, |m| engine.prompt_tokens(m).unwrap_or(usize::MAX));
         let request = local_request(input, &engine, messages, max_tokens, &plan);
+        if request.response_format.is_some() {
+            engine.prepare_grammar().await;
+        }
         let generation = engine.generate(request).map_err(local_error)?;
         let who = Answerer { model: name, provider: ProviderName::Local, fallback };
         Ok(Reply::local(persist, who, generation, plan))

@@ -298,6 +298,21 @@ impl Engine {
 }
 
 impl Engine {
+    /// Builds the model's grammar tables (once; a few hundred milliseconds) on the blocking
+    /// pool, so that a JSON request's `generate` does not do it on an async thread.
+    pub async fn prepare_grammar(&self) {
+        let engine = self.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.grammars().map(|_| ())).await;
+    }
+
+    fn grammars(&self) -> Result<&Grammars, LocalError> {
+        self.inner
+            .grammars
+            .get_or_init(|| Grammars::new(&self.inner.tokenizer).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| LocalError::Generation(e.clone()))
+    }
+
     /// The grammar state for `format`: `None` for text.
     fn constraint(
         &self,
@@ -308,13 +323,7 @@ impl Engine {
             Some(ResponseFormat::JsonObject) => None,
             Some(ResponseFormat::JsonSchema { json_schema }) => json_schema.schema.as_ref(),
         };
-        let grammars = self
-            .inner
-            .grammars
-            .get_or_init(|| Grammars::new(&self.inner.tokenizer).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| LocalError::Generation(e.clone()))?;
-        grammars.json(schema).map(Some)
+        self.grammars()?.json(schema).map(Some)
     }
 }
 
