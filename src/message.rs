@@ -132,11 +132,6 @@ impl Shape {
     pub fn offers_tools(&self) -> bool {
         !self.tools.is_empty() && self.tool_choice != Some(ToolChoice::None)
     }
-
-    /// The text must be JSON.
-    pub fn wants_json(&self) -> bool {
-        !matches!(self.response_format, None | Some(ResponseFormat::Text))
-    }
 }
 
 /// Why generation ended, as OpenAI names it.

@@ -78,7 +78,7 @@ impl SeedRequest {
 }
 
 /// The answer to `POST /chat` (also its last SSE event, and a background job's result).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct SeedAnswer {
     pub response: String,
     pub conversation_id: String,
@@ -117,7 +117,7 @@ impl From<JobAnswer> for SeedAnswer {
 }
 
 /// Token counts of one answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct UsageOut {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
