@@ -346,6 +346,7 @@ async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
             max_queue: m.max_queue,
             context: Some(m.context).filter(|&n| n > 0),
             prompt_cache_mb: m.prompt_cache_mb,
+            chat_template: m.chat_template,
         },
     });
     let max_bytes = Some(c.max_memory_mb as u64 * (1 << 20)).filter(|&b| b > 0);

@@ -294,6 +294,20 @@ fn a_corrupt_file_is_a_clear_error() {
     let missing = dir.path().join("missing.gguf");
     let e = Engine::load(&missing, EngineOptions::default()).err().unwrap();
     assert!(matches!(e, LocalError::Io { .. }) && e.to_string().contains("missing.gguf"), "{e}");
+
+    let no_template = EngineOptions {
+        chat_template: Some(dir.path().join("missing.jinja")),
+        ..EngineOptions::default()
+    };
+    let e = Engine::load(&whole, no_template).err().unwrap();
+    assert!(matches!(e, LocalError::Template(_)) && e.to_string().contains("missing.jinja"), "{e}");
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for %}").unwrap();
+    let e = Engine::load(
+        &whole,
+        EngineOptions { chat_template: Some(broken), ..EngineOptions::default() },
+    );
+    assert!(matches!(e.err().unwrap(), LocalError::Template(_)));
 }
 
 #[test]

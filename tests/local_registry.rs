@@ -126,15 +126,7 @@ async fn server(dir: &Path, tweak: impl FnOnce(&mut edgechat::config::Config)) -
 }
 
 fn entry(name: &str, file: &Path) -> LocalModelConfig {
-    LocalModelConfig {
-        file: file.to_path_buf(),
-        name: name.into(),
-        threads: None,
-        max_batch: None,
-        max_queue: None,
-        context: None,
-        prompt_cache_mb: None,
-    }
+    LocalModelConfig::new(file, name)
 }
 
 async fn chat(s: &TestServer, token: &str, body: Value) -> reqwest::Response {

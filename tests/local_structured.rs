@@ -1,14 +1,17 @@
 //! Structured output from the local model: JSON schemas and `json_object` enforced by
 //! constrained decoding, through the official OpenAI SDK and the seed face; a schema the
-//! grammar compiler cannot use is refused.
+//! grammar compiler cannot use is refused; tool calls, forced or opened by the model itself,
+//! follow the tools' schemas.
 
 mod common;
 mod common_local;
 
 use common::{python_sdk, with_default_model, TestServer};
 use common_local::default_model;
+use edgechat::config::LocalModelConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sdk_parses_local_answers_and_every_seeded_answer_validates() {
@@ -145,4 +148,95 @@ async fn logprobs_logit_bias_and_penalties_on_the_local_model() {
 
 fn out_first(out: &Value) -> Value {
     out["choices"][0]["logprobs"]["content"][0].clone()
+}
+
+/// Templates in the shapes of Qwen2.5's (tagged calls) and Llama 3.x's (a bare call) on the
+/// default model: the model opens a call on its own (a 135M model was never taught to, so a
+/// logit bias nudges it toward the opening), and from there the call follows the tool's
+/// schema, which the conversation contradicts (it shows `"unit": "C"`, the schema allows
+/// only kelvin and rankine).
+#[tokio::test]
+async fn auto_calls_open_freely_and_follow_the_tools_schema() {
+    let model = default_model();
+    let fixture = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f);
+    let s = TestServer::start(|c| {
+        with_default_model(c, &model);
+        c.local.chat_template = fixture("template_tagged_tools.jinja");
+        c.local.models = vec![LocalModelConfig {
+            chat_template: Some(fixture("template_bare_tools.jinja")),
+            ..LocalModelConfig::new(&model, "smollm2-bare")
+        }];
+    })
+    .await;
+    let token = s.user("alice").await;
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "additionalProperties": false, "required": ["city", "unit"],
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]},
+                "unit": {"type": "string", "enum": ["kelvin", "rankine"]}}}}});
+    let earlier = |id: &str, city: &str| {
+        let arguments = json!({"city": city, "unit": "C"}).to_string();
+        json!({"id": id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}})
+    };
+    let messages = json!([
+        {"role": "user", "content": "What is the weather in Lyon?"},
+        {"role": "assistant", "content": null, "tool_calls": [earlier("call_1", "Lyon")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18"},
+        {"role": "user", "content": "What is the weather in Nice?"},
+        {"role": "assistant", "content": null, "tool_calls": [earlier("call_2", "Nice")]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "20"},
+        {"role": "user", "content": "What is the weather in Paris?"}]);
+    let tagged = json!({"model": "smollm2", "max_tokens": 60, "temperature": 0,
+        "messages": messages, "tools": [weather], "tool_choice": "auto"});
+    let (s, token) = (&s, token.as_str());
+    let completion = |body: Value| async move {
+        let r = s.post("/v1/chat/completions", &body, Some(token)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap()
+    };
+
+    // Left alone, the model answers with text: auto leaves it free.
+    let out = completion(tagged.clone()).await;
+    assert_eq!(out["choices"][0]["finish_reason"], "stop", "{out}");
+    assert!(out["choices"][0]["message"].get("tool_calls").is_none(), "{out}");
+
+    // Nudged toward `<tool_call>` (`call` is token 4350), it calls, within the schema.
+    let mut nudged = tagged.clone();
+    nudged["logit_bias"] = json!({"4350": 10});
+    let out = completion(nudged.clone()).await;
+    assert_eq!(out["choices"][0]["finish_reason"], "tool_calls", "{out}");
+    let calls = out["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    calls.iter().for_each(|c| assert_follows_the_schema(&c["function"]));
+
+    // One call at most, streamed.
+    nudged["parallel_tool_calls"] = false.into();
+    nudged["stream"] = true.into();
+    let text = s.post("/v1/chat/completions", &nudged, Some(token)).await.text().await.unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let calls: Vec<&Value> =
+        events.iter().filter_map(|e| e["choices"][0]["delta"].get("tool_calls")).collect();
+    assert_eq!(calls.len(), 1, "{text}");
+    assert_follows_the_schema(&calls[0][0]["function"]);
+
+    // A bare call: its first token (`{`, token 107) opens it.
+    let bare = json!({"model": "smollm2-bare", "max_tokens": 60, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [weather], "logit_bias": {"107": 100}});
+    let out = completion(bare).await;
+    assert_eq!(out["choices"][0]["finish_reason"], "tool_calls", "{out}");
+    assert_follows_the_schema(&out["choices"][0]["message"]["tool_calls"][0]["function"]);
+}
+
+fn assert_follows_the_schema(function: &Value) {
+    assert_eq!(function["name"], "get_weather", "{function}");
+    let args: Value = serde_json::from_str(function["arguments"].as_str().unwrap()).unwrap();
+    let fields = args.as_object().unwrap();
+    assert_eq!(fields.len(), 2, "{args}");
+    assert!(["Paris", "Lyon", "Nice"].contains(&args["city"].as_str().unwrap()), "{args}");
+    assert!(["kelvin", "rankine"].contains(&args["unit"].as_str().unwrap()), "{args}");
 }

@@ -1,12 +1,13 @@
-//! Tools and JSON output on the local model. A `required` or named `tool_choice` is served by constrained
-//! decoding: the answer must be `{"name": …, "arguments": …}` for one of the allowed tools,
-//! valid against its parameters' schema. `auto` needs a chat template that knows tools (Qwen2.5,
-//! Qwen3, Llama 3.x): the model sees them there and decides; an answer in the template's call
-//! format (`<tool_call>{…}</tool_call>`, or the bare JSON object) naming an offered tool becomes
-//! a tool call, anything else stays text. Either way the answer is held back until it is
-//! complete, since its first tokens cannot tell a call from text.
+//! Tools and JSON output on the local model. A `required` or named `tool_choice` is served by
+//! constrained decoding: the answer must be `{"name": …, "arguments": …}` for one of the allowed
+//! tools, valid against its parameters' schema. `auto` needs a chat template that offers tools
+//! in a call format we know (Qwen2.5, Qwen3, Llama 3.x): the model sees them there and decides;
+//! once it opens a call (`<tool_call>`, or a bare answer's `{`), the call is held to the same
+//! grammar. Either way the answer is held back until it is complete, since its first tokens
+//! cannot tell a call from text.
 
 use crate::llm::{Event, FinishReason, Tool, ToolCallDelta, ToolChoice};
+use crate::local::{AutoCalls, CallFormat};
 use crate::message::{JsonSchema, Message, ResponseFormat, Role, Shape, Unsupported};
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
@@ -18,27 +19,32 @@ pub(super) enum Plan {
     Text,
     /// It must call one of these; the grammar sees to it.
     Call(Vec<Tool>),
-    /// It may call one of these, as its template taught it.
-    Auto(Vec<Tool>),
+    /// It may call these, in the format its template taught it.
+    Auto(Vec<Tool>, CallFormat),
 }
 
 impl Plan {
-    /// The plan for `shape` on a model whose template does (or does not) know tools.
-    pub(super) fn of(shape: &Shape, template_knows_tools: bool) -> Result<Plan, Unsupported> {
+    /// The plan for `shape` on a model whose template calls tools in `format` (or offers none).
+    pub(super) fn of(shape: &Shape, format: Option<CallFormat>) -> Result<Plan, Unsupported> {
         if !shape.offers_tools() {
             return Ok(Plan::Text);
         }
         let tools = shape.tools.clone();
-        match &shape.tool_choice {
-            Some(ToolChoice::Required) => Ok(Plan::Call(tools)),
-            Some(ToolChoice::Function(name)) => {
+        match (&shape.tool_choice, format) {
+            (Some(ToolChoice::Required), _) => Ok(Plan::Call(tools)),
+            (Some(ToolChoice::Function(name)), _) => {
                 Ok(Plan::Call(tools.into_iter().filter(|t| &t.name == name).collect()))
             }
-            _ if template_knows_tools => Ok(Plan::Auto(tools)),
-            _ => Err(Unsupported::new(
+            _ if wants_json(shape) => Err(Unsupported::new(
+                "response_format",
+                "response_format together with tools the model may call (tool_choice auto) is \
+                 not supported by the local model; use one or the other",
+            )),
+            (_, Some(format)) => Ok(Plan::Auto(tools, format)),
+            (_, None) => Err(Unsupported::new(
                 "tools",
                 "tools with tool_choice auto are not supported by this local model (its chat \
-                 template has no tools); tool_choice required or a named function works",
+                 template offers no tools); tool_choice required or a named function works",
             )),
         }
     }
@@ -46,7 +52,7 @@ impl Plan {
     /// The tools the chat template renders.
     pub(super) fn rendered(&self, template_knows_tools: bool) -> Vec<Tool> {
         match self {
-            Plan::Call(tools) | Plan::Auto(tools) if template_knows_tools => tools.clone(),
+            Plan::Call(tools) | Plan::Auto(tools, _) if template_knows_tools => tools.clone(),
             _ => Vec::new(),
         }
     }
@@ -54,19 +60,20 @@ impl Plan {
     /// The grammar of a forced call: one of the tools, by name, with valid arguments.
     pub(super) fn format(&self) -> Option<ResponseFormat> {
         let Plan::Call(tools) = self else { return None };
-        let one = |t: &Tool| {
-            json!({"type": "object", "additionalProperties": false, "required": ["name", "arguments"],
-                "properties": {"name": {"const": t.name},
-                    "arguments": t.parameters.clone().unwrap_or_else(|| json!({"type": "object"}))}})
-        };
-        let schema = json!({"anyOf": tools.iter().map(one).collect::<Vec<_>>()});
         let json_schema = JsonSchema {
             name: "tool_call".into(),
             description: None,
-            schema: Some(schema),
+            schema: Some(call_schema(tools, "arguments")),
             strict: Some(true),
         };
         Some(ResponseFormat::JsonSchema { json_schema })
+    }
+
+    /// The calls the model may open on its own, each held to one tool's schema.
+    pub(super) fn calls(&self, shape: &Shape) -> Option<AutoCalls> {
+        let Plan::Auto(tools, format) = self else { return None };
+        let schema = call_schema(tools, format.arguments_key());
+        Some(AutoCalls { schema, parallel: shape.parallel_tool_calls != Some(false) })
     }
 
     /// A forced call on a template that does not render tools: they are described at the end
@@ -90,7 +97,7 @@ impl Plan {
     ) -> BoxStream<'static, Result<Event, E>> {
         let tools = match self {
             Plan::Text => return events,
-            Plan::Call(tools) | Plan::Auto(tools) => tools,
+            Plan::Call(tools) | Plan::Auto(tools, _) => tools,
         };
         let mut text = String::new();
         events
@@ -102,13 +109,16 @@ impl Plan {
                     }
                     Ok(Event::Finish { reason, usage }) => {
                         let text = std::mem::take(&mut text);
-                        let (first, reason) = match call(&text, &tools) {
-                            Some(call) if reason == FinishReason::Stop => {
-                                (Event::ToolCall(call), FinishReason::ToolCalls)
+                        let (mut out, reason) = match calls(&text, &tools) {
+                            Some((said, calls)) if reason == FinishReason::Stop => {
+                                let said = (!said.is_empty()).then_some(Event::Delta(said));
+                                let calls = calls.into_iter().map(Event::ToolCall);
+                                (said.into_iter().chain(calls).collect(), FinishReason::ToolCalls)
                             }
-                            _ => (Event::Delta(text), reason),
+                            _ => (vec![Event::Delta(text)], reason),
                         };
-                        vec![Ok(first), Ok(Event::Finish { reason, usage })]
+                        out.push(Event::Finish { reason, usage });
+                        out.into_iter().map(Ok).collect()
                     }
                     other => vec![other],
                 };
@@ -134,15 +144,38 @@ pub(super) fn with_format_hint(mut turn: Vec<Message>, shape: &Shape) -> Vec<Mes
     turn
 }
 
-/// The call `text` makes, when it is one: `{"name", "arguments"}` (or Llama's `parameters`),
-/// bare or inside `<tool_call>…</tool_call>`, naming one of `tools`.
-fn call(text: &str, tools: &[Tool]) -> Option<ToolCallDelta> {
-    let inner = text.trim();
-    let inner = inner
-        .strip_prefix("<tool_call>")
-        .map(|rest| rest.trim_end().strip_suffix("</tool_call>").unwrap_or(rest))
-        .unwrap_or(inner);
-    let value: Value = serde_json::from_str(inner.trim()).ok()?;
+fn wants_json(shape: &Shape) -> bool {
+    !matches!(shape.response_format, None | Some(ResponseFormat::Text))
+}
+
+/// One call of one of `tools`: its name, and its arguments (under `key`) valid against its
+/// parameters.
+fn call_schema(tools: &[Tool], key: &str) -> Value {
+    let one = |t: &Tool| {
+        let arguments = t.parameters.clone().unwrap_or_else(|| json!({"type": "object"}));
+        json!({"type": "object", "additionalProperties": false, "required": ["name", key],
+            "properties": {"name": {"const": t.name}, key: arguments}})
+    };
+    json!({"anyOf": tools.iter().map(one).collect::<Vec<_>>()})
+}
+
+/// The calls `text` makes, with what it says before them: one bare `{"name", "arguments"}` (or
+/// Llama's `parameters`), or any number of `<tool_call>…</tool_call>` blocks, each naming one
+/// of `tools`. `None` when it is not all calls.
+fn calls(text: &str, tools: &[Tool]) -> Option<(String, Vec<ToolCallDelta>)> {
+    const CLOSE: &str = "</tool_call>";
+    let Some(at) = text.find(CallFormat::TAG) else {
+        return Some((String::new(), vec![call(text, tools, 0)?]));
+    };
+    let blocks = text[at..].split(CallFormat::TAG).skip(1);
+    let blocks = blocks.map(|b| b.split(CLOSE).next().unwrap_or(b));
+    let calls = (0..).zip(blocks).map(|(i, b)| call(b, tools, i)).collect::<Option<Vec<_>>>()?;
+    Some((text[..at].trim().to_owned(), calls))
+}
+
+/// The call `text` is, when it is one naming one of `tools`.
+fn call(text: &str, tools: &[Tool], index: u32) -> Option<ToolCallDelta> {
+    let value: Value = serde_json::from_str(text.trim()).ok()?;
     let name = value.get("name")?.as_str()?;
     if !tools.iter().any(|t| t.name == name) {
         return None;
@@ -153,7 +186,7 @@ fn call(text: &str, tools: &[Tool]) -> Option<ToolCallDelta> {
         other => other.to_string(),
     };
     let id = format!("call_{}", uuid::Uuid::now_v7().simple());
-    Some(ToolCallDelta { index: 0, id: Some(id), name: Some(name.to_owned()), arguments })
+    Some(ToolCallDelta { index, id: Some(id), name: Some(name.to_owned()), arguments })
 }
 
 #[cfg(test)]
@@ -172,26 +205,48 @@ mod tests {
     #[test]
     fn calls_are_read_in_the_formats_templates_teach() {
         let tools = [weather()];
+        let paris = (Some("get_weather"), r#"{"city":"Paris"}"#);
         for text in [
             r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#,
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
             r#" {"name": "get_weather", "parameters": {"city": "Paris"}} "#,
         ] {
-            let c = call(text, &tools).unwrap_or_else(|| panic!("{text}"));
-            assert_eq!((c.name.as_deref(), c.arguments.as_str()), (Some("get_weather"), r#"{"city":"Paris"}"#));
+            let (said, calls) = calls(text, &tools).unwrap_or_else(|| panic!("{text}"));
+            let [c] = &calls[..] else { panic!("one call in {text}") };
+            assert_eq!((said.as_str(), c.name.as_deref(), c.arguments.as_str()), ("", paris.0, paris.1));
         }
-        assert_eq!(call(r#"{"name": "other", "arguments": {}}"#, &tools), None);
-        assert_eq!(call("It is sunny.", &tools), None);
+        let two = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n\
+            </tool_call>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lyon\"}}";
+        let (said, calls) = calls(two, &tools).unwrap();
+        assert_eq!(said, "Let me look.");
+        let read: Vec<_> = calls.iter().map(|c| (c.index, c.arguments.as_str())).collect();
+        assert_eq!(read, [(0, r#"{"city":"Paris"}"#), (1, r#"{"city":"Lyon"}"#)]);
+        assert_eq!(super::calls(r#"{"name": "other", "arguments": {}}"#, &tools), None);
+        assert_eq!(super::calls("It is sunny.", &tools), None);
+        assert_eq!(super::calls("<tool_call>{\"name\": \"get_wea", &tools), None);
     }
 
     #[test]
-    fn auto_needs_a_template_that_knows_tools() {
+    fn auto_needs_a_template_that_calls_tools() {
         let shape = Shape { tools: vec![weather()], ..Shape::default() };
-        assert_eq!(Plan::of(&shape, true), Ok(Plan::Auto(vec![weather()])));
-        assert_eq!(Plan::of(&shape, false).unwrap_err().field, "tools");
+        let tagged = Some(CallFormat::Tagged);
+        assert_eq!(Plan::of(&shape, tagged), Ok(Plan::Auto(vec![weather()], CallFormat::Tagged)));
+        assert_eq!(Plan::of(&shape, None).unwrap_err().field, "tools");
+        let json = Shape { response_format: Some(ResponseFormat::JsonObject), ..shape.clone() };
+        assert_eq!(Plan::of(&json, tagged).unwrap_err().field, "response_format");
         let required = Shape { tool_choice: Some(ToolChoice::Required), ..shape.clone() };
-        assert_eq!(Plan::of(&required, false), Ok(Plan::Call(vec![weather()])));
+        assert_eq!(Plan::of(&required, None), Ok(Plan::Call(vec![weather()])));
         let none = Shape { tool_choice: Some(ToolChoice::None), ..shape };
-        assert_eq!(Plan::of(&none, false), Ok(Plan::Text));
+        assert_eq!(Plan::of(&none, None), Ok(Plan::Text));
+    }
+
+    #[test]
+    fn auto_calls_name_their_arguments_as_the_template_does() {
+        let shape =
+            Shape { tools: vec![weather()], parallel_tool_calls: Some(false), ..Shape::default() };
+        let calls = Plan::Auto(vec![weather()], CallFormat::Bare).calls(&shape).unwrap();
+        assert!(!calls.parallel);
+        assert_eq!(calls.schema["anyOf"][0]["required"], json!(["name", "parameters"]));
+        assert_eq!(Plan::Call(vec![weather()]).calls(&shape), None);
     }
 }

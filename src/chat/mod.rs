@@ -328,9 +328,9 @@ impl Chat {
         };
         let engine = self.local.engine(name).await.map_err(|e| unavailable(e.to_string()))?;
         let name = self.local.find(name).unwrap_or(name).to_owned();
-        let knows_tools = engine.knows_tools();
-        let plan =
-            local_tools::Plan::of(&input.shape, knows_tools).map_err(ChatError::Unsupported)?;
+        let knows_tools = engine.call_format().is_some();
+        let plan = local_tools::Plan::of(&input.shape, engine.call_format())
+            .map_err(ChatError::Unsupported)?;
         let max_tokens = self.max_tokens(input) as usize;
         let budget =
             engine.context_length().saturating_sub(max_tokens.min(engine.context_length() / 2));
@@ -339,7 +339,7 @@ impl Chat {
         let messages =
             context::fit(history, &turn, budget, |m| engine.prompt_tokens(m).unwrap_or(usize::MAX));
         let request = local_request(input, &engine, messages, max_tokens, &plan);
-        if request.response_format.is_some() {
+        if request.response_format.is_some() || request.calls.is_some() {
             engine.prepare_grammar().await;
         }
         let generation = engine.generate(request).map_err(local_error)?;
@@ -404,7 +404,8 @@ fn local_request(
         seed: p.seed,
         stop: p.stop.clone(),
         response_format: plan.format().or_else(|| input.shape.response_format.clone()),
-        tools: plan.rendered(engine.knows_tools()),
+        tools: plan.rendered(engine.call_format().is_some()),
+        calls: plan.calls(&input.shape),
         presence_penalty: p.presence_penalty.unwrap_or(0.0),
         frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
         logit_bias: p.logit_bias.clone(),

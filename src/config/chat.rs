@@ -23,6 +23,9 @@ pub struct LocalConfig {
     pub context: usize,
     /// MiB of finished sequences' KV caches kept for prompts that start the same way; 0: off.
     pub prompt_cache_mb: usize,
+    /// A Jinja file used as `model`'s chat template instead of the one in the file; empty: the
+    /// file's own.
+    pub chat_template: PathBuf,
     /// More models beside `model` (which stays the fallback), each loaded on first use.
     pub models: Vec<LocalModelConfig>,
     /// Models kept loaded at once, `model` included; the least recently used idle one is
@@ -53,6 +56,25 @@ pub struct LocalModelConfig {
     pub context: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache_mb: Option<usize>,
+    /// This model's chat template file (not inherited: a template belongs to its model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
+}
+
+impl LocalModelConfig {
+    /// The entry for `file` answering as `name`, with `[local]`'s settings.
+    pub fn new(file: impl Into<PathBuf>, name: impl Into<String>) -> Self {
+        LocalModelConfig {
+            file: file.into(),
+            name: name.into(),
+            threads: None,
+            max_batch: None,
+            max_queue: None,
+            context: None,
+            prompt_cache_mb: None,
+            chat_template: None,
+        }
+    }
 }
 
 /// A local model's file, name and engine settings, with `[local]`'s filled in.
@@ -65,6 +87,8 @@ pub struct LocalModelSettings {
     /// 0 keeps the model's own context window.
     pub context: usize,
     pub prompt_cache_mb: usize,
+    /// Replaces the file's own chat template.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Default for LocalConfig {
@@ -78,6 +102,7 @@ impl Default for LocalConfig {
             max_queue: 32,
             context: 0,
             prompt_cache_mb: 256,
+            chat_template: PathBuf::new(),
             models: Vec::new(),
             max_loaded_models: 3,
             max_memory_mb: 0,
@@ -100,6 +125,7 @@ impl LocalConfig {
             max_queue: self.max_queue,
             context: self.context,
             prompt_cache_mb: self.prompt_cache_mb,
+            chat_template: Some(self.chat_template.clone()).filter(|p| !p.as_os_str().is_empty()),
         };
         let more = self.models.iter().map(|m| LocalModelSettings {
             name: model_name(&m.name, &m.file),
@@ -108,6 +134,7 @@ impl LocalConfig {
             max_queue: m.max_queue.unwrap_or(self.max_queue),
             context: m.context.unwrap_or(self.context),
             prompt_cache_mb: m.prompt_cache_mb.unwrap_or(self.prompt_cache_mb),
+            chat_template: m.chat_template.clone(),
         });
         std::iter::once(main).chain(more).collect()
     }

@@ -68,20 +68,37 @@ impl Grammars {
     /// A matcher for JSON valid against `schema` (`None`: any JSON object), or the reason the
     /// schema cannot be used.
     pub(crate) fn json(&self, schema: Option<&Value>) -> Result<Constraint, LocalError> {
-        let mut schema = schema.cloned().unwrap_or_else(|| json!({"type": "object"}));
-        // One line, no runs of blanks: a sampled model could otherwise pad forever.
-        JsonCompileOptions { whitespace_flexible: false, ..Default::default() }
-            .apply_to(&mut schema);
-        let parser =
-            self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(|e| {
-                LocalError::InvalidRequest(format!("the JSON schema cannot be used: {e}"))
-            })?;
+        let schema = schema.cloned().unwrap_or_else(|| json!({"type": "object"}));
+        self.compile(TopLevelGrammar::from_json_schema(compact(schema)))
+    }
+
+    /// A matcher for one tool call: blanks (models put a newline after `<tool_call>`), then
+    /// JSON valid against `schema`.
+    pub(crate) fn call(&self, schema: &Value) -> Result<Constraint, LocalError> {
+        let schema = compact(schema.clone());
+        self.compile(TopLevelGrammar::from_lark(format!(
+            "start: call | BLANKS call\nBLANKS: /[ \\t\\n]+/\ncall: %json {schema}"
+        )))
+    }
+
+    fn compile(&self, grammar: TopLevelGrammar) -> Result<Constraint, LocalError> {
+        let parser = self.factory.create_parser(grammar).map_err(|e| {
+            LocalError::InvalidRequest(format!("the JSON schema cannot be used: {e}"))
+        })?;
         let matcher = Matcher::new(Ok(parser));
         Ok(Constraint { matcher, eos: self.eos.clone(), vocab: self.vocab })
     }
 }
 
-/// One request's grammar state.
+/// `schema` written on one line, without runs of blanks: a sampled model could otherwise pad
+/// forever.
+fn compact(mut schema: Value) -> Value {
+    JsonCompileOptions { whitespace_flexible: false, ..Default::default() }.apply_to(&mut schema);
+    schema
+}
+
+/// One request's grammar state; a clone starts from the same point.
+#[derive(Clone)]
 pub(crate) struct Constraint {
     matcher: Matcher,
     eos: Vec<u32>,

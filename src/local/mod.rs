@@ -29,15 +29,16 @@ pub use error::LocalError;
 pub use gguf::{list_models, ModelInfo};
 pub use registry::{LoadLimits, Loaded, ModelSpec, Registry};
 pub use sampler::SamplingDefaults;
-pub use template::{ChatTemplate, Message, Role, CHATML};
+pub use template::{CallFormat, ChatTemplate, Message, Role, CHATML};
 pub use tokenizer::TextTokenizer;
 
 use crate::message::{ResponseFormat, Tool};
 use futures_util::Stream;
 use grammar::{Constraint, Grammars};
 use sampler::SamplingParams;
-use scheduler::{Job, Queue};
-use std::path::Path;
+use scheduler::{Calls, Job, Queue};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -59,6 +60,9 @@ pub struct EngineOptions {
     /// MiB of KV cache kept from finished requests, so that a prompt starting like one of
     /// theirs (the next turn of a conversation) computes only the rest; 0 turns it off.
     pub prompt_cache_mb: usize,
+    /// A Jinja chat template used instead of the file's own (for a file whose template is
+    /// missing, wrong, or does not offer tools).
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +73,7 @@ impl Default for EngineOptions {
             max_queue: 32,
             context: None,
             prompt_cache_mb: 256,
+            chat_template: None,
         }
     }
 }
@@ -94,6 +99,9 @@ pub struct GenerateRequest {
     pub response_format: Option<ResponseFormat>,
     /// Tools the chat template offers the model (ignored by templates without tools).
     pub tools: Vec<Tool>,
+    /// The model may call them on its own (`tool_choice: auto`); each call it opens is held to
+    /// the call's schema.
+    pub calls: Option<AutoCalls>,
     /// OpenAI's penalties, from -2 to 2 (0 disables them).
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -116,6 +124,7 @@ impl Default for GenerateRequest {
             stop: Vec::new(),
             response_format: None,
             tools: Vec::new(),
+            calls: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
@@ -125,6 +134,15 @@ impl Default for GenerateRequest {
 }
 
 pub use crate::message::{Event, FinishReason, Usage};
+
+/// Tool calls the model makes when it chooses to, in its template's [`CallFormat`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoCalls {
+    /// One call: `{"name": …, <the format's arguments key>: …}` for one of the tools.
+    pub schema: Value,
+    /// Several calls in one answer (tagged formats; a bare call is the whole answer).
+    pub parallel: bool,
+}
 
 /// A loaded model; cheap to clone and share between tasks.
 #[derive(Clone)]
@@ -173,9 +191,12 @@ impl Engine {
         let gguf = gguf::GgufFile::open(path)?;
         let info = gguf.info()?;
         let tokenizer = Arc::new(TextTokenizer::load(&gguf)?);
-        let source = match gguf.string("tokenizer.chat_template") {
-            Some(source) => source.to_owned(),
-            None => template::fallback(|t| tokenizer.has_token(t)).to_owned(),
+        let source = match (&options.chat_template, gguf.string("tokenizer.chat_template")) {
+            (Some(file), _) => std::fs::read_to_string(file).map_err(|e| {
+                LocalError::Template(format!("cannot read {}: {e}", file.display()))
+            })?,
+            (None, Some(source)) => source.to_owned(),
+            (None, None) => template::fallback(|t| tokenizer.has_token(t)).to_owned(),
         };
         let template = ChatTemplate::new(&source, &tokenizer.bos_text, &tokenizer.eos_text)?;
         let sampling = SamplingDefaults::of(&gguf);
@@ -253,9 +274,9 @@ impl Engine {
         self.inner.template.render(messages)
     }
 
-    /// Whether the model's chat template renders tools (so it can choose to call them).
-    pub fn knows_tools(&self) -> bool {
-        self.inner.template.knows_tools()
+    /// How the model calls tools, when its chat template offers them (so it can choose to).
+    pub fn call_format(&self) -> Option<CallFormat> {
+        self.inner.template.call_format()
     }
 
     /// Tokens the prompt for `messages` takes, so that callers can trim history to fit.
@@ -275,6 +296,7 @@ impl Engine {
             return Err(LocalError::PromptTooLong { prompt_tokens: prompt.len(), context });
         }
         let constraint = self.constraint(request.response_format.as_ref())?;
+        let calls = request.calls.as_ref().map(|auto| self.calls(auto)).transpose()?;
         let vocab = self.inner.tokenizer.vocab_size();
         if let Some((id, _)) = request.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
             return Err(LocalError::InvalidRequest(format!(
@@ -289,6 +311,7 @@ impl Engine {
             seed: request.seed,
             stop: request.stop,
             constraint,
+            calls,
             logit_bias: request.logit_bias,
             logprobs: request.logprobs,
             reply,
@@ -324,6 +347,15 @@ impl Engine {
             Some(ResponseFormat::JsonSchema { json_schema }) => json_schema.schema.as_ref(),
         };
         self.grammars()?.json(schema).map(Some)
+    }
+
+    /// The grammar of `auto`'s calls, in the format this model's template teaches.
+    fn calls(&self, auto: &AutoCalls) -> Result<Calls, LocalError> {
+        let format = self.call_format().ok_or_else(|| {
+            LocalError::InvalidRequest("this model's chat template does not call tools".into())
+        })?;
+        let grammar = self.grammars()?.call(&auto.schema)?;
+        Ok(Calls { format, grammar, parallel: auto.parallel })
     }
 }
 

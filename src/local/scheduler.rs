@@ -6,6 +6,7 @@
 use super::grammar::Constraint;
 use super::model::{self, Input, Weights};
 use super::sampler::{Sampler, SamplingParams};
+use super::template::CallFormat;
 use super::text::{Step, TextStream};
 use super::tokenizer::TextTokenizer;
 use super::{Event, FinishReason, LocalError, Usage};
@@ -31,12 +32,24 @@ pub(crate) struct Job {
     pub params: SamplingParams,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
-    /// The grammar the answer must follow (a JSON schema), if any.
+    /// The grammar the answer must follow (a JSON schema), or the open call's.
     pub constraint: Option<Constraint>,
+    /// Tool calls the model may open on its own.
+    pub calls: Option<Calls>,
     pub logit_bias: Vec<(u32, f32)>,
     /// Send each token's log probability, with this many alternatives.
     pub logprobs: Option<u8>,
     pub reply: Reply,
+}
+
+/// Tool calls in the template's format: text is free until the model opens a call, and the call
+/// is held to `grammar` from there to its end.
+pub(crate) struct Calls {
+    pub format: CallFormat,
+    /// One call's grammar, before its first token (each call starts from a clone).
+    pub grammar: Constraint,
+    /// Free text, and maybe another call, may follow a tagged call.
+    pub parallel: bool,
 }
 
 /// Requests waiting for the generation thread.
@@ -135,6 +148,11 @@ impl Queue {
         active.extend(jobs.into_iter().map(start));
         true
     }
+}
+
+/// Whether `token`'s text opens a JSON object.
+fn opens_object(tokenizer: &TextTokenizer, token: u32) -> bool {
+    tokenizer.decode(&[token]).is_ok_and(|t| t.trim_start().starts_with('{'))
 }
 
 /// Runs until the queue shuts down; call it on a dedicated thread.
@@ -317,10 +335,21 @@ impl Sequence {
         mut logits: Vec<f32>,
         tokenizer: &TextTokenizer,
     ) -> Result<Option<FinishReason>, LocalError> {
+        let free = self.may_open(CallFormat::Bare).then(|| logits.clone());
         if let Some(c) = &mut self.job.constraint {
             c.mask(&mut logits)?;
         }
-        let next = self.sampler.sample(&mut logits, &self.tokens);
+        let mut next = self.sampler.sample(&mut logits, &self.tokens);
+        // A bare call is the whole answer: when a token before any text opens a JSON object, the model
+        // chose to call, and that token is drawn again under the call's grammar.
+        if let Some(mut free) = free.filter(|_| opens_object(tokenizer, next)) {
+            self.open_call();
+            if let Some(c) = &mut self.job.constraint {
+                c.mask(&mut free)?;
+            }
+            next = self.sampler.sample(&mut free, &self.tokens);
+            logits = free;
+        }
         if let Some(top) = self.job.logprobs {
             self.send_logprobs(&logits, next, top, tokenizer);
         }
@@ -340,22 +369,52 @@ impl Sequence {
             }
             Step::Continue(text) => self.send_text(text),
         }
-        if complete {
+        if complete && !self.close_call() {
             return Ok(Some(FinishReason::Stop));
         }
+        if self.may_open(CallFormat::Tagged)
+            && self.text.decoded().trim_end().ends_with(CallFormat::TAG)
+        {
+            self.open_call();
+        }
         Ok((self.generated >= self.job.max_tokens).then_some(FinishReason::Length))
+    }
+
+    /// Whether a call in `format` may open here: a bare one only before the answer says
+    /// anything, a tagged one whenever no call is open.
+    fn may_open(&self, format: CallFormat) -> bool {
+        let Some(calls) = &self.job.calls else { return false };
+        let first = format == CallFormat::Tagged || self.text.decoded().trim().is_empty();
+        calls.format == format && first && self.job.constraint.is_none()
+    }
+
+    fn open_call(&mut self) {
+        self.job.constraint = self.job.calls.as_ref().map(|c| c.grammar.clone());
+    }
+
+    /// Ends the call whose grammar just completed; `false` when the answer ends with it.
+    fn close_call(&mut self) -> bool {
+        let more =
+            self.job.calls.as_ref().is_some_and(|c| c.parallel && c.format == CallFormat::Tagged);
+        if more {
+            self.job.constraint = None;
+        }
+        more
     }
 
     /// OpenAI's `logprobs.content` item for `chosen`: its text, bytes and log probability,
     /// and the `top` likeliest alternatives.
     fn send_logprobs(&self, logits: &[f32], chosen: u32, top: u8, tokenizer: &TextTokenizer) {
         let (logprob, best) = self.sampler.logprobs(logits, chosen, top as usize);
-        let item = |id: u32, logprob: f32| {
-            let text = tokenizer.decode(&[id]).unwrap_or_default();
-            serde_json::json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
-        };
-        let mut entry = item(chosen, logprob);
-        entry["top_logprobs"] = best.into_iter().map(|(id, lp)| item(id, lp)).collect();
+        let ranked = std::iter::once((chosen, logprob)).chain(best);
+        let (ids, logprobs): (Vec<u32>, Vec<f32>) = ranked.unzip();
+        let spelled = tokenizer.spell(ids.into_iter());
+        let mut items = spelled.into_iter().zip(logprobs).map(|((bytes, _), logprob)| {
+            let token = String::from_utf8_lossy(&bytes);
+            serde_json::json!({"token": token, "logprob": logprob, "bytes": bytes})
+        });
+        let mut entry = items.next().unwrap_or_default();
+        entry["top_logprobs"] = items.collect();
         let _ = self.job.reply.send(Ok(Event::Logprobs(vec![entry])));
     }
 

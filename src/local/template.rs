@@ -56,8 +56,45 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
-    /// The template renders a `tools` list (Qwen2.5, Qwen3, Llama 3.x do).
-    knows_tools: bool,
+    /// How the template teaches the model to call the tools it renders, if it renders them.
+    calls: Option<CallFormat>,
+}
+
+/// How a chat template teaches the model to call a tool, so that a call can be recognised as it
+/// opens and held to the tools' schemas from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFormat {
+    /// `<tool_call>{"name": …, "arguments": …}</tool_call>`, anywhere in the answer, as often as
+    /// needed (Qwen2.5, Qwen3, Hermes and SmolLM3 templates).
+    Tagged,
+    /// The whole answer is `{"name": …, "parameters": …}` (Llama 3.x templates).
+    Bare,
+}
+
+impl CallFormat {
+    /// What opens a tagged call.
+    pub const TAG: &'static str = "<tool_call>";
+
+    /// The key the template names a call's arguments with.
+    pub fn arguments_key(self) -> &'static str {
+        match self {
+            CallFormat::Tagged => "arguments",
+            CallFormat::Bare => "parameters",
+        }
+    }
+
+    /// The format `source` teaches, if it renders tools in a format we know.
+    fn of(source: &str) -> Option<CallFormat> {
+        if !source.contains("tools") {
+            None
+        } else if source.contains(CallFormat::TAG) {
+            Some(CallFormat::Tagged)
+        } else if source.contains("\"parameters\"") {
+            Some(CallFormat::Bare)
+        } else {
+            None
+        }
+    }
 }
 
 impl ChatTemplate {
@@ -71,14 +108,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_template_owned("chat", source.to_owned()).map_err(describe)?;
-        let knows_tools = source.contains("tools");
+        let calls = CallFormat::of(source);
         let (bos_token, eos_token) = (bos_token.into(), eos_token.into());
-        Ok(ChatTemplate { env, bos_token, eos_token, knows_tools })
+        Ok(ChatTemplate { env, bos_token, eos_token, calls })
     }
 
-    /// Whether the template renders tools, so the model can be offered them.
-    pub fn knows_tools(&self) -> bool {
-        self.knows_tools
+    /// How the model calls tools, when the template offers it tools in a format we know (a
+    /// template that renders tools in another format is treated as one without tools).
+    pub fn call_format(&self) -> Option<CallFormat> {
+        self.calls
     }
 
     /// The prompt for `messages`, ending where the assistant's answer begins.
@@ -229,12 +267,12 @@ mod tests {
 
     #[test]
     fn tools_and_tool_calls_render_in_hugging_faces_shape() {
-        let source = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}\
+        let source = "{# calls: <tool_call> #}{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}\
             {% for m in messages %}{{ m.role }}:{{ m.content }}\
             {% for c in m.tool_calls or [] %}({{ c.function.name }} {{ c.function.arguments.city }}){% endfor %}\
             {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
         let t = ChatTemplate::new(source, "", "").unwrap();
-        assert!(t.knows_tools());
+        assert_eq!(t.call_format(), Some(CallFormat::Tagged));
         let tool =
             Tool { name: "get_weather".into(), description: None, parameters: None, strict: None };
         let call = crate::message::ToolCall {
@@ -251,7 +289,16 @@ mod tests {
             t.render_with_tools(&messages, &[tool]).unwrap(),
             "[get_weather]user:hi;assistant:(get_weather Paris);tool:21#call_1;"
         );
-        assert!(!ChatTemplate::new(CHATML, "", "").unwrap().knows_tools());
+    }
+
+    #[test]
+    fn the_call_format_is_read_from_the_template() {
+        let format = |source: &str| ChatTemplate::new(source, "", "").unwrap().call_format();
+        assert_eq!(format(CHATML), None);
+        let llama =
+            "{% if tools %}Respond with {\"name\": function name, \"parameters\": …}{% endif %}";
+        assert_eq!(format(llama), Some(CallFormat::Bare));
+        assert_eq!(format("{% if tools %}[TOOL_CALLS]{% endif %}"), None);
     }
 
     #[test]

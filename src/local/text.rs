@@ -44,6 +44,11 @@ impl TextStream {
         Ok(self.advance())
     }
 
+    /// The text so far, shown or not (up to its last complete character).
+    pub fn decoded(&self) -> &str {
+        &self.decoded
+    }
+
     /// Everything still held back, for the end of generation.
     pub fn finish(&mut self) -> String {
         let rest = self.decoded[self.emitted..].to_owned();

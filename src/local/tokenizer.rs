@@ -122,7 +122,12 @@ impl TextTokenizer {
     /// Every token's bytes, and whether it is a special token (then its text, as written in
     /// prompts), by id. For constrained decoding.
     pub(crate) fn vocabulary_bytes(&self) -> Vec<(Vec<u8>, bool)> {
-        let ids = 0..self.vocab_size() as u32;
+        self.spell(0..self.vocab_size() as u32)
+    }
+
+    /// `ids`' bytes each, as [`Self::vocabulary_bytes`] gives them: a token may be part of a
+    /// character, which its decoded text cannot show.
+    pub(crate) fn spell(&self, ids: impl Iterator<Item = u32>) -> Vec<(Vec<u8>, bool)> {
         match &self.inner {
             Backend::Spm(t) => ids.map(|id| t.token_bytes(id).unwrap_or_default()).collect(),
             Backend::Hf(t) => {
