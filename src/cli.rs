@@ -370,11 +370,13 @@ async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result
         println!("tls certificate: {} (sha256 {fingerprint})", path.display());
     }
     // Last, so that whoever waits for this line has everything above it.
-    println!(
-        "edgechat {} listening on {}://{}",
-        env!("CARGO_PKG_VERSION"),
-        running.scheme,
-        running.addr
+    let url = format!("{}://{}", running.scheme, running.addr);
+    println!("edgechat {} listening on {url}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        url,
+        data_dir = %running.data_dir.display(),
+        "listening"
     );
     // The store is open, the listener bound and the local model loaded: tell systemd.
     let notifier = systemd::Notifier::from_env().map(Arc::new);
@@ -413,12 +415,16 @@ fn log_filter(config: &Config) -> Result<tracing_subscriber::EnvFilter, String> 
 
 fn init_logging(config: &Config) -> Result<(), String> {
     let filter = log_filter(config)?;
-    // Every line passes the masking writer: no configured secret reaches stderr.
+    // Every line passes the masking writer: no configured secret reaches stderr. Colour only
+    // for a person at a terminal: a journal or a file gets plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(crate::logmask::Masked::stderr());
     let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // The request's span (its id) as one `span` object; the list of spans says no more.
+        LogFormat::Json => builder.json().flatten_event(true).with_span_list(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     // A panic's message goes through the log (and its masking) instead of straight to stderr.

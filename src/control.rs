@@ -68,6 +68,26 @@ pub enum Command {
 }
 
 impl Command {
+    /// What the log says of it: the operation and what it acts on (never a password).
+    fn describe(&self) -> (&'static str, String) {
+        match self {
+            Command::CreateUser { username, admin: true, .. } => ("create_admin", username.clone()),
+            Command::CreateUser { username, .. } => ("create_user", username.clone()),
+            Command::ListUsers => ("list_users", String::new()),
+            Command::SetDisabled { username, disabled: true } => ("disable_user", username.clone()),
+            Command::SetDisabled { username, .. } => ("enable_user", username.clone()),
+            Command::Backup { path } => ("backup", path.display().to_string()),
+            Command::ResetPassword { username, .. } => ("reset_password", username.clone()),
+            Command::DeleteUser { username } => ("delete_user", username.clone()),
+            Command::SetAdmin { username, admin: true } => ("grant_admin", username.clone()),
+            Command::SetAdmin { username, .. } => ("revoke_admin", username.clone()),
+            Command::ListKeys { username } => ("list_keys", username.clone()),
+            Command::RevokeKey { username, key_id } => {
+                ("revoke_key", format!("{username} {key_id}"))
+            }
+        }
+    }
+
     /// How long the client waits for the answer: a backup copies the whole file.
     fn timeout(&self) -> std::time::Duration {
         match self {
@@ -344,10 +364,22 @@ async fn serve_one(stream: UnixStream, store: &Store, auth: &Auth) -> std::io::R
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no command received"))??;
     let reply = match serde_json::from_str::<Command>(&line) {
         Ok(command) => {
-            tracing::info!(command = ?command, "control command");
-            execute(command, store, auth).await
+            // `subject`, not `target`: JSON lines already have a `target` (the module).
+            let (op, subject) = command.describe();
+            let reply = execute(command, store, auth).await;
+            match &reply {
+                Reply::Error(error) => {
+                    tracing::warn!(op, subject, outcome = "failed", error, "control command")
+                }
+                _ => tracing::info!(op, subject, outcome = "ok", "control command"),
+            }
+            reply
         }
-        Err(e) => Reply::Error(format!("bad control command: {e}")),
+        Err(e) => {
+            // Not the error's text: it may quote the line, and a line may hold a password.
+            tracing::warn!(kind = ?e.classify(), "control socket: unreadable command");
+            Reply::Error(format!("bad control command: {e}"))
+        }
     };
     let mut out = serde_json::to_vec(&reply).expect("replies serialize");
     out.push(b'\n');

@@ -197,10 +197,11 @@ pub async fn start(
         (stop_housekeeping.clone(), tokio::spawn(purge_tokens(store.clone(), stop_housekeeping)));
     let app = App::new(config, store.clone(), auth, chat, jobs.clone(), routes);
     let (stop, stopped) = oneshot::channel::<()>();
-    let service = app.service();
+    let (service, draining) = (app.service(), app.draining());
     let task = tokio::spawn(async move {
         let cut = http::serve(listener, tls.map(|t| t.acceptor), limits, service, async {
             let _ = stopped.await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
         })
         .await;
         drop(app);

@@ -77,6 +77,7 @@ async fn secrets_a_provider_echoes_never_reach_the_log() {
     let env = [("OPENAI_API_KEY", KEY), ("EDGECHAT_AUTH__JWT_SECRET", JWT)];
     let log = log_of_an_echoed_refusal(&upstream, &dir, &[], &env).await;
     assert_masked(&log, &[KEY, JWT, METRICS]);
+    assert!(!log.contains('\u{1b}'), "colour codes in a file:\n{log}");
     assert_eq!(upstream.seen()[0].auth, format!("Bearer {KEY}"), "the key was used");
 
     // JSON lines; the key from its file, the JWT secret from a systemd credential.

@@ -3,12 +3,12 @@
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::frame::{
-    admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
-    done_event, sse, steps, stream_error, with_answerer, Progress, SseStream,
+    admit, check_input_size, check_max_tokens, check_model, check_temperature, data, done_event,
+    sse, stream_error, streamed, whole, with_answerer, Progress, SseStream,
 };
 use super::seed::{SeedAnswer, SeedRequest};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{ChatInput, Reply, Step};
+use crate::chat::{ChatInput, Step};
 use crate::http::json;
 use futures_util::stream::{self, StreamExt};
 use http::{Response, StatusCode};
@@ -36,15 +36,12 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
     let body: SeedRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
     let input = input(&app, &body, principal.user.id)?;
-    let user = principal.user.id;
+    let (user, access) = (principal.user.id, req.access());
     let mut response = if body.stream {
-        let reply = app.chat.start(&input).await?;
-        let who = reply.answerer().clone();
-        let events = seed_events(app.clone(), user, reply);
-        with_answerer(sse(events), &who)
+        let (who, steps) = streamed(&app, user, &input, access).await?;
+        with_answerer(sse(seed_events(steps)), &who)
     } else {
-        let (who, done) = app.chat.complete(&input).await?;
-        charge(&app, user, &done);
+        let (who, done) = whole(&app, user, &input, &access).await?;
         with_answerer(json(StatusCode::OK, &SeedAnswer::new(&who, &done)), &who)
     };
     rate_limit_headers(response.headers_mut(), &limit, Face::Seed);
@@ -52,16 +49,13 @@ async fn chat(app: Arc<App>, mut req: Req) -> Answer {
 }
 
 /// `data: {"delta": …}` per delta, the whole answer object, then `[DONE]`.
-fn seed_events(app: Arc<App>, user: Uuid, reply: Reply) -> SseStream {
-    steps(reply)
+fn seed_events(steps: stream::BoxStream<'static, Progress>) -> SseStream {
+    steps
         .map(move |Progress { who, step, .. }| match step {
             Ok(Step::Delta(d)) => vec![data(&serde_json::json!({ "delta": d }))],
             // The seed face offers no tools or log probabilities; a refusal has no event here.
             Ok(Step::ToolCall(_) | Step::Refusal(_) | Step::Logprobs(_)) => vec![],
-            Ok(Step::Done(done)) => {
-                charge(&app, user, &done);
-                vec![data(&SeedAnswer::new(&who, &done)), done_event()]
-            }
+            Ok(Step::Done(done)) => vec![data(&SeedAnswer::new(&who, &done)), done_event()],
             Err(e) => vec![data(&stream_error(&e))],
         })
         .flat_map(stream::iter)

@@ -1,6 +1,7 @@
 //! Turning a raw request into typed input: the body (capped, JSON or form), path ids, query
 //! parameters and the bearer credential. Every failure is a 4xx `ApiError`, never a panic.
 
+use super::access::Access;
 use super::error::{ApiError, FieldError, Loc};
 use super::App;
 use crate::auth::{AuthError, Principal};
@@ -10,6 +11,7 @@ use http::{header, request::Parts};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -155,7 +157,14 @@ impl Req {
             .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Unauthenticated("no bearer credential"))?;
-        Ok(app.auth.authenticate(token).await?)
+        let principal = app.auth.authenticate(token).await?;
+        self.access().user(principal.user.id);
+        Ok(principal)
+    }
+
+    /// What the access line will say about this request; handlers add what they learn.
+    pub fn access(&self) -> Arc<Access> {
+        self.parts.extensions.get::<Arc<Access>>().cloned().unwrap_or_default()
     }
 
     /// The calling admin; anyone else learns only that the route does not exist (`404`, as

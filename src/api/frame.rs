@@ -1,9 +1,10 @@
 //! The frame both chat faces share: per-user request and token limits, the checks of the
 //! fields they have in common, the answerer headers and SSE bodies.
 
+use super::access::Access;
 use super::extract::Checks;
 use super::{ApiError, App};
-use crate::chat::{Answerer, Completion, Reply, Step};
+use crate::chat::{Answerer, ChatInput, Completion, Step};
 use crate::http::Body;
 use crate::ratelimit::Decision;
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use serde::Serialize;
 use serde_json::Value;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Largest accepted `max_tokens`; providers clamp further to what their model allows.
@@ -25,17 +27,54 @@ pub(super) struct Progress {
     pub step: Result<Step, crate::chat::ChatError>,
 }
 
-/// A reply as a stream of steps, ending after `Done` or an error.
-pub(super) fn steps(reply: Reply) -> stream::BoxStream<'static, Progress> {
-    stream::unfold(Some(reply), |state| async move {
-        let mut reply = state?;
-        let step = reply.next().await?;
-        let who = reply.answerer().clone();
-        let fingerprint = reply.fingerprint().map(str::to_owned);
-        let more = step.as_ref().is_ok_and(|s| !matches!(s, Step::Done(_)));
-        Some((Progress { who, fingerprint, step }, more.then_some(reply)))
-    })
-    .boxed()
+/// Starts `user`'s streamed answer: who answers, and its steps, ending after `Done` or an
+/// error. The finished answer is charged to the user; the access line learns who answered,
+/// the first token's time, the tokens, or the failure.
+pub(super) async fn streamed(
+    app: &Arc<App>,
+    user: Uuid,
+    input: &ChatInput,
+    access: Arc<Access>,
+) -> Result<(Answerer, stream::BoxStream<'static, Progress>), ApiError> {
+    let reply = app.chat.start(input).await?;
+    let who = reply.answerer().clone();
+    access.answerer(&who);
+    let app = app.clone();
+    let steps = stream::unfold(Some(reply), move |state| {
+        let (app, access) = (app.clone(), access.clone());
+        async move {
+            let mut reply = state?;
+            let step = reply.next().await?;
+            match &step {
+                Ok(Step::Done(done)) => {
+                    charge(&app, user, done);
+                    access.answered(done);
+                }
+                Ok(Step::Logprobs(_)) => {}
+                Ok(_) => access.first_token(),
+                Err(_) => access.failed(),
+            }
+            let who = reply.answerer().clone();
+            let fingerprint = reply.fingerprint().map(str::to_owned);
+            let more = step.as_ref().is_ok_and(|s| !matches!(s, Step::Done(_)));
+            Some((Progress { who, fingerprint, step }, more.then_some(reply)))
+        }
+    });
+    Ok((who, steps.boxed()))
+}
+
+/// `user`'s whole answer, charged to them and noted in the access line.
+pub(super) async fn whole(
+    app: &App,
+    user: Uuid,
+    input: &ChatInput,
+    access: &Access,
+) -> Result<(Answerer, Completion), ApiError> {
+    let (who, done) = app.chat.complete(input).await?;
+    charge(app, user, &done);
+    access.answerer(&who);
+    access.answered(&done);
+    Ok((who, done))
 }
 
 /// What a stream says when the answer breaks after it started: no upstream detail.
@@ -98,7 +137,7 @@ pub(super) fn admit(app: &App, user: Uuid) -> Result<Decision, ApiError> {
 }
 
 /// Counts a finished answer's tokens against the user's budget.
-pub(super) fn charge(app: &App, user: Uuid, done: &Completion) {
+fn charge(app: &App, user: Uuid, done: &Completion) {
     let n = done.usage.prompt_tokens.saturating_add(done.usage.completion_tokens);
     app.chat_tokens.charge(&user.simple().to_string(), n);
 }

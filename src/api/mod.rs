@@ -4,6 +4,7 @@
 //! Handlers are thin: parse → authorize → call one service → render. The route table is the
 //! single source of `/openapi.json`, so the document cannot drift from what is served.
 
+pub mod access;
 mod admin;
 mod auth;
 mod chat;
@@ -38,8 +39,10 @@ use hyper::body::Incoming;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// What a route runs.
 pub type Handler = Arc<
@@ -105,6 +108,8 @@ pub struct App {
     started_unix: i64,
     router: Router<Route>,
     openapi: Bytes,
+    /// Set when the server stops accepting: a stream cut from then on ended by shutdown.
+    draining: Arc<AtomicBool>,
 }
 
 impl App {
@@ -138,6 +143,7 @@ impl App {
             config,
             store,
             auth,
+            draining: Arc::default(),
         })
     }
 
@@ -159,7 +165,7 @@ impl App {
 
     async fn dispatch(
         self: Arc<Self>,
-        req: hyper::Request<Incoming>,
+        mut req: hyper::Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -167,7 +173,12 @@ impl App {
         let method = req.method().clone();
         let face = Face::of(req.uri().path());
         let origin = self.allowed_origin(req.headers());
-        let (route, mut response) = self.clone().route(req, peer, face, origin.clone()).await;
+        let access = Arc::new(access::Access::default());
+        req.extensions_mut().insert(access.clone());
+        // Every line logged while serving the request (its stream included) carries its id.
+        let span = tracing::info_span!("request", request_id = %request_id);
+        let routed = self.clone().route(req, peer, face, origin.clone());
+        let (route, mut response) = routed.instrument(span.clone()).await;
         let headers = response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             headers.insert("x-request-id", v);
@@ -187,16 +198,14 @@ impl App {
         }
         let status = response.status().as_u16();
         crate::metrics::http_request(method.as_str(), route, status, started.elapsed());
-        tracing::info!(
-            target: "edgechat::access",
-            %method,
-            route,
-            status,
-            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-            request_id = %request_id,
-            peer = %peer.ip(),
-        );
-        response
+        let line = access::Line { method, route, status, request_id, peer: peer.ip(), access };
+        line.log(response, span, self.draining.clone())
+    }
+
+    /// Set when the server stops accepting, so that streams cut from then on are logged as
+    /// ended by shutdown.
+    pub fn draining(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
     }
 
     async fn route(

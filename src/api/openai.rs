@@ -7,13 +7,13 @@
 use super::error::rate_limit_headers;
 use super::extract::Checks;
 use super::frame::{
-    admit, charge, check_input_size, check_max_tokens, check_model, check_temperature, data,
-    done_event, sse, steps, stream_error, with_answerer, Progress, SseStream,
+    admit, check_input_size, check_max_tokens, check_model, check_temperature, data, done_event,
+    sse, stream_error, streamed, whole, with_answerer, Progress, SseStream,
 };
 use super::seed::{whole_i64, whole_number};
 use super::shape::{ResponseFormatIn, ShapeIn, ToolCallIn, ToolChoiceIn, ToolIn};
 use super::{handler, ApiError, App, Doc, Face, Req, Routes};
-use crate::chat::{Answerer, ChatInput, Completion, Reply, Step, Thread};
+use crate::chat::{Answerer, ChatInput, Completion, Step, Thread};
 use crate::llm::Sampling;
 use crate::message::{Message, Role};
 use crate::message::{ToolCall, ToolCallDelta};
@@ -279,16 +279,14 @@ async fn completions(app: Arc<App>, mut req: Req) -> Answer {
     let body: CompletionRequest = req.json(&app).await?;
     let limit = admit(&app, principal.user.id)?;
     let input = input(&app, principal.user.id, &body)?;
-    let user = principal.user.id;
+    let (user, access) = (principal.user.id, req.access());
     let id = format!("chatcmpl-{}", Uuid::now_v7().simple());
     let mut response = if body.stream {
         let usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let reply = app.chat.start(&input).await?;
-        let who = reply.answerer().clone();
-        with_answerer(sse(chunks(app.clone(), user, reply, id, usage)), &who)
+        let (who, steps) = streamed(&app, user, &input, access).await?;
+        with_answerer(sse(chunks(steps, id, usage)), &who)
     } else {
-        let (who, done) = app.chat.complete(&input).await?;
-        charge(&app, user, &done);
+        let (who, done) = whole(&app, user, &input, &access).await?;
         with_answerer(crate::http::json(StatusCode::OK, &completion(id, &who, &done)), &who)
     };
     rate_limit_headers(response.headers_mut(), &limit, Face::OpenAi);
@@ -561,7 +559,7 @@ impl Chunker {
 
     /// The chunks of one step: a delta (text, refusal, tool-call fragment, log probabilities),
     /// or the finish reason, usage when asked for, and `[DONE]`.
-    fn events(&self, p: &Progress, charge: impl FnOnce(&Completion)) -> Vec<Bytes> {
+    fn events(&self, p: &Progress) -> Vec<Bytes> {
         let delta = |d: Value| vec![data(&self.chunk(p, d, None))];
         match &p.step {
             Ok(Step::Delta(d)) => delta(json!({ "content": d })),
@@ -573,7 +571,6 @@ impl Chunker {
                 vec![data(&c)]
             }
             Ok(Step::Done(done)) => {
-                charge(done);
                 let mut out = vec![data(&self.chunk(p, json!({}), Some(done.finish.as_str())))];
                 if self.usage {
                     let mut last = self.chunk(p, json!({}), None);
@@ -590,11 +587,11 @@ impl Chunker {
 }
 
 /// `chat.completion.chunk` events: the role, each step's chunks, then `[DONE]`.
-fn chunks(app: Arc<App>, user: Uuid, reply: Reply, id: String, usage: bool) -> SseStream {
+fn chunks(steps: stream::BoxStream<'static, Progress>, id: String, usage: bool) -> SseStream {
     let chunker = Chunker { id, created: crate::clock::now_ms() / 1000, usage };
     let mut first = true;
-    let all = steps(reply).map(move |p| {
-        let mut out = chunker.events(&p, |done| charge(&app, user, done));
+    let all = steps.map(move |p| {
+        let mut out = chunker.events(&p);
         // The role goes first, in the first step's frame (the fingerprint is known by then).
         if std::mem::take(&mut first) {
             let role = json!({"role": "assistant", "content": ""});

@@ -55,7 +55,8 @@ impl RemoteProvider {
             base_delay: ms(c.retry_base_ms),
             max_delay: ms(c.retry_max_ms),
         };
-        let breaker = Arc::new(Breaker::new(c.breaker_failures, ms(c.breaker_cooldown_ms)));
+        let breaker = Breaker::new(c.breaker_failures, ms(c.breaker_cooldown_ms));
+        let breaker = Arc::new(breaker.named(name.as_str()));
         let client = |url: &str, dialect| {
             Remote::new(name.as_str(), url, dialect, key.clone(), timeouts, retry, breaker.clone())
         };

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Enqueues gathered into one transaction at most.
@@ -194,7 +195,11 @@ impl Jobs {
                 }
             }
             match claimed {
-                Ok(Some(job)) => self.run(job).await,
+                Ok(Some(job)) => {
+                    // Every line logged while the job runs (a fallback, a retry) names it.
+                    let span = tracing::info_span!("job", job = %job.id);
+                    self.run(job).instrument(span).await
+                }
                 Err(e) if e.is_unavailable() => self.pause(&e, &mut pause).await,
                 Ok(None) => {
                     let due = self.store.next_job_due().ok().flatten();

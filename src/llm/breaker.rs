@@ -31,6 +31,8 @@ enum Inner {
 /// Opens after consecutive failures, half-opens after a cool-down.
 #[derive(Debug)]
 pub struct Breaker {
+    /// The provider it guards, for the log.
+    name: &'static str,
     threshold: u32,
     cooldown: Duration,
     inner: Mutex<Inner>,
@@ -40,10 +42,16 @@ impl Breaker {
     /// A closed breaker; `threshold` of 0 is taken as 1.
     pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
         Breaker {
+            name: "",
             threshold: threshold.max(1),
             cooldown,
             inner: Mutex::new(Inner::Closed { failures: 0 }),
         }
+    }
+
+    /// The breaker, naming `provider` in what it logs.
+    pub fn named(self, provider: &'static str) -> Breaker {
+        Breaker { name: provider, ..self }
     }
 
     /// Whether a request may go out now.
@@ -53,7 +61,13 @@ impl Breaker {
 
     /// Records a request that got an answer.
     pub fn success(&self) {
-        *self.lock() = Inner::Closed { failures: 0 };
+        let was = std::mem::replace(&mut *self.lock(), Inner::Closed { failures: 0 });
+        if !matches!(was, Inner::Closed { .. }) {
+            tracing::info!(
+                provider = self.name,
+                "circuit breaker closed: the provider answers again"
+            );
+        }
     }
 
     /// Records a request that failed in a way that says the provider is unwell.
@@ -85,12 +99,27 @@ impl Breaker {
 
     fn failure_at(&self, now: Instant) {
         let mut inner = self.lock();
-        *inner = match *inner {
-            Inner::Closed { failures } if failures + 1 < self.threshold => {
-                Inner::Closed { failures: failures + 1 }
-            }
-            _ => Inner::Open { until: now + self.cooldown },
-        };
+        let (name, cooldown_ms) = (self.name, self.cooldown.as_millis() as u64);
+        *inner =
+            match *inner {
+                Inner::Closed { failures } if failures + 1 < self.threshold => {
+                    Inner::Closed { failures: failures + 1 }
+                }
+                Inner::Closed { .. } => {
+                    tracing::warn!(provider = name, failures = self.threshold, cooldown_ms,
+                    "circuit breaker opened: requests skip the provider until the cool-down ends");
+                    Inner::Open { until: now + self.cooldown }
+                }
+                Inner::HalfOpen { .. } => {
+                    tracing::warn!(
+                        provider = name,
+                        cooldown_ms,
+                        "circuit breaker probe failed: open again"
+                    );
+                    Inner::Open { until: now + self.cooldown }
+                }
+                Inner::Open { .. } => Inner::Open { until: now + self.cooldown },
+            };
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
