@@ -2,7 +2,7 @@
 
 use crate::auth::{check_email, check_password, check_username};
 use crate::config::{Config, LogFormat};
-use crate::control::{self, Command, Reply};
+use crate::control::{self, Command};
 use crate::local;
 use crate::secret::Secret;
 use crate::server::{self, Environment, StartError};
@@ -224,7 +224,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Chat(args) => chat(args).await,
         Cmd::Backup { path } => backup(configured()?.0, path, &env).await,
         Cmd::Restore { path } => {
-            let data_dir = configured()?.0.data_dir(env.state_directory.as_deref());
+            let config = configured()?.0;
+            let data_dir = config.data_dir(env.state_directory.as_deref());
+            let secret_dir = data_dir.clone();
             let replaced = tokio::task::spawn_blocking(move || store::restore(&path, &data_dir))
                 .await
                 .map_err(|e| e.to_string())?
@@ -234,6 +236,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                     println!("restored; the previous database is kept at {}", old.display())
                 }
                 None => println!("restored"),
+            }
+            if !server::jwt_secret_configured(&config, &env, &secret_dir) {
+                println!(
+                    "note: {} has no jwt_secret and none is configured: the server will generate \
+                     a new one, which signs everyone out. To keep sessions, copy the jwt_secret \
+                     of the data directory the backup came from here first.",
+                    secret_dir.display()
+                );
             }
             Ok(())
         }
@@ -258,13 +268,7 @@ async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), 
         tokio::task::spawn_blocking(move || Store::open(&dir)).await.map_err(|e| e.to_string())?;
     let bytes = match opened {
         Ok(store) => control::backup(&store, path.clone()).await?,
-        Err(StoreError::AlreadyInUse { .. }) => {
-            match control::send(&data_dir, &Command::Backup { path: path.clone() }).await? {
-                Reply::Backup(bytes) => bytes,
-                Reply::Error(message) => return Err(message),
-                _ => return Err("unexpected reply from the server".into()),
-            }
-        }
+        Err(StoreError::AlreadyInUse { .. }) => control::receive_backup(&data_dir, &path).await?,
         Err(e) => return Err(e.to_string()),
     };
     println!("backed up to {} ({bytes} bytes)", path.display());

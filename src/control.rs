@@ -15,6 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 /// The socket's file name inside the data directory.
@@ -40,10 +41,15 @@ pub enum Command {
         username: String,
         disabled: bool,
     },
-    /// A consistent copy of the database, written by the server to `path` (absolute).
+    /// A consistent copy of the database, written by the server to `path` (absolute). Older
+    /// clients send it; `edgechat backup` now asks for `BackupStream`.
     Backup {
         path: PathBuf,
     },
+    /// A consistent copy of the database, sent over the socket after a
+    /// `Reply::BackupStream` line, so that the caller writes it with its own rights (under
+    /// systemd's sandbox the server may write only its state directory).
+    BackupStream,
     /// A new password; the user's sessions (refresh tokens) end.
     ResetPassword {
         username: String,
@@ -77,6 +83,7 @@ impl Command {
             Command::SetDisabled { username, disabled: true } => ("disable_user", username.clone()),
             Command::SetDisabled { username, .. } => ("enable_user", username.clone()),
             Command::Backup { path } => ("backup", path.display().to_string()),
+            Command::BackupStream => ("backup", "(sent to the caller)".into()),
             Command::ResetPassword { username, .. } => ("reset_password", username.clone()),
             Command::DeleteUser { username } => ("delete_user", username.clone()),
             Command::SetAdmin { username, admin: true } => ("grant_admin", username.clone()),
@@ -91,7 +98,7 @@ impl Command {
     /// How long the client waits for the answer: a backup copies the whole file.
     fn timeout(&self) -> std::time::Duration {
         match self {
-            Command::Backup { .. } => std::time::Duration::from_secs(3600),
+            Command::Backup { .. } | Command::BackupStream => std::time::Duration::from_secs(3600),
             _ => IO_TIMEOUT,
         }
     }
@@ -136,6 +143,8 @@ pub enum Reply {
     Users(Vec<UserRow>),
     /// The backup's size in bytes.
     Backup(u64),
+    /// The backup's size in bytes; that many bytes of it follow this line.
+    BackupStream(u64),
     Keys(Vec<KeyRow>),
     Deleted(DeletedRow),
     /// Done; the text says what was done.
@@ -148,7 +157,7 @@ impl Reply {
     pub fn render(self) -> Result<String, String> {
         let text = match self {
             Reply::Error(message) => return Err(message),
-            Reply::Backup(bytes) => format!("backed up ({bytes} bytes)"),
+            Reply::Backup(bytes) | Reply::BackupStream(bytes) => format!("backed up ({bytes} bytes)"),
             Reply::User(u) => {
                 let state = if u.disabled { "disabled" } else { "active" };
                 let role = if u.is_admin { "admin" } else { "user" };
@@ -216,6 +225,7 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
             change_access(auth, &username, None, Some(disabled)).await
         }
         Command::Backup { path } => backup(store, path).await.map(Reply::Backup),
+        Command::BackupStream => Err("a streamed backup is sent by the control socket".into()),
         Command::ResetPassword { username, password } => {
             reset_password(auth, &username, password).await
         }
@@ -363,16 +373,11 @@ async fn serve_one(stream: UnixStream, store: &Store, auth: &Auth) -> std::io::R
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no command received"))??;
     let reply = match serde_json::from_str::<Command>(&line) {
+        Ok(Command::BackupStream) => return send_backup(store, write).await,
         Ok(command) => {
-            // `subject`, not `target`: JSON lines already have a `target` (the module).
             let (op, subject) = command.describe();
             let reply = execute(command, store, auth).await;
-            match &reply {
-                Reply::Error(error) => {
-                    tracing::warn!(op, subject, outcome = "failed", error, "control command")
-                }
-                _ => tracing::info!(op, subject, outcome = "ok", "control command"),
-            }
+            log_outcome(op, &subject, &reply);
             reply
         }
         Err(e) => {
@@ -386,8 +391,93 @@ async fn serve_one(stream: UnixStream, store: &Store, auth: &Auth) -> std::io::R
     write.write_all(&out).await
 }
 
+/// `subject`, not `target`: JSON lines already have a `target` (the module).
+fn log_outcome(op: &str, subject: &str, reply: &Reply) {
+    match reply {
+        Reply::Error(error) => {
+            tracing::warn!(op, subject, outcome = "failed", error, "control command")
+        }
+        _ => tracing::info!(op, subject, outcome = "ok", "control command"),
+    }
+}
+
+/// Writes a backup beside the database, sends its size and then its bytes, and removes it.
+async fn send_backup(store: &Store, mut write: OwnedWriteHalf) -> std::io::Result<()> {
+    let temp =
+        store.path().with_file_name(format!(".backup-{}.redb", uuid::Uuid::now_v7().simple()));
+    let made = backup(store, temp.clone()).await;
+    let reply = made.map_or_else(Reply::Error, Reply::BackupStream);
+    log_outcome("backup", "(sent to the caller)", &reply);
+    let mut head = serde_json::to_vec(&reply).expect("replies serialize");
+    head.push(b'\n');
+    let sent = async {
+        write.write_all(&head).await?;
+        if let Reply::BackupStream(_) = reply {
+            tokio::io::copy(&mut tokio::fs::File::open(&temp).await?, &mut write).await?;
+        }
+        write.flush().await
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&temp).await;
+    sent
+}
+
+/// Asks the server running on `data_dir` for a backup and writes it to `dest` (which must not
+/// exist) with the caller's rights: a partial file beside it, renamed once whole and synced.
+/// Returns its size. A server too old to stream writes `dest` itself.
+pub async fn receive_backup(data_dir: &Path, dest: &Path) -> Result<u64, String> {
+    if dest.exists() {
+        return Err(format!("{}: already exists; choose a new name", dest.display()));
+    }
+    let (mut reader, head) = request(data_dir, &Command::BackupStream).await?;
+    let size = match head {
+        Reply::BackupStream(size) => size,
+        Reply::Error(e) if e.contains("unknown variant") => {
+            return match send(data_dir, &Command::Backup { path: dest.to_path_buf() }).await? {
+                Reply::Backup(size) => Ok(size),
+                Reply::Error(message) => Err(message),
+                _ => Err("unexpected reply from the server".into()),
+            };
+        }
+        Reply::Error(message) => return Err(message),
+        _ => return Err("unexpected reply from the server".into()),
+    };
+    let partial = PathBuf::from(format!("{}.partial", dest.display()));
+    let name = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let written = async {
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .await?;
+        let copied = tokio::io::copy(&mut (&mut reader).take(size), &mut file).await?;
+        file.sync_all().await?;
+        Ok(copied)
+    }
+    .await
+    .map_err(|e| name(&partial, e));
+    let done = match written {
+        Ok(n) if n == size => tokio::fs::rename(&partial, dest).await.map_err(|e| name(dest, e)),
+        Ok(n) => Err(format!("the server sent {n} of the backup's {size} bytes")),
+        Err(e) => Err(e),
+    };
+    if done.is_err() {
+        let _ = tokio::fs::remove_file(&partial).await;
+    }
+    done.map(|()| size)
+}
+
 /// Sends one command to the server running on `data_dir`.
 pub async fn send(data_dir: &Path, command: &Command) -> Result<Reply, String> {
+    request(data_dir, command).await.map(|(_, reply)| reply)
+}
+
+/// Sends `command`; returns its reply line and the rest of the connection.
+async fn request(
+    data_dir: &Path,
+    command: &Command,
+) -> Result<(BufReader<OwnedReadHalf>, Reply), String> {
     let path: PathBuf = data_dir.join(SOCKET);
     let stream = UnixStream::connect(&path).await.map_err(|e| {
         format!("the database is in use by a running server, and its control socket {} does not answer: {e}", path.display())
@@ -398,11 +488,14 @@ pub async fn send(data_dir: &Path, command: &Command) -> Result<Reply, String> {
     write.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut answer = String::new();
     let limit = command.timeout();
-    tokio::time::timeout(limit, BufReader::new(read).read_line(&mut answer))
+    let mut reader = BufReader::new(read);
+    tokio::time::timeout(limit, reader.read_line(&mut answer))
         .await
         .map_err(|_| format!("the server did not answer within {limit:?}"))?
         .map_err(|e| e.to_string())?;
-    serde_json::from_str(&answer).map_err(|e| format!("bad reply from the server: {e}"))
+    let reply =
+        serde_json::from_str(&answer).map_err(|e| format!("bad reply from the server: {e}"))?;
+    Ok((reader, reply))
 }
 
 fn expose<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {

@@ -368,6 +368,17 @@ async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
 
 /// The JWT signing secret: config, then a configured file, then systemd's credential
 /// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start.
+/// Whether a JWT secret is there to be read at start (configured, a credential, or in the data
+/// directory), rather than generated: a generated one signs everyone out.
+pub fn jwt_secret_configured(config: &Config, env: &Environment, data_dir: &Path) -> bool {
+    let credential =
+        env.credentials_directory.as_ref().is_some_and(|d| d.join("jwt_secret").exists());
+    config.auth.jwt_secret.is_some()
+        || config.auth.jwt_secret_file.is_some()
+        || credential
+        || data_dir.join("jwt_secret").exists()
+}
+
 fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Secret, StartError> {
     if let Some(s) = &config.auth.jwt_secret {
         return Ok(s.clone());

@@ -44,6 +44,14 @@ async fn backup_while_serving_then_restore_once_stopped() {
     let server = Binary::spawn(&dir, &[], &[]);
     assert!(login(&server.base, "kept").await.is_some(), "the backed-up account is back");
     assert!(login(&server.base, "later").await.is_none(), "what came after the backup is gone");
+
+    // Into a new data directory, the sessions' signing secret does not follow by itself.
+    let (_fresh_guard, fresh) = common::data_dir();
+    let out = run(&fresh, &["restore", copy.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out).contains("has no jwt_secret"), "{}", text(&out));
+    std::fs::write(fresh.join("jwt_secret"), "a copied secret of at least thirty-two bytes").unwrap();
+    let again = run(&fresh, &["restore", copy.to_str().unwrap()]);
+    assert!(again.status.success() && !text(&again).contains("jwt_secret"), "{}", text(&again));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,3 +126,74 @@ fn a_file_from_a_newer_edgechat_is_refused_with_the_versions() {
     );
     assert!(said.contains(&want), "{said}");
 }
+
+/// The systemd layout on one box: the server runs as its own user (here `nobody`, as
+/// `DynamicUser=` would), the operator as root. A backup goes where only root may write (the
+/// server streams it to the CLI); a restore leaves the file owned by the service's user; a
+/// database the service's user cannot open is refused naming the file, its owner and the
+/// user edgechat runs as.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_operator_backs_up_and_restores_for_the_service_user() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test plays root and another user: run it as root (CI does)"
+    );
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let (_guard, dir) = common::data_dir();
+    chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let as_nobody = || {
+        let mut cmd = common::emulated(
+            &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+            &dir,
+        );
+        cmd.env("EDGECHAT_LOCAL__ENABLED", "false");
+        cmd
+    };
+    let server = Binary::start(as_nobody(), &dir, &[], std::process::Stdio::null());
+    register_and_login(&server.base, "kept").await;
+    let vault = tempfile::tempdir().unwrap(); // root's, mode 0700: nobody cannot write here
+    std::fs::set_permissions(vault.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let copy = vault.path().join("edgechat.redb");
+    let out = run(&dir, &["backup", copy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&copy).unwrap().uid(), 0, "written by the caller");
+    assert!(
+        std::fs::read_dir(&dir).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("backup")),
+        "no copy left behind"
+    );
+    assert!(server.signal(libc::SIGTERM).success());
+
+    let live = dir.join(FILE_NAME);
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = run(&dir, &["restore", copy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = std::fs::metadata(&live).unwrap();
+    assert_eq!((restored.uid(), restored.gid(), restored.mode() & 0o777), (NOBODY, NOBODY, 0o640));
+    let server = Binary::start(as_nobody(), &dir, &[], std::process::Stdio::null());
+    assert!(
+        login(&server.base, "kept").await.is_some(),
+        "the service's user opens the restored file"
+    );
+    assert!(server.signal(libc::SIGTERM).success());
+
+    chown(&live, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = as_nobody()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = text(&out);
+    for words in [live.to_str().unwrap(), "permission denied", "uid 0 (root)", "runs as uid 65534"]
+    {
+        assert!(said.contains(words), "`{words}` missing from: {said}");
+    }
+}
+
+const NOBODY: u32 = 65534;

@@ -4,8 +4,9 @@
 //! that never blocks writers) and written into a fresh file, which comes out compacted and
 //! cleanly closed. It appears under its final name only once complete and synced.
 
-use super::{tables, Store, StoreError, Wait, FILE_NAME, SCHEMA_VERSION};
+use super::{access, tables, Store, StoreError, Wait, FILE_NAME, SCHEMA_VERSION};
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Copies one table; returns its name. Errors writing the copy name `dest`; errors reading
@@ -121,6 +122,18 @@ pub fn restore(source: &Path, data_dir: &Path) -> Result<Option<PathBuf>, StoreE
     if let Err(e) = checked {
         let _ = std::fs::remove_file(&incoming);
         return Err(e);
+    }
+    // The owner and mode of the file it replaces (or, for a first file, the data directory's
+    // owner): a restore run as root must leave a file the service's user can open.
+    let owned = match std::fs::metadata(&live) {
+        Ok(old) => access::copy_owner(&incoming, &old, old.permissions().mode() & 0o777),
+        Err(_) => {
+            std::fs::metadata(data_dir).and_then(|d| access::copy_owner(&incoming, &d, 0o600))
+        }
+    };
+    if let Err(e) = owned {
+        let _ = std::fs::remove_file(&incoming);
+        return Err(io(&live, format!("cannot give the restored file its owner and mode: {e}")));
     }
     std::fs::File::open(&incoming).and_then(|f| f.sync_all()).map_err(|e| io(&incoming, e))?;
     let replaced = live

@@ -5,6 +5,7 @@
 //! Every write runs on tokio's blocking pool and returns only after its commit is durable
 //! (redb's immediate durability), so a caller may acknowledge it to a client at once.
 
+mod access;
 mod accounts;
 mod backup;
 mod conversations;
@@ -227,7 +228,11 @@ impl Store {
     /// Like `open`, keeping at most `cache_bytes` of the file's pages in memory.
     pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         private_dir(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
-        Self::open_path(dir.join(FILE_NAME), cache_bytes, REAL_DISK)
+        let path = dir.join(FILE_NAME);
+        if let Some(denied) = access::denied(&path) {
+            return Err(denied);
+        }
+        Self::open_path(path, cache_bytes, REAL_DISK)
     }
 
     fn open_path(path: PathBuf, cache_bytes: usize, disk: Disk) -> Result<Store, StoreError> {
