@@ -1,7 +1,7 @@
 //! The `edgechat` command line: `serve`, `user …`, `config check`, `chat`, `model …`, `health`.
 
 use crate::auth::{check_email, check_password, check_username};
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, Origins};
 use crate::control::{self, Command};
 use crate::local;
 use crate::secret::Secret;
@@ -117,8 +117,8 @@ enum ModelCommand {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on [default: server.listen, 127.0.0.1:8000]
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, IP:PORT or HOST:PORT [default: server.listen, 127.0.0.1:8000]
+    #[arg(long, value_name = "ADDR", value_parser = crate::config::resolve_listen)]
     listen: Option<SocketAddr>,
     /// Serve HTTPS with a certificate generated once and kept in the data directory
     #[arg(long)]
@@ -213,12 +213,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Serve(args) => serve(configured()?.0, args, &env).await,
         Cmd::User(cmd) => user(configured()?.0, cmd, &env).await,
         Cmd::Config(ConfigCommand::Check) => {
-            let (config, source) = configured()?;
-            log_filter(&config)?;
-            let data_dir = config.data_dir(env.state_directory.as_deref());
-            println!("# config: {source}; data directory: {}", data_dir.display());
-            print!("{}", toml::to_string_pretty(&config).map_err(|e| e.to_string())?);
-            Ok(())
+            let (config, source, origins) = configured()?;
+            config_check(config, &source, &origins, &env).await
         }
         // The local model needs no configuration or data directory.
         Cmd::Chat(args) => chat(args).await,
@@ -341,18 +337,45 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
 fn load_config(
     file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
-) -> Result<(Config, String), String> {
+) -> Result<(Config, String, Origins), String> {
     let path = file.or_else(|| {
         let local = PathBuf::from("config.toml");
         local.exists().then_some(local)
     });
-    let mut config = Config::load(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let (mut config, mut origins) =
+        Config::load_with_origins(path.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
     if data_dir.is_some() {
         config.storage.data_dir = data_dir;
+        origins.set_by("storage.data_dir", "--data-dir");
     }
     let source =
         path.map(|p| p.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
-    Ok((config, source))
+    Ok((config, source, origins))
+}
+
+/// `config check`: what `serve` would refuse (the configuration, and the files it names),
+/// then every effective value with where it came from, secrets redacted.
+async fn config_check(
+    config: Config,
+    source: &str,
+    origins: &Origins,
+    env: &Environment,
+) -> Result<(), String> {
+    log_filter(&config)?;
+    let warnings = server::preflight(&config, env).await.map_err(|e| e.to_string())?;
+    let data_dir = config.data_dir(env.state_directory.as_deref());
+    let mut out = format!("# config: {source}; data directory: {}\n", data_dir.display());
+    out += "# each value, and where it came from: the file, an EDGECHAT_ variable, a flag or the default\n";
+    let value = toml::Value::try_from(&config).map_err(|e| e.to_string())?;
+    crate::config::leaves("", &value, &mut |key, value| {
+        out += &format!("{key} = {value}  # {}\n", origins.of(&key));
+    });
+    for warning in warnings {
+        out += &format!("# warning: {warning}\n");
+    }
+    // Written at once, a closed pipe (`| head`) ignored: the checks above decide the status.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+    Ok(())
 }
 
 async fn serve(mut config: Config, args: ServeArgs, env: &Environment) -> Result<(), String> {

@@ -331,12 +331,28 @@ fn provider_key(
     Ok(from_env)
 }
 
-/// The local models: every file's header is checked and the fallback model (`local.model`)
-/// is loaded now, off the async threads; the others load on first use. A missing file leaves
-/// that model out of service (and says how to fetch it); a broken file stops the start.
+/// The local models: every file's header (and chat template) is checked and the fallback model
+/// (`local.model`) is loaded now, off the async threads; the others load on first use. A
+/// missing file leaves that model out of service (and says how to fetch it); a broken file
+/// stops the start.
 async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
+    let (registry, _) = checked_registry(c).await?;
+    match registry.fallback() {
+        Some(name) => drop(registry.engine(name).await?),
+        None if c.enabled => {
+            tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`")
+        }
+        None => {}
+    }
+    Ok(registry)
+}
+
+/// The configured local models, their files checked (none loaded); and a line for each model
+/// whose file is missing.
+async fn checked_registry(c: &LocalConfig) -> Result<(Registry, Vec<String>), StartError> {
     if !c.enabled {
-        return Ok(Registry::new(Vec::new(), None, LoadLimits { max_loaded: 1, max_bytes: None }));
+        let none = LoadLimits { max_loaded: 1, max_bytes: None };
+        return Ok((Registry::new(Vec::new(), None, none), Vec::new()));
     }
     let specs = c.settings().into_iter().map(|m| ModelSpec {
         name: m.name,
@@ -354,20 +370,40 @@ async fn load_local(c: &LocalConfig) -> Result<Registry, StartError> {
     let limits = LoadLimits { max_loaded: c.max_loaded_models, max_bytes };
     let fallback = c.model.exists().then_some(0);
     let registry = Registry::new(specs.collect(), fallback, limits);
-    let registry = tokio::task::spawn_blocking(move || registry.check_files().map(|()| registry))
-        .await
-        .map_err(|e| LocalError::Generation(format!("checking the model files stopped: {e}")))??;
-    match registry.fallback() {
-        Some(name) => drop(registry.engine(name).await?),
-        None => {
-            tracing::warn!(path = %c.model.display(), "no local model file: chat has no offline fallback; fetch the default with `bash models/fetch-default.sh`")
-        }
-    }
-    Ok(registry)
+    let checked = tokio::task::spawn_blocking(move || {
+        registry.check_files().map(|missing| (registry, missing))
+    });
+    let stopped = |e: tokio::task::JoinError| {
+        LocalError::Generation(format!("checking the model files stopped: {e}"))
+    };
+    Ok(checked.await.map_err(stopped)??)
 }
 
-/// The JWT signing secret: config, then a configured file, then systemd's credential
-/// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start.
+/// What `serve` would refuse at start, checked without starting: the TLS certificate and key
+/// (readable, unencrypted, matching), the JWT secret and provider key files, the local model
+/// files and chat templates. Returns warnings for what `serve` only warns of (a missing model
+/// file, a secret it would generate).
+pub async fn preflight(config: &Config, env: &Environment) -> Result<Vec<String>, StartError> {
+    let data_dir = config.data_dir(env.state_directory.as_deref());
+    let mut warnings = Vec::new();
+    if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+        tls::from_pem(cert, key)?;
+    }
+    match jwt_secret_configured(config, env, &data_dir) {
+        true => drop(jwt_secret(config, &data_dir, env)?),
+        false => warnings.push(format!(
+            "no JWT secret is configured: one will be generated into {} at first start",
+            data_dir.join("jwt_secret").display()
+        )),
+    }
+    let p = &config.providers;
+    provider_key(&p.openai, "openai_api_key", env.openai_api_key.clone(), env)?;
+    provider_key(&p.huggingface, "huggingface_api_key", env.hf_token.clone(), env)?;
+    let (_, missing) = checked_registry(&config.local).await?;
+    warnings.extend(missing);
+    Ok(warnings)
+}
+
 /// Whether a JWT secret is there to be read at start (configured, a credential, or in the data
 /// directory), rather than generated: a generated one signs everyone out.
 pub fn jwt_secret_configured(config: &Config, env: &Environment, data_dir: &Path) -> bool {
@@ -379,6 +415,8 @@ pub fn jwt_secret_configured(config: &Config, env: &Environment, data_dir: &Path
         || data_dir.join("jwt_secret").exists()
 }
 
+/// The JWT signing secret: config, then a configured file, then systemd's credential
+/// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start.
 fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Secret, StartError> {
     if let Some(s) = &config.auth.jwt_secret {
         return Ok(s.clone());

@@ -49,7 +49,8 @@ async fn backup_while_serving_then_restore_once_stopped() {
     let (_fresh_guard, fresh) = common::data_dir();
     let out = run(&fresh, &["restore", copy.to_str().unwrap()]);
     assert!(out.status.success() && text(&out).contains("has no jwt_secret"), "{}", text(&out));
-    std::fs::write(fresh.join("jwt_secret"), "a copied secret of at least thirty-two bytes").unwrap();
+    std::fs::write(fresh.join("jwt_secret"), "a copied secret of at least thirty-two bytes")
+        .unwrap();
     let again = run(&fresh, &["restore", copy.to_str().unwrap()]);
     assert!(again.status.success() && !text(&again).contains("jwt_secret"), "{}", text(&again));
 }

@@ -193,6 +193,61 @@ fn config_check_redacts_secrets_and_bad_config_names_the_key() {
     assert!(err.contains("server.listen"), "{err}");
 }
 
+/// `config check` refuses what `serve` would refuse at start, naming the file and what to do,
+/// warns of what `serve` only warns of, resolves a host name in `listen`, and says where each
+/// value came from (the unit's `Environment=` silently overriding the file was the trap).
+#[test]
+fn config_check_refuses_what_serve_would_and_says_where_values_came_from() {
+    let (_keep, dir) = data_dir();
+    let check = |toml: &str, env: &[(&str, &str)]| {
+        std::fs::write(dir.join("c.toml"), toml).unwrap();
+        let out = command(&dir)
+            .args(["--config", "c.toml", "config", "check"])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(
+        "[server]\nlisten = \"localhost:8080\"\n[log]\nlevel = \"info\"\n",
+        &[("EDGECHAT_LOG__LEVEL", "debug")],
+    );
+    assert!(ok, "{text}");
+    for line in [
+        "server.listen = \"127.0.0.1:8080\"  # file",
+        "log.level = \"debug\"  # EDGECHAT_LOG__LEVEL (overrides the file)",
+        "server.max_connections = 1024  # default",
+        "# warning: local model SmolLM2-135M-Instruct.Q4_1: no file at",
+    ] {
+        assert!(text.contains(line), "`{line}` missing:\n{text}");
+    }
+
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), pair.cert.pem()).unwrap();
+    std::fs::write(dir.join("other.pem"), other.key_pair.serialize_pem()).unwrap();
+    let encrypted = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/encrypted_key.pem");
+    std::fs::write(dir.join("garbage.gguf"), b"not a model").unwrap();
+    let tls = |key: &str| format!("[tls]\ncert_file = \"cert.pem\"\nkey_file = \"{key}\"\n");
+    for (toml, words) in [
+        (tls("other.pem"), "do not make a valid TLS config"),
+        (tls(encrypted), "encrypted with a passphrase"),
+        (tls("missing.pem"), "missing.pem"),
+        ("[auth]\njwt_secret_file = \"nowhere\"\n".to_string(), "nowhere"),
+        ("[local]\nmodel = \"garbage.gguf\"\n".to_string(), "garbage.gguf"),
+        ("[local]\nchat_template = \"none.jinja\"\n".to_string(), "none.jinja"),
+        ("[server]\nlisten = \"localhost\"\n".to_string(), "is not HOST:PORT"),
+    ] {
+        let (ok, text) = check(&toml, &[]);
+        assert!(!ok && text.contains(words), "{toml}: `{words}` missing:\n{text}");
+    }
+}
+
 #[test]
 fn jwt_secret_is_generated_once_with_mode_0600() {
     let (_keep, dir) = data_dir();

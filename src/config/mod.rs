@@ -74,6 +74,8 @@ impl Default for JobsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// `IP:port`, or `host:port` resolved once at start (`localhost:8080`).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     pub max_connections: usize,
     /// Per IPv4 address or IPv6 /64, so that one client cannot take every slot.
@@ -287,6 +289,14 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Self::load_with_origins(path, env).map(|(config, _)| config)
+    }
+
+    /// `load`, and where each value came from.
+    pub fn load_with_origins(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Origins), ConfigError> {
         let shown = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<defaults>"));
         let text = match path {
             Some(p) => std::fs::read_to_string(p)
@@ -295,16 +305,21 @@ impl Config {
         };
         let mut root: toml::Table = toml::from_str(&text)
             .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string() })?;
+        let mut origins = Origins::default();
+        leaves("", &toml::Value::Table(root.clone()), &mut |key, _| {
+            origins.file.insert(key);
+        });
         let mut overrides =
             env.into_iter().filter_map(env_override).collect::<Result<Vec<_>, _>>()?;
         overrides.sort();
-        for (keys, raw) in overrides {
-            set_path(&mut root, &keys, parse_env_value(&raw))?;
+        for o in overrides {
+            origins.set_by(&o.keys.join("."), &o.var);
+            set_path(&mut root, &o.keys, parse_env_value(&o.raw))?;
         }
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
             .map_err(|e| ConfigError::invalid(&e.path().to_string(), e.inner().message()))?;
         config.validate()?;
-        Ok(config)
+        Ok((config, origins))
     }
 
     /// The second pass: values that parse but make no sense. Run again after flags change it.
@@ -437,9 +452,77 @@ const CLI_VARIABLES: [&str; 2] = ["EDGECHAT_CONFIG", "EDGECHAT_DATA_DIR"];
 
 /// `EDGECHAT_SERVER__MAX_BODY_BYTES` → (["server", "max_body_bytes"], value). Any other
 /// `EDGECHAT_*` name is a typo that would otherwise be silently ignored.
-fn env_override(
-    (name, value): (String, String),
-) -> Option<Result<(Vec<String>, String), ConfigError>> {
+/// `text` as a socket address: an `IP:port`, or a `host:port` resolved now (the first address
+/// the resolver gives).
+pub fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if text.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+        return Err(format!("`{text}` is not HOST:PORT (like 127.0.0.1:8000 or localhost:8000)"));
+    }
+    use std::net::ToSocketAddrs;
+    let mut found = text.to_socket_addrs().map_err(|e| format!("cannot resolve `{text}`: {e}"))?;
+    found.next().ok_or_else(|| format!("`{text}` resolves to no address"))
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Where each configuration value came from: `config check` says it for every key, since a
+/// unit's `Environment=` silently wins over the file.
+#[derive(Debug, Default)]
+pub struct Origins {
+    /// Keys the file sets (leaves, dotted).
+    file: std::collections::BTreeSet<String>,
+    /// Keys the environment or a flag sets, and the variable or flag that set each.
+    env: std::collections::BTreeMap<String, String>,
+}
+
+impl Origins {
+    /// Records that `by` (a variable or a command-line flag) set `key`.
+    pub fn set_by(&mut self, key: &str, by: &str) {
+        self.env.insert(key.to_owned(), by.to_owned());
+    }
+
+    /// Where `key`'s value came from: `EDGECHAT_…` (saying when it overrides the file), the
+    /// file, or the default.
+    pub fn of(&self, key: &str) -> String {
+        let covers = |k: &str| key == k || key.starts_with(&format!("{k}."));
+        let in_file = self.file.iter().any(|k| covers(k) || k.starts_with(&format!("{key}.")));
+        match self.env.iter().find(|(k, _)| covers(k)) {
+            Some((_, var)) if in_file => format!("{var} (overrides the file)"),
+            Some((_, var)) => var.clone(),
+            None if in_file => "file".into(),
+            None => "default".into(),
+        }
+    }
+}
+
+/// Calls `each` with every leaf of `value` under `prefix`: its dotted key and its value.
+pub fn leaves(prefix: &str, value: &toml::Value, each: &mut impl FnMut(String, &toml::Value)) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                leaves(&key, v, each);
+            }
+        }
+        _ => each(prefix.to_owned(), value),
+    }
+}
+
+/// One `EDGECHAT_SECTION__KEY` variable: the key's path, its raw value, and its name.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Override {
+    keys: Vec<String>,
+    raw: String,
+    var: String,
+}
+
+fn env_override((name, value): (String, String)) -> Option<Result<Override, ConfigError>> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
     if CLI_VARIABLES.contains(&name.as_str()) {
         return None;
@@ -448,7 +531,8 @@ fn env_override(
         let message = "is not a config key; overrides are named EDGECHAT_<SECTION>__<KEY>";
         return Some(Err(ConfigError::invalid(&name, message)));
     }
-    Some(Ok((rest.split("__").map(str::to_ascii_lowercase).collect(), value)))
+    let keys = rest.split("__").map(str::to_ascii_lowercase).collect();
+    Some(Ok(Override { keys, raw: value, var: name }))
 }
 
 /// Environment values are TOML scalars or arrays when they parse as such, strings otherwise.

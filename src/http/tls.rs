@@ -108,10 +108,27 @@ fn certified_key(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, Str
         .map_err(pem_err(cert_path))?;
     let leaf = certs.first().ok_or_else(|| TlsError::NoCertificate { path: cert_path.into() })?;
     let fingerprint = fingerprint(leaf);
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_err(key_path))?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match encrypted(key_path) {
+        true => TlsError::Pem {
+            path: key_path.into(),
+            message: "the key is encrypted with a passphrase, which edgechat cannot ask for: \
+                      decrypt it once (`openssl pkey -in KEY -out KEY.plain`) and keep the plain \
+                      key readable by edgechat only"
+                .into(),
+        },
+        false => pem_err(key_path)(e),
+    })?;
     let key = CertifiedKey::from_der(certs, key, &provider())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok((key, fingerprint))
+}
+
+/// Whether the PEM file at `path` holds a passphrase-protected key (PKCS#8's `ENCRYPTED
+/// PRIVATE KEY`, or OpenSSL's legacy `Proc-Type: 4,ENCRYPTED`).
+fn encrypted(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|pem| {
+        pem.contains("ENCRYPTED PRIVATE KEY") || pem.contains("Proc-Type: 4,ENCRYPTED")
+    })
 }
 
 /// Uses `dir/tls/{cert,key}.pem`, generating them on first use for localhost and loopback.

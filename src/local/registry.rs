@@ -102,12 +102,26 @@ impl Registry {
         self.index(model).map(|i| self.specs[i].name.as_str())
     }
 
-    /// Reads the header of every model file that is there, so that a file that cannot load
-    /// stops the start rather than a later request; warns of each missing one. Blocking.
-    pub fn check_files(&self) -> Result<(), LocalError> {
+    /// Reads the header of every model file that is there, and compiles every configured chat
+    /// template, so that a file that cannot load stops the start rather than a later request;
+    /// warns of each missing model file and returns a line for each. Blocking.
+    pub fn check_files(&self) -> Result<Vec<String>, LocalError> {
+        let mut missing = Vec::new();
         for spec in &self.specs {
+            if let Some(file) = &spec.options.chat_template {
+                let source = std::fs::read_to_string(file).map_err(|e| {
+                    LocalError::Template(format!("cannot read {}: {e}", file.display()))
+                })?;
+                super::ChatTemplate::new(&source, "", "")
+                    .map_err(|e| LocalError::Template(format!("{}: {e}", file.display())))?;
+            }
             if !spec.path.exists() {
                 tracing::warn!(model = %spec.name, path = %spec.path.display(), "no file for this local model: it answers once the file is there (`edgechat model pull`, or `bash models/fetch-default.sh` for the default)");
+                missing.push(format!(
+                    "local model {}: no file at {}",
+                    spec.name,
+                    spec.path.display()
+                ));
                 continue;
             }
             let architecture = super::gguf::GgufFile::open(&spec.path)?.info()?.architecture;
@@ -117,7 +131,7 @@ impl Registry {
                 return Err(LocalError::UnsupportedArchitecture { path, architecture, supported });
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// The models loaded now, in configuration order. (No handle leaves: one held would make
