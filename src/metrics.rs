@@ -7,7 +7,8 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::collections::HashSet;
@@ -49,8 +50,18 @@ struct FallbackLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Named {
-    name: &'static str,
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,7 +77,11 @@ struct ModelStateLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabel {
-    provider: &'static str,
+    provider: String,
+}
+
+fn provider(name: &str) -> ProviderLabel {
+    ProviderLabel { provider: name.to_owned() }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,13 +98,20 @@ struct Metrics {
     chat_requests: Family<ChatLabels, Counter>,
     chat_tokens: Family<TokenLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
-    local_tokens: Family<Named, Counter>,
-    local_seconds: Family<Named, Counter<f64, AtomicU64>>,
+    local_tokens: Family<PhaseLabel, Counter>,
+    local_seconds: Family<PhaseLabel, Counter<f64, AtomicU64>>,
+    local_prompt_cache: Family<ResultLabel, Counter>,
+    first_token_seconds: Family<ProviderLabel, Histogram>,
+    upstream_seconds: Family<ProviderLabel, Histogram>,
+    in_flight: Gauge,
+    rate_limited: Family<LimitLabel, Counter>,
+    provider_rejected: Family<ProviderLabel, Gauge>,
+    process: Process,
     local_decode_rate: F64Gauge,
     local_prompt_cache_bytes: Gauge,
     local_memory_bytes: Gauge,
     local_model_loaded: Family<ModelLabel, Gauge>,
-    jobs_finished: Family<Named, Counter>,
+    jobs_finished: Family<StateLabel, Counter>,
     jobs_retried: Counter,
     provider_up: Family<ProviderLabel, Gauge>,
     circuit_open: Family<ProviderLabel, Gauge>,
@@ -112,6 +134,8 @@ pub enum Reading<'a> {
     ProviderUp(&'static str, bool),
     /// Whether the provider's circuit breaker is open.
     CircuitOpen(&'static str, bool),
+    /// Whether the provider refuses our key.
+    ProviderRejected(&'static str, bool),
     /// Background jobs in a state (queued, running, succeeded, failed, cancelled).
     Jobs(&'static str, u64),
     /// A local model's requests `waiting` in its queue or `active` in its batch.
@@ -140,12 +164,23 @@ fn add<M: prometheus_client::registry::Metric + Clone>(
     metric
 }
 
+/// Histogram bounds in seconds a person can read (1 ms to 1 min), not powers of 2.5.
+const SECONDS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn seconds() -> Histogram {
+    Histogram::new(SECONDS)
+}
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut registry = Registry::with_prefix("edgechat");
     let r = &mut registry;
-    let http_seconds = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
-        Histogram::new(exponential_buckets(0.0005, 2.5, 14))
-    });
+    let http_seconds = Family::<RouteOnly, Histogram>::new_with_constructor(seconds);
+    r.register(
+        "build",
+        "The running build",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
     let store_bytes = Gauge::default();
     r.register_with_unit(
         "store_size",
@@ -203,6 +238,43 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Decode speed of the last finished local generation",
             F64Gauge::default(),
         ),
+        local_prompt_cache: add(
+            r,
+            "local_prompt_cache_lookups",
+            "New local generations whose prompt started like a cached one (hit) or not (miss)",
+            Family::default(),
+        ),
+        first_token_seconds: add(
+            r,
+            "chat_time_to_first_token_seconds",
+            "From the start of an answer to its first token, by the provider that answered",
+            Family::new_with_constructor(seconds),
+        ),
+        upstream_seconds: add(
+            r,
+            "upstream_latency_seconds",
+            "From sending a request to a remote provider to its first event, per attempt",
+            Family::new_with_constructor(seconds),
+        ),
+        in_flight: add(
+            r,
+            "http_requests_in_flight",
+            "Requests being answered now (a stream until its last byte)",
+            Gauge::default(),
+        ),
+        rate_limited: add(
+            r,
+            "rate_limited",
+            "Requests refused by a rate limit, by limit",
+            Family::default(),
+        ),
+        provider_rejected: add(
+            r,
+            "provider_rejected",
+            "1 while the provider refuses our API key (401 or 403): it is not up",
+            Family::default(),
+        ),
+        process: Process::default(),
         local_prompt_cache_bytes: add(
             r,
             "local_prompt_cache_bytes",
@@ -327,13 +399,42 @@ pub fn fallback(from: &'static str, reason: &'static str) {
 /// Records one forward pass of the local model over `tokens` tokens.
 pub fn local_forward(phase: &'static str, tokens: usize, elapsed: Duration) {
     let m = &*METRICS;
-    m.local_tokens.get_or_create(&Named { name: phase }).inc_by(tokens as u64);
-    m.local_seconds.get_or_create(&Named { name: phase }).inc_by(elapsed.as_secs_f64());
+    m.local_tokens.get_or_create(&PhaseLabel { phase }).inc_by(tokens as u64);
+    m.local_seconds.get_or_create(&PhaseLabel { phase }).inc_by(elapsed.as_secs_f64());
 }
 
-/// Records prompt tokens whose K/V the prompt cache gave a new sequence.
+/// Records a new sequence's prompt-cache lookup: `tokens` of its prompt whose K/V the cache
+/// gave it (0: a miss).
 pub fn local_prompt_cached(tokens: usize) {
-    METRICS.local_tokens.get_or_create(&Named { name: "cached" }).inc_by(tokens as u64);
+    let m = &*METRICS;
+    m.local_tokens.get_or_create(&PhaseLabel { phase: "cached" }).inc_by(tokens as u64);
+    let result = if tokens > 0 { "hit" } else { "miss" };
+    m.local_prompt_cache.get_or_create(&ResultLabel { result }).inc();
+}
+
+/// Records an answer's first token, `elapsed` after it started, from `provider`.
+pub fn first_token(name: &str, elapsed: Duration) {
+    let h = METRICS.first_token_seconds.get_or_create(&provider(name));
+    h.observe(elapsed.as_secs_f64());
+}
+
+/// Records one attempt at a remote provider that got its first event after `elapsed`.
+pub fn upstream_latency(name: &str, elapsed: Duration) {
+    let h = METRICS.upstream_seconds.get_or_create(&provider(name));
+    h.observe(elapsed.as_secs_f64());
+}
+
+/// A request began (`true`) or its response ended (`false`).
+pub fn in_flight(started: bool) {
+    match started {
+        true => METRICS.in_flight.inc(),
+        false => METRICS.in_flight.dec(),
+    };
+}
+
+/// Counts a request refused by the rate limit `limit`.
+pub fn rate_limited(limit: &'static str) {
+    METRICS.rate_limited.get_or_create(&LimitLabel { limit }).inc();
 }
 
 /// Records the decode speed of a generation that just finished.
@@ -370,7 +471,7 @@ impl EncodeMetric for LocalKernels {
 
 /// Counts a job reaching `state` (succeeded, failed, cancelled).
 pub fn job_finished(state: &'static str) {
-    METRICS.jobs_finished.get_or_create(&Named { name: state }).inc();
+    METRICS.jobs_finished.get_or_create(&StateLabel { state }).inc();
 }
 
 /// Counts a failed attempt that was queued again.
@@ -383,11 +484,12 @@ pub fn set(reading: Reading) {
     let m = &*METRICS;
     let flag = |b: bool| i64::from(b);
     let _ = match reading {
-        Reading::ProviderUp(provider, up) => {
-            m.provider_up.get_or_create(&ProviderLabel { provider }).set(flag(up))
+        Reading::ProviderUp(name, up) => m.provider_up.get_or_create(&provider(name)).set(flag(up)),
+        Reading::ProviderRejected(name, rejected) => {
+            m.provider_rejected.get_or_create(&provider(name)).set(flag(rejected))
         }
-        Reading::CircuitOpen(provider, open) => {
-            m.circuit_open.get_or_create(&ProviderLabel { provider }).set(flag(open))
+        Reading::CircuitOpen(name, open) => {
+            m.circuit_open.get_or_create(&provider(name)).set(flag(open))
         }
         Reading::Jobs(state, n) => m.jobs.get_or_create(&StateLabel { state }).set(n as i64),
         Reading::LocalQueue(model, state, n) => {
@@ -416,12 +518,98 @@ pub fn set(reading: Reading) {
     };
 }
 
-/// Everything in the OpenMetrics text format.
+/// Everything in the OpenMetrics text format: ours, then the process's.
 pub fn encode() -> String {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
+    let m = &*METRICS;
+    m.process.sample();
     let mut out = String::new();
     // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    let _ = encode_registry(&mut out, &m.registry);
+    let _ = encode_registry(&mut out, &m.process.registry);
+    let _ = encode_eof(&mut out);
     out
+}
+
+/// The conventional `process_*` metrics, without our prefix (dashboards expect these names),
+/// read from `/proc` at each scrape.
+struct Process {
+    registry: Registry,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    resident_bytes: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: F64Gauge,
+}
+
+impl Default for Process {
+    fn default() -> Self {
+        use prometheus_client::registry::Unit;
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        let cpu_seconds = Counter::default();
+        r.register_with_unit(
+            "process_cpu",
+            "User and system CPU time",
+            Unit::Seconds,
+            cpu_seconds.clone(),
+        );
+        let resident_bytes = Gauge::default();
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory",
+            Unit::Bytes,
+            resident_bytes.clone(),
+        );
+        let open_fds = add(r, "process_open_fds", "Open file descriptors", Gauge::default());
+        let max_fds = add(r, "process_max_fds", "The open-file limit", Gauge::default());
+        let start_time = F64Gauge::default();
+        r.register_with_unit(
+            "process_start_time",
+            "Start time, Unix seconds",
+            Unit::Seconds,
+            start_time.clone(),
+        );
+        Process { registry, cpu_seconds, resident_bytes, open_fds, max_fds, start_time }
+    }
+}
+
+impl Process {
+    fn sample(&self) {
+        // Two scrapes at once must not both add the same CPU time.
+        static ONE: Mutex<()> = Mutex::new(());
+        let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: sysconf and getrlimit only read system values into what we pass.
+        let (ticks, page, limit) = unsafe {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as f64;
+            (libc::sysconf(libc::_SC_CLK_TCK) as f64, page, limit)
+        };
+        self.max_fds.set(limit.rlim_cur as i64);
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+        // Fields after the command name, which may hold spaces: the 3rd onwards.
+        let fields: Vec<f64> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0.0);
+        let cpu = (field(14) + field(15)) / ticks;
+        self.cpu_seconds.inc_by((cpu - self.cpu_seconds.get()).max(0.0));
+        self.resident_bytes.set((field(24) * page) as i64);
+        if let Some(boot) = boot_time() {
+            self.start_time.set(boot + field(22) / ticks);
+        }
+    }
+}
+
+/// When the machine booted, Unix seconds (`btime` in `/proc/stat`).
+fn boot_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The media type of [`encode`]'s output.

@@ -27,6 +27,8 @@ async fn the_log_says_what_happened_to_each_request() {
         Act::Status(503, None),
         Act::Status(503, None),
         answer(vec!["probe"]),
+        Act::Status(401, None),
+        Act::Status(401, None),
         slow(100),
     ];
     let upstream = Upstream::start(script).await;
@@ -72,6 +74,10 @@ async fn the_log_says_what_happened_to_each_request() {
     assert!(ok, "{err}");
     let (ok, _, _) = user_cmd(&dir, &["disable", "nobody"], "");
     assert!(!ok);
+    // A revoked key: said once, however many requests it refuses.
+    for id in ["req-401a", "req-401b"] {
+        assert_eq!(ask(id, false).await.unwrap().headers()["x-edgechat-provider"], "local");
+    }
     let mut cut = ask("req-cut", true).await.unwrap();
     cut.chunk().await.unwrap().expect("a first chunk");
     server.signal(libc::SIGTERM);
@@ -120,6 +126,11 @@ async fn the_log_says_what_happened_to_each_request() {
         assert!(during("req-fallback", message), "`{message}` without the request id:\n{text}");
     }
     assert!(during("req-probe", "circuit breaker closed"), "{text}");
+    let refused = lines
+        .iter()
+        .filter(|l| l["message"].as_str().unwrap_or("").contains("refuses our API key"));
+    assert_eq!(refused.count(), 1, "{text}");
+    assert!(during("req-cut", "the provider accepts our API key again"), "{text}");
 
     let control = |op: &str, outcome: &str| {
         lines

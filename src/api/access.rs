@@ -60,10 +60,14 @@ impl Access {
         self.facts().tokens = Some((done.usage.prompt_tokens, done.usage.completion_tokens));
     }
 
-    /// A streamed answer sent its first token now (only the first call counts).
-    pub fn first_token(&self) {
+    /// A streamed answer sent its token now; the first call returns the time since the
+    /// request began, later ones `None`.
+    pub fn first_token(&self) -> Option<Duration> {
         let elapsed = self.started.elapsed();
-        self.facts().first_token.get_or_insert(elapsed);
+        let mut f = self.facts();
+        let first = f.first_token.is_none();
+        f.first_token.get_or_insert(elapsed);
+        first.then_some(elapsed)
     }
 
     /// A streamed answer broke after it started.
@@ -130,6 +134,7 @@ impl Line {
     }
 
     fn write_with(&self, outcome: Option<Outcome>) {
+        crate::metrics::in_flight(false);
         let f = self.access.facts();
         let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         let user = f.user.map(|u| u.simple().to_string());

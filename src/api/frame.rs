@@ -51,7 +51,11 @@ pub(super) async fn streamed(
                     access.answered(done);
                 }
                 Ok(Step::Logprobs(_)) => {}
-                Ok(_) => access.first_token(),
+                Ok(_) => {
+                    if let Some(elapsed) = access.first_token() {
+                        crate::metrics::first_token(reply.answerer().provider.as_str(), elapsed);
+                    }
+                }
                 Err(_) => access.failed(),
             }
             let who = reply.answerer().clone();
@@ -127,10 +131,12 @@ pub(super) fn admit(app: &App, user: Uuid) -> Result<Decision, ApiError> {
     let key = user.simple().to_string();
     let requests = app.chat_requests.check(&key);
     if !requests.allowed {
+        crate::metrics::rate_limited("chat_per_user.requests");
         return Err(ApiError::RateLimited(requests));
     }
     let tokens = app.chat_tokens.peek(&key);
     if !tokens.allowed {
+        crate::metrics::rate_limited("chat_per_user.tokens");
         return Err(ApiError::TokensLimited(tokens));
     }
     Ok(requests)

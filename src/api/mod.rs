@@ -173,6 +173,7 @@ impl App {
         let method = req.method().clone();
         let face = Face::of(req.uri().path());
         let origin = self.allowed_origin(req.headers());
+        crate::metrics::in_flight(true);
         let access = Arc::new(access::Access::default());
         req.extensions_mut().insert(access.clone());
         // Every line logged while serving the request (its stream included) carries its id.
@@ -234,6 +235,7 @@ impl App {
             false => None,
         };
         if let Some(d) = limit.filter(|d| !d.allowed) {
+            crate::metrics::rate_limited("auth_per_address");
             return (template, ApiError::RateLimited(d).into_response(face));
         }
         let run = (route.handler)(self.clone(), Req::new(parts, body, params, peer));

@@ -165,10 +165,12 @@ async fn metrics(app: Arc<App>, req: Req) -> Answer {
 fn read_states(app: &App) {
     use crate::metrics::{set, Reading};
     use std::sync::atomic::Ordering::Relaxed;
-    for p in app.chat.status() {
+    // A provider with no key is not a provider that is down: no series to page anyone.
+    for p in app.chat.status().into_iter().filter(|p| p.state != "not_configured") {
         let name = p.provider.as_str();
         set(Reading::ProviderUp(name, p.state == "up"));
         set(Reading::CircuitOpen(name, p.state == "circuit_open"));
+        set(Reading::ProviderRejected(name, p.state == "rejected"));
     }
     read_local_states(app.chat.local_models());
     match app.store.job_counts() {

@@ -70,11 +70,13 @@ impl LoginLimits {
     pub fn gate(&self, address: &str, username: Option<&str>) -> Gate<'_> {
         let by_address = self.per_address.check(address);
         if !by_address.allowed {
+            crate::metrics::rate_limited("failed_logins_per_address");
             return Gate::Refused(by_address);
         }
         if let Some(name) = username {
             let by_pair = self.per_address_and_username.check(&pair(address, name));
             if !by_pair.allowed {
+                crate::metrics::rate_limited("failed_logins_per_address_and_username");
                 self.per_address.refund(address, 1);
                 return Gate::Refused(by_pair);
             }

@@ -8,6 +8,7 @@ use crate::llm::{
     Timeouts,
 };
 use crate::secret::Secret;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,8 @@ pub struct Keys {
     pub huggingface: Option<Secret>,
 }
 
-/// One provider's state for `/ready`: `up`, `circuit_open`, `not_configured`, `not_loaded`.
+/// One provider's state for `/ready`: `up`, `circuit_open`, `rejected` (it refuses our key),
+/// `not_configured`, `not_loaded`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ProviderStatus {
     pub provider: ProviderName,
@@ -33,6 +35,8 @@ pub(super) struct RemoteProvider {
     text_generation: Option<(Remote, Vec<String>)>,
     breaker: Arc<Breaker>,
     configured: bool,
+    /// It answered 401 or 403 last: our key is wrong or revoked.
+    rejected: AtomicBool,
     models: Vec<String>,
     pub(super) context_tokens: u32,
 }
@@ -74,6 +78,7 @@ impl RemoteProvider {
             text_generation,
             breaker,
             configured: key.is_some(),
+            rejected: AtomicBool::new(false),
             models: c.models.clone(),
             context_tokens: c.context_tokens,
         })
@@ -81,7 +86,35 @@ impl RemoteProvider {
 
     /// Streams an answer through whichever API serves `req.model`.
     pub(super) async fn chat(&self, req: &ChatRequest) -> Result<EventStream, ProviderError> {
-        self.client(req).chat(req).await
+        let result = self.client(req).chat(req).await;
+        match &result {
+            Ok(_) => self.key_accepted(),
+            Err(ProviderError::Status { status: status @ (401 | 403), .. }) => {
+                self.key_refused(*status)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Said once, when the provider starts refusing our key: every request falls back (or
+    /// fails) until someone fixes the key, and a line per request would bury the cause.
+    fn key_refused(&self, status: u16) {
+        if !self.rejected.swap(true, Ordering::Relaxed) {
+            let name = self.name.as_str();
+            tracing::error!(
+                provider = name,
+                status,
+                "the provider refuses our API key: check providers.{name}.api_key (or its key \
+                 file or credential); until it accepts it, its requests fall back or fail"
+            );
+        }
+    }
+
+    fn key_accepted(&self) {
+        if self.rejected.swap(false, Ordering::Relaxed) {
+            tracing::info!(provider = self.name.as_str(), "the provider accepts our API key again");
+        }
     }
 
     /// The first field of `req` the client for its model cannot honour.
@@ -100,6 +133,7 @@ impl RemoteProvider {
     fn state(&self) -> &'static str {
         match (self.configured, self.breaker.state()) {
             (false, _) => "not_configured",
+            _ if self.rejected.load(Ordering::Relaxed) => "rejected",
             (true, BreakerState::Open) => "circuit_open",
             (true, _) => "up",
         }

@@ -133,8 +133,10 @@ impl Remote {
         let deadline = Instant::now() + self.timeouts.total;
         let mut attempt = 0;
         loop {
+            let started = Instant::now();
             let error = match self.attempt(&url, &body, key, deadline).await {
                 Ok(stream) => {
+                    crate::metrics::upstream_latency(&self.name, started.elapsed());
                     self.breaker.success();
                     return Ok(stream);
                 }
