@@ -196,6 +196,7 @@ async function busyWith(button, errorNode, work) {
 
 function showAuth(notice) {
   $("chat-view").hidden = true;
+  $("jobs-view").hidden = true;
   $("account").hidden = true;
   $("auth-view").hidden = false;
   show($("auth-notice"), notice);
@@ -269,6 +270,8 @@ async function enterChat() {
 async function loadMe() {
   const me = await (await api("/auth/me")).json();
   $("who").textContent = me.username;
+  // Admins get the queue's page; /admin/jobs needs the bearer token only this page holds.
+  $("jobs-link").hidden = !me.is_admin;
   saveSession({ ...state.session, username: me.username });
 }
 
@@ -453,12 +456,64 @@ async function send(event) {
   }
 }
 
+// ---- the job queue (admins) ---------------------------------------------------------------
+
+async function showJobs() {
+  $("chat-view").hidden = true;
+  $("jobs-view").hidden = false;
+  show($("jobs-error"), "");
+  try {
+    const r = await api("/admin/jobs");
+    if (!r.ok) throw new Error(r.status === 404 ? "Only administrators see the job queue." : `HTTP ${r.status}`);
+    renderJobs(await r.json());
+  } catch (e) {
+    show($("jobs-error"), `The job queue could not be loaded: ${e.message}`);
+  }
+}
+
+function renderJobs(view) {
+  const states = Object.entries(view.counts || {});
+  const head = el("tr");
+  const counts = el("tr");
+  for (const [name, n] of states) {
+    head.append(el("th", "", name));
+    counts.append(el("td", "", String(n)));
+  }
+  $("jobs-counts").replaceChildren(head, counts);
+  const oldest = view.oldest_queued_age_s == null ? "none" : `${view.oldest_queued_age_s.toFixed(1)} s`;
+  $("jobs-summary").textContent =
+    `Oldest queued: ${oldest} · finished per minute (last hour): ${view.throughput_per_min.toFixed(2)}` +
+    ` · failure rate: ${(view.failure_rate * 100).toFixed(1)}%`;
+  const rows = (tasks) => {
+    const header = el("tr");
+    for (const h of ["task", "attempts", "started", "error"]) header.append(el("th", "", h));
+    const body = tasks.map((t) => {
+      const row = el("tr");
+      for (const v of [t.task_id, String(t.attempts), t.started_at ? formatTime(t.started_at) : "", t.error || ""]) {
+        row.append(el("td", "", v));
+      }
+      return row;
+    });
+    return [header, ...body];
+  };
+  $("jobs-running").replaceChildren(...rows(view.running || []));
+  $("jobs-failures").replaceChildren(...rows(view.recent_failures || []));
+}
+
+function hideJobs() {
+  $("jobs-view").hidden = true;
+  $("chat-view").hidden = false;
+}
+
 // ---- wiring --------------------------------------------------------------------------------
 
 function start() {
   $("login-form").addEventListener("submit", signIn);
   $("register-form").addEventListener("submit", register);
   $("sign-out").addEventListener("click", signOut);
+  $("jobs-link").addEventListener("click", showJobs);
+  $("jobs-refresh").addEventListener("click", showJobs);
+  $("jobs-back").addEventListener("click", hideJobs);
   $("new-chat").addEventListener("click", newChat);
   $("more-conversations").addEventListener("click", () =>
     loadConversations(true).catch((e) => show($("chat-error"), e.message)),

@@ -226,4 +226,18 @@ async fn user_flow(b: &Browser, s: &TestServer) {
 
     let path = screenshot(b, "web-page.png").await;
     assert!(std::fs::metadata(path).unwrap().len() > 10_000, "a real picture");
+
+    // The job queue: no way in for a user; an admin opens it from the page, which holds the
+    // token a browser would not send to /admin/jobs by itself.
+    b.expect("#jobs-link[hidden]", SHORT).await;
+    let (ok, _, err) = common::user_cmd(s.dir.path(), &["grant-admin", "amelie"], "");
+    assert!(ok, "{err}");
+    b.refresh().await;
+    let jobs = b.expect("#jobs-link:not([hidden])", SHORT).await;
+    b.click_on(&jobs).await;
+    b.expect("#jobs-view:not([hidden]) #jobs-counts th", SHORT).await;
+    assert!(b.text("#jobs-summary").await.starts_with("Oldest queued:"));
+    assert!(b.contents("#jobs-counts th").await.contains(&"queued".to_string()));
+    b.click("#jobs-back").await;
+    b.expect("#chat-view:not([hidden])", SHORT).await;
 }
