@@ -101,10 +101,11 @@ struct ChatArgs {
 
 #[derive(Debug, Subcommand)]
 enum ModelCommand {
-    /// Show the GGUF files in the models directory
+    /// Show the configured local models and their state, and the GGUF files in a directory
     List {
-        #[arg(long, value_name = "DIR", default_value = "models")]
-        dir: PathBuf,
+        /// [default: the directory of local.model, else models]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
     /// Download FILE from Hugging Face hub repository REPO (honours HF_ENDPOINT and HF_TOKEN)
     Pull {
@@ -112,6 +113,9 @@ enum ModelCommand {
         file: String,
         #[arg(long, value_name = "DIR", default_value = "models")]
         dir: PathBuf,
+        /// Seconds to wait for the hub's answer, and then for each piece of the file
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
     },
 }
 
@@ -243,9 +247,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Model(ModelCommand::List { dir }) => local::cli::list(&dir),
-        Cmd::Model(ModelCommand::Pull { repo, file, dir }) => {
-            local::cli::pull(&repo, &file, &dir).await
+        Cmd::Model(ModelCommand::List { dir }) => {
+            // A configuration that does not load still leaves the files to list.
+            let local = configured().map(|(c, ..)| c.local).ok();
+            let models = local.iter().filter(|l| l.enabled).flat_map(|l| l.settings());
+            let models: Vec<_> = models.map(|m| (m.name, m.file)).collect();
+            let beside =
+                local.as_ref().and_then(|l| l.model.parent()).filter(|p| !p.as_os_str().is_empty());
+            let dir = dir.or_else(|| beside.map(PathBuf::from)).unwrap_or_else(|| "models".into());
+            local::cli::list(&models, &dir)
+        }
+        Cmd::Model(ModelCommand::Pull { repo, file, dir, timeout }) => {
+            local::cli::pull(&repo, &file, &dir, timeout).await
         }
         Cmd::Health(args) => health(configured()?.0, args).await,
     }

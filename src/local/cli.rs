@@ -135,9 +135,28 @@ fn missing_hint(message: String, model: &Path) -> String {
     format!("{message}\nfetch the default model with: bash models/fetch-default.sh")
 }
 
-/// `edgechat model list`: a table of the GGUF files in `dir`.
-pub fn list(dir: &Path) -> Result<(), String> {
-    let models = list_models(dir).map_err(|e| e.to_string())?;
+/// `edgechat model list`: the configured local models (name, file) with their state, then a
+/// table of the GGUF files in `dir`.
+pub fn list(configured: &[(String, PathBuf)], dir: &Path) -> Result<(), String> {
+    if !configured.is_empty() {
+        println!("configured models (the first answers for `local` and stands in for providers):");
+        for (name, path) in configured {
+            let state = match super::gguf::GgufFile::open(path).and_then(|g| g.info()) {
+                Ok(m) => format!("{} {} {}", m.architecture, m.quantization, count(m.parameters)),
+                Err(_) if !path.exists() => {
+                    "missing: `edgechat model pull REPO FILE` fetches it".into()
+                }
+                Err(e) => format!("unusable: {e}"),
+            };
+            println!("  {name:<24} {:<48} {state}", path.display());
+        }
+        println!();
+    }
+    let models = match list_models(dir) {
+        Ok(models) => models,
+        Err(_) if !dir.exists() => Vec::new(),
+        Err(e) => return Err(e.to_string()),
+    };
     if models.is_empty() {
         println!(
             "no .gguf files in {} (bash models/fetch-default.sh fetches the default)",
@@ -145,6 +164,7 @@ pub fn list(dir: &Path) -> Result<(), String> {
         );
         return Ok(());
     }
+    println!("files in {}:", dir.display());
     println!(
         "{:<40} {:<8} {:>7} {:<6} {:>7} {:>9}",
         "name", "arch", "params", "quant", "context", "size"
@@ -181,9 +201,15 @@ fn count(n: u64) -> String {
     }
 }
 
-/// `edgechat model pull REPO FILE`.
-pub async fn pull(repo: &str, file: &str, dir: &Path) -> Result<(), String> {
-    let path = files::pull(repo, file, dir).await.map_err(|e| e.to_string())?;
+/// `edgechat model pull REPO FILE`: says what it fetches at once (a stalled hub is not
+/// mistaken for a hung command), then the file's path once it is complete and verified.
+pub async fn pull(repo: &str, file: &str, dir: &Path, idle_secs: u64) -> Result<(), String> {
+    eprintln!("fetching {file} from {repo} into {}", dir.display());
+    let deadlines = files::Deadlines {
+        idle: std::time::Duration::from_secs(idle_secs.max(1)),
+        ..files::Deadlines::default()
+    };
+    let path = files::pull(repo, file, dir, deadlines).await.map_err(|e| e.to_string())?;
     println!("{}", path.display());
     Ok(())
 }
