@@ -46,6 +46,7 @@ struct TokenLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FallbackLabels {
     from: &'static str,
+    to: &'static str,
     reason: &'static str,
 }
 
@@ -216,7 +217,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         fallbacks: add(
             r,
             "chat_fallbacks",
-            "Answers the local model gave instead of a remote provider",
+            "Answers another provider (a rule's fallback, or the local model) gave instead of the one asked",
             Family::default(),
         ),
         local_tokens: add(
@@ -391,9 +392,9 @@ pub fn chat_answer(provider: &'static str, model: &str, outcome: &'static str, t
     }
 }
 
-/// Counts an answer that fell back from `from` to the local model.
-pub fn fallback(from: &'static str, reason: &'static str) {
-    METRICS.fallbacks.get_or_create(&FallbackLabels { from, reason }).inc();
+/// Counts an answer that fell back from `from` to `to` (another provider, or `local`).
+pub fn fallback(from: &'static str, to: &'static str, reason: &'static str) {
+    METRICS.fallbacks.get_or_create(&FallbackLabels { from, to, reason }).inc();
 }
 
 /// Records one forward pass of the local model over `tokens` tokens.

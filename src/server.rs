@@ -4,7 +4,9 @@
 use crate::api::{self, App, Routes};
 use crate::auth::{generate_jwt_secret, Auth, AuthSettings};
 use crate::chat::{Chat, Keys};
-use crate::config::{check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig};
+use crate::config::{
+    check_jwt_secret, Config, ConfigError, LocalConfig, ProviderConfig, ProviderName,
+};
 use crate::control;
 use crate::http::{self, tls, Limits};
 use crate::jobs::Jobs;
@@ -285,27 +287,32 @@ async fn chat_service(
     env: &Environment,
     store: Store,
 ) -> Result<Chat, StartError> {
-    let p = &config.providers;
-    let keys = Keys {
-        openai: provider_key(&p.openai, "openai_api_key", env.openai_api_key.clone(), env)?,
-        huggingface: provider_key(
-            &p.huggingface,
-            "huggingface_api_key",
-            env.hf_token.clone(),
-            env,
-        )?,
-    };
-    for (what, key) in
-        [("the openai key", &keys.openai), ("the huggingface key", &keys.huggingface)]
-    {
-        key.iter().for_each(|k| logmask::register(what, k));
+    let keys = provider_keys(config, env)?;
+    for (name, key) in &keys.0 {
+        logmask::register(&format!("the {name} key"), key);
     }
     let local = load_local(&config.local).await?;
     Ok(Chat::new(store, config, keys, std::sync::Arc::new(local))?)
 }
 
-/// A provider's key: config, then its key file, then systemd's credential, then the
-/// conventional environment variable.
+/// Every remote provider's key, where it has one.
+fn provider_keys(config: &Config, env: &Environment) -> Result<Keys, StartError> {
+    let mut keys = Keys::default();
+    for (name, c) in config.providers.all() {
+        let from_env = match name {
+            ProviderName::OPENAI => env.openai_api_key.clone(),
+            ProviderName::HUGGINGFACE => env.hf_token.clone(),
+            _ => None,
+        };
+        if let Some(key) = provider_key(c, &format!("{name}_api_key"), from_env, env)? {
+            keys.0.insert(name, key);
+        }
+    }
+    Ok(keys)
+}
+
+/// A provider's key: config, then its key file, then systemd's credential `<name>_api_key`,
+/// then the conventional environment variable (OpenAI's and HuggingFace's only).
 fn provider_key(
     c: &ProviderConfig,
     credential: &str,
@@ -396,9 +403,7 @@ pub async fn preflight(config: &Config, env: &Environment) -> Result<Vec<String>
             data_dir.join("jwt_secret").display()
         )),
     }
-    let p = &config.providers;
-    provider_key(&p.openai, "openai_api_key", env.openai_api_key.clone(), env)?;
-    provider_key(&p.huggingface, "huggingface_api_key", env.hf_token.clone(), env)?;
+    provider_keys(config, env)?;
     let (_, missing) = checked_registry(&config.local).await?;
     warnings.extend(missing);
     Ok(warnings)

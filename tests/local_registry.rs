@@ -139,9 +139,8 @@ async fn every_local_model_is_listed_routed_by_name_or_rule_and_loaded_on_first_
     let s = server(dir.path(), |c| {
         c.local.max_loaded_models = 2;
         let rule = RouteRule {
-            model: "fast-*".into(),
-            provider: ProviderName::Local,
             local_model: "tiny-c".into(),
+            ..RouteRule::new("fast-*", ProviderName::LOCAL)
         };
         c.routing.rules.insert(0, rule);
         c.local.models.push(entry("gone", Path::new("models/not-fetched-yet.gguf")));

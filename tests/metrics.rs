@@ -120,7 +120,7 @@ async fn counters_move_after_traffic_and_the_parser_accepts_the_output() {
     assert_eq!(grew(&before, &after, &ok("local", "smollm2")), 2.0);
     let tokens = "edgechat_chat_tokens_total{kind=completion,model=smollm2,provider=local}";
     assert!(grew(&before, &after, tokens) >= 2.0);
-    let fell = "edgechat_chat_fallbacks_total{from=huggingface,reason=not_configured}";
+    let fell = "edgechat_chat_fallbacks_total{from=huggingface,reason=not_configured,to=local}";
     assert_eq!(grew(&before, &after, fell), 1.0);
     assert!(grew(&before, &after, "edgechat_local_tokens_total{phase=decode}") >= 2.0);
     let lookups = "edgechat_local_prompt_cache_lookups_total{result=miss}";

@@ -20,11 +20,7 @@ fn openai_at(c: &mut Config, up: &Upstream) {
     c.providers.openai.api_key = Some(Secret::new("sk-test"));
     c.providers.openai.attempts = 1;
     c.routing.fallback = false;
-    c.routing.rules = vec![RouteRule {
-        model: "*".into(),
-        provider: ProviderName::Openai,
-        local_model: String::new(),
-    }];
+    c.routing.rules = vec![RouteRule::new("*", ProviderName::OPENAI)];
 }
 
 /// An OpenAI chunk with `delta` and `finish`.

@@ -22,11 +22,7 @@ async fn schemathesis_finds_no_failures() {
         c.providers.openai.base_url = upstream.base.clone();
         c.providers.openai.api_key = Some(edgechat::secret::Secret::new("sk-test"));
         c.routing.default_model = "gpt-4o-mini".into();
-        c.routing.rules = vec![RouteRule {
-            model: "*".into(),
-            provider: ProviderName::Openai,
-            local_model: String::new(),
-        }];
+        c.routing.rules = vec![RouteRule::new("*", ProviderName::OPENAI)];
     })
     .await;
     let token = s.user("fuzzer").await;

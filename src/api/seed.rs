@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_jobs_stored_answer_reads_as_the_answer_post_chat_gives() {
-        let who = Answerer { model: "m".into(), provider: ProviderName::Local, fallback: None };
+        let who = Answerer { model: "m".into(), provider: ProviderName::LOCAL, fallback: None };
         let done = Completion {
             text: "hello".into(),
             finish: FinishReason::Stop,

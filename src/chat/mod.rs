@@ -53,10 +53,12 @@ pub struct ChatInput {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Why the answer comes from the local model instead of the provider asked for.
+/// Why the answer comes from another provider (a rule's fallback, or the local model) than
+/// the one asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fallback {
     pub from: ProviderName,
+    pub to: ProviderName,
     /// A stable word: `unreachable`, `timeout`, `rate_limited`, `not_configured`, …
     pub reason: &'static str,
 }
@@ -64,7 +66,7 @@ pub struct Fallback {
 impl Fallback {
     /// The `X-Edgechat-Fallback` header value, e.g. `openai->local`.
     pub fn header(&self) -> String {
-        format!("{}->local", self.from.as_str())
+        format!("{}->{}", self.from, self.to)
     }
 }
 
@@ -131,7 +133,7 @@ impl Chat {
             .local
             .available()
             .into_iter()
-            .map(|n| (n.to_owned(), ProviderName::Local))
+            .map(|n| (n.to_owned(), ProviderName::LOCAL))
             .collect();
         out.extend(self.remotes.models());
         out
@@ -144,7 +146,7 @@ impl Chat {
             false => "up",
             true => "not_loaded",
         };
-        out.push(ProviderStatus { provider: ProviderName::Local, state: local });
+        out.push(ProviderStatus { provider: ProviderName::LOCAL, state: local });
         out
     }
 
@@ -195,40 +197,60 @@ impl Chat {
         let (model, target) = self.route(input)?;
         let history = self.history(input)?;
         let persist = self.persist(input, save);
-        let provider = match target {
+        let chain = match target {
             Target::Local(name) => {
                 return self.start_local(input, history, &name, None, persist).await
             }
-            Target::Remote(provider) => provider,
+            Target::Remote(chain) => chain,
         };
-        let Some(remote) = self.remotes.get(provider) else {
-            // Not configured: the local model answers, if it can honour the request.
-            let refused = match local_refuses(input) {
-                Some(refused) => refused,
-                None => match self.start_local(input, history, "", None, persist).await {
-                    Err(ChatError::Unsupported(refused)) => refused,
-                    other => return other,
-                },
-            };
-            let why =
-                format!("not configured, and the local model cannot stand in: {}", refused.why);
-            return Err(ChatError::Unavailable { provider, why });
-        };
+        let asked = chain[0];
+        let mut failed: Option<ProviderError> = None;
+        for (i, provider) in chain.iter().copied().enumerate() {
+            let Some(remote) = self.remotes.get(provider) else { continue };
+            let request = self.remote_request(&model, remote, &history, input);
+            if let Some(refused) = remote.refuses(&request) {
+                match i {
+                    0 => return Err(ChatError::Unsupported(refused)),
+                    _ => continue,
+                }
+            }
+            match remote.chat(&request).await {
+                Ok(events) => {
+                    let fallback =
+                        failed.map(|e| Fallback { from: asked, to: provider, reason: e.reason() });
+                    if let Some(f) = &fallback {
+                        crate::metrics::fallback(f.from.as_str(), f.to.as_str(), f.reason);
+                    }
+                    let who = Answerer { model, provider, fallback };
+                    return Ok(Reply::remote(persist, who, events, request.messages));
+                }
+                Err(e) if i + 1 < chain.len() => {
+                    let reason = e.reason();
+                    tracing::warn!(provider = provider.as_str(), reason, error = %e, "trying the next provider");
+                    failed.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        let error = failed.unwrap_or(ProviderError::NotConfigured);
+        self.fall_back(input, history, asked, error, persist).await
+    }
+
+    /// What `remote` is sent for `input`: the history trimmed to its context.
+    fn remote_request(
+        &self,
+        model: &str,
+        remote: &providers::RemoteProvider,
+        history: &[Message],
+        input: &ChatInput,
+    ) -> ChatRequest {
         let max_tokens = self.max_tokens(input);
         let budget = (remote.context_tokens as usize).saturating_sub(max_tokens as usize);
         let messages =
-            context::fit(history.clone(), &input.messages, budget, context::estimate_tokens);
-        let request = request(&model, messages, max_tokens, input);
-        if let Some(refused) = remote.refuses(&request) {
-            return Err(ChatError::Unsupported(refused));
-        }
-        match remote.chat(&request).await {
-            Ok(events) => {
-                let who = Answerer { model, provider, fallback: None };
-                Ok(Reply::remote(persist, who, events, request.messages))
-            }
-            Err(e) => self.fall_back(input, history, provider, e, persist).await,
-        }
+            context::fit(history.to_vec(), &input.messages, budget, context::estimate_tokens);
+        request(model, messages, max_tokens, input)
     }
 
     /// The whole answer. A remote stream that breaks before completing is answered again by
@@ -246,10 +268,10 @@ impl Chat {
         match reply.collect().await {
             Ok(done) => Ok((reply.answerer().clone(), done)),
             Err(ChatError::Upstream { provider, reason })
-                if provider != ProviderName::Local && self.can_fall_back_with(input) =>
+                if provider != ProviderName::LOCAL && self.can_fall_back_with(input) =>
             {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
-                let fallback = Some(Fallback { from: provider, reason });
+                let fallback = Some(Fallback { from: provider, to: ProviderName::LOCAL, reason });
                 let persist = self.persist(input, save);
                 let history = self.history(input)?;
                 let mut reply = match self.start_local(input, history, "", fallback, persist).await
@@ -285,7 +307,7 @@ impl Chat {
             return Err(failed);
         }
         tracing::warn!(provider = provider.as_str(), reason, error = %error, "falling back to the local model");
-        let fallback = Some(Fallback { from: provider, reason });
+        let fallback = Some(Fallback { from: provider, to: ProviderName::LOCAL, reason });
         match self.start_local(input, history, "", fallback, persist).await {
             // The local model cannot serve these tools: the upstream's failure is the answer.
             Err(ChatError::Unsupported(_)) => Err(failed),
@@ -313,10 +335,10 @@ impl Chat {
             return Err(ChatError::Unsupported(refused));
         }
         if let Some(f) = &fallback {
-            crate::metrics::fallback(f.from.as_str(), f.reason);
+            crate::metrics::fallback(f.from.as_str(), f.to.as_str(), f.reason);
         }
         let unavailable =
-            |why: String| ChatError::Unavailable { provider: ProviderName::Local, why };
+            |why: String| ChatError::Unavailable { provider: ProviderName::LOCAL, why };
         let name = match name {
             "" => self.local.fallback().ok_or_else(|| {
                 unavailable(
@@ -343,7 +365,7 @@ impl Chat {
             engine.prepare_grammar().await;
         }
         let generation = engine.generate(request).map_err(local_error)?;
-        let who = Answerer { model: name, provider: ProviderName::Local, fallback };
+        let who = Answerer { model: name, provider: ProviderName::LOCAL, fallback };
         Ok(Reply::local(persist, who, generation, plan))
     }
 
@@ -431,7 +453,7 @@ fn local_error(e: LocalError) -> ChatError {
         LocalError::InvalidRequest(m) => ChatError::Invalid(m),
         other => {
             tracing::error!(error = %other, "local generation failed");
-            ChatError::Upstream { provider: ProviderName::Local, reason: "local_error" }
+            ChatError::Upstream { provider: ProviderName::LOCAL, reason: "local_error" }
         }
     }
 }

@@ -12,12 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The API keys resolved at start (config, key file, credential or environment).
+/// The API keys resolved at start (config, key file, credential or environment), by provider.
 #[derive(Debug, Clone, Default)]
-pub struct Keys {
-    pub openai: Option<Secret>,
-    pub huggingface: Option<Secret>,
-}
+pub struct Keys(pub std::collections::HashMap<ProviderName, Secret>);
 
 /// One provider's state for `/ready`: `up`, `circuit_open`, `rejected` (it refuses our key),
 /// `not_configured`, `not_loaded`.
@@ -140,44 +137,32 @@ impl RemoteProvider {
     }
 }
 
-/// Every remote provider.
-pub(super) struct Remotes {
-    openai: RemoteProvider,
-    huggingface: RemoteProvider,
-}
+/// Every remote provider, in configuration order (OpenAI, HuggingFace, the named ones).
+pub(super) struct Remotes(Vec<RemoteProvider>);
 
 impl Remotes {
     pub(super) fn new(c: &ProvidersConfig, keys: Keys) -> Result<Remotes, ProviderError> {
-        Ok(Remotes {
-            openai: RemoteProvider::new(ProviderName::Openai, &c.openai, keys.openai)?,
-            huggingface: RemoteProvider::new(
-                ProviderName::Huggingface,
-                &c.huggingface,
-                keys.huggingface,
-            )?,
-        })
+        let provider =
+            |(name, config)| RemoteProvider::new(name, config, keys.0.get(&name).cloned());
+        Ok(Remotes(c.all().into_iter().map(provider).collect::<Result<_, _>>()?))
     }
 
-    /// The remote provider named; `None` for the local model.
+    /// The remote provider named; `None` for the local model or a name not configured.
     pub(super) fn get(&self, name: ProviderName) -> Option<&RemoteProvider> {
-        match name {
-            ProviderName::Openai => Some(&self.openai),
-            ProviderName::Huggingface => Some(&self.huggingface),
-            ProviderName::Local => None,
-        }
+        self.0.iter().find(|p| p.name == name)
     }
 
-    fn all(&self) -> [&RemoteProvider; 2] {
-        [&self.openai, &self.huggingface]
+    fn all(&self) -> impl Iterator<Item = &RemoteProvider> {
+        self.0.iter()
     }
 
     /// Models of providers that have a key.
     pub(super) fn models(&self) -> Vec<(String, ProviderName)> {
-        let configured = self.all().into_iter().filter(|p| p.configured);
+        let configured = self.all().filter(|p| p.configured);
         configured.flat_map(|p| p.models.iter().map(move |m| (m.clone(), p.name))).collect()
     }
 
     pub(super) fn status(&self) -> Vec<ProviderStatus> {
-        self.all().iter().map(|p| ProviderStatus { provider: p.name, state: p.state() }).collect()
+        self.all().map(|p| ProviderStatus { provider: p.name, state: p.state() }).collect()
     }
 }

@@ -6,7 +6,8 @@ use crate::config::{ProviderName, RouteRule};
 /// Who answers a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Remote(ProviderName),
+    /// Remote providers in the order they are asked: the rule's, then its fallbacks.
+    Remote(Vec<ProviderName>),
     /// The local model of this name; empty means the fallback model (`local`).
     Local(String),
 }
@@ -26,8 +27,8 @@ pub fn target_for<'a>(
     }
     let rule = rules.iter().find(|r| glob(&r.model, model))?;
     Some(match rule.provider {
-        ProviderName::Local => Target::Local(rule.local_model.clone()),
-        remote => Target::Remote(remote),
+        ProviderName::LOCAL => Target::Local(rule.local_model.clone()),
+        remote => Target::Remote(std::iter::once(remote).chain(rule.fallback.clone()).collect()),
     })
 }
 
@@ -66,12 +67,15 @@ mod tests {
     fn a_local_name_wins_then_the_first_rule() {
         let mut rules = crate::config::RoutingConfig::default().rules;
         let local = |pattern: &str, name: &str| RouteRule {
-            model: pattern.into(),
-            provider: ProviderName::Local,
             local_model: name.into(),
+            ..RouteRule::new(pattern, ProviderName::LOCAL)
         };
         rules.insert(0, local("fast-*", "Qwen"));
         rules.insert(1, local("gpt-4o-mini", ""));
+        let vllm = ProviderName::parse("vllm").unwrap();
+        let chain =
+            RouteRule { fallback: vec![ProviderName::OPENAI], ..RouteRule::new("llama-*", vllm) };
+        rules.insert(2, chain);
         let p = |m| target_for(m, ["SmolLM2", "Qwen"].into_iter(), &rules);
         let to = |name: &str| Some(Target::Local(name.into()));
         assert_eq!(p("smollm2"), to("SmolLM2"));
@@ -79,9 +83,11 @@ mod tests {
         assert_eq!(p("local"), to(""));
         assert_eq!(p("fast-chat"), to("Qwen"));
         assert_eq!(p("gpt-4o-mini"), to(""));
-        assert_eq!(p("gpt-3.5-turbo"), Some(Target::Remote(ProviderName::Openai)));
-        assert_eq!(p("o3-mini"), Some(Target::Remote(ProviderName::Openai)));
-        let hf = Some(Target::Remote(ProviderName::Huggingface));
+        let openai = Some(Target::Remote(vec![ProviderName::OPENAI]));
+        assert_eq!(p("gpt-3.5-turbo"), openai);
+        assert_eq!(p("o3-mini"), openai);
+        assert_eq!(p("llama-3"), Some(Target::Remote(vec![vllm, ProviderName::OPENAI])));
+        let hf = Some(Target::Remote(vec![ProviderName::HUGGINGFACE]));
         assert_eq!(p("Qwen/Qwen2.5-7B-Instruct"), hf);
         assert_eq!(p("claude-3"), None);
     }

@@ -149,38 +149,57 @@ fn model_name(name: &str, file: &std::path::Path) -> String {
     file.strip_suffix(".gguf").map(str::to_owned).unwrap_or(file)
 }
 
-/// The remote providers edgechat knows; each is down until it has an API key. Keys given for
-/// one provider are laid over that provider's own defaults (its URL stays unless changed).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+/// The remote providers: OpenAI and HuggingFace, which edgechat knows, and any number of named
+/// OpenAI-compatible ones (`[providers.vllm]` with `kind = "openai"`: vLLM, OpenRouter,
+/// llama-server, a gateway). Each is down until it has an API key. Keys given for one provider
+/// are laid over its defaults (OpenAI's and HuggingFace's URLs stay unless changed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProvidersConfig {
-    #[serde(deserialize_with = "openai_over_defaults")]
     pub openai: ProviderConfig,
-    #[serde(deserialize_with = "huggingface_over_defaults")]
     pub huggingface: ProviderConfig,
+    /// The named providers, by name.
+    #[serde(flatten)]
+    pub named: std::collections::BTreeMap<String, ProviderConfig>,
 }
 
-fn openai_over_defaults<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<ProviderConfig, D::Error> {
-    over_defaults(d, ProvidersConfig::default().openai)
+impl<'de> Deserialize<'de> for ProvidersConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let given = std::collections::BTreeMap::<String, toml::Table>::deserialize(d)?;
+        let mut out = ProvidersConfig::default();
+        for (name, table) in given {
+            let at = |e: String| D::Error::custom(format!("providers.{name}: {e}"));
+            match name.as_str() {
+                "openai" => out.openai = over_defaults(table, out.openai.clone()).map_err(at)?,
+                "huggingface" => {
+                    out.huggingface = over_defaults(table, out.huggingface.clone()).map_err(at)?
+                }
+                _ => {
+                    ProviderName::parse(&name).map_err(at)?;
+                    let named = over_defaults(table, ProviderConfig::default()).map_err(at)?;
+                    out.named.insert(name, named);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
-fn huggingface_over_defaults<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<ProviderConfig, D::Error> {
-    over_defaults(d, ProvidersConfig::default().huggingface)
+impl ProvidersConfig {
+    /// Every remote provider with its name: OpenAI, HuggingFace, then the named ones.
+    pub fn all(&self) -> Vec<(ProviderName, &ProviderConfig)> {
+        let builtin =
+            [(ProviderName::OPENAI, &self.openai), (ProviderName::HUGGINGFACE, &self.huggingface)];
+        let named = self.named.iter().filter_map(|(n, c)| Some((ProviderName::parse(n).ok()?, c)));
+        builtin.into_iter().chain(named).collect()
+    }
 }
 
-fn over_defaults<'de, D: serde::Deserializer<'de>>(
-    d: D,
-    defaults: ProviderConfig,
-) -> Result<ProviderConfig, D::Error> {
-    use serde::de::Error;
-    let given = toml::Table::deserialize(d)?;
-    let mut merged = toml::Table::try_from(&defaults).map_err(D::Error::custom)?;
+/// `given` laid over `defaults`, as one provider's section.
+fn over_defaults(given: toml::Table, defaults: ProviderConfig) -> Result<ProviderConfig, String> {
+    let mut merged = toml::Table::try_from(&defaults).map_err(|e| e.to_string())?;
     merged.extend(given);
-    ProviderConfig::deserialize(toml::Value::Table(merged)).map_err(D::Error::custom)
+    ProviderConfig::deserialize(toml::Value::Table(merged)).map_err(|e| e.to_string())
 }
 
 impl Default for ProvidersConfig {
@@ -196,6 +215,7 @@ impl Default for ProvidersConfig {
                 text_generation_url: "https://api-inference.huggingface.co/models".into(),
                 ..ProviderConfig::default()
             },
+            named: Default::default(),
         }
     }
 }
@@ -204,6 +224,9 @@ impl Default for ProvidersConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
+    /// A named provider's API: `openai` (OpenAI-compatible Chat Completions), the only kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ProviderKind>,
     /// The OpenAI-compatible API root (`…/v1`); `/chat/completions` is appended.
     pub base_url: String,
     pub api_key: Option<Secret>,
@@ -234,6 +257,7 @@ pub struct ProviderConfig {
 impl Default for ProviderConfig {
     fn default() -> Self {
         ProviderConfig {
+            kind: None,
             base_url: String::new(),
             api_key: None,
             api_key_file: None,
@@ -254,29 +278,71 @@ impl Default for ProviderConfig {
     }
 }
 
-/// Who answers which model name.
+/// The API a named provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ProviderName {
+pub enum ProviderKind {
     Openai,
-    Huggingface,
-    Local,
+}
+
+/// A provider's name: `openai`, `huggingface`, `local`, or a named provider's. Names are
+/// interned (a configuration has a handful), so the type is `Copy` and its text `'static`, as
+/// metric labels and headers want.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProviderName(&'static str);
+
+impl ProviderName {
+    pub const OPENAI: ProviderName = ProviderName("openai");
+    pub const HUGGINGFACE: ProviderName = ProviderName("huggingface");
+    pub const LOCAL: ProviderName = ProviderName("local");
+
+    /// `name` as a provider name: 1 to 32 lowercase letters, digits, `-` or `_`.
+    pub fn parse(name: &str) -> Result<ProviderName, String> {
+        let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_';
+        if name.is_empty() || name.len() > 32 || !name.bytes().all(ok) {
+            return Err(format!(
+                "`{name}` is not a provider name (1 to 32 lowercase letters, digits, - or _)"
+            ));
+        }
+        static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+        let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+        let known = [Self::OPENAI.0, Self::HUGGINGFACE.0, Self::LOCAL.0];
+        if let Some(&n) = known.iter().chain(names.iter()).find(|&&n| n == name) {
+            return Ok(ProviderName(n));
+        }
+        let interned: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.push(interned);
+        Ok(ProviderName(interned))
+    }
+
+    /// The name used in answers, headers and logs.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
 }
 
 impl std::fmt::Display for ProviderName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.0)
     }
 }
 
-impl ProviderName {
-    /// The name used in answers, headers and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderName::Openai => "openai",
-            ProviderName::Huggingface => "huggingface",
-            ProviderName::Local => "local",
-        }
+impl std::fmt::Debug for ProviderName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl Serialize for ProviderName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProviderName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        ProviderName::parse(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -289,6 +355,22 @@ pub struct RouteRule {
     /// With `provider = "local"`: which local model answers; empty means the fallback model.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub local_model: String,
+    /// Remote providers asked in turn when `provider` cannot answer, before the local model
+    /// (`routing.fallback`): the same model name is sent to each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<ProviderName>,
+}
+
+impl RouteRule {
+    /// `model` (a name or `*` pattern) answered by `provider`, with no fallback providers.
+    pub fn new(model: impl Into<String>, provider: ProviderName) -> Self {
+        RouteRule {
+            model: model.into(),
+            provider,
+            local_model: String::new(),
+            fallback: Vec::new(),
+        }
+    }
 }
 
 /// Which provider answers a model, what to use when none is named, and whether to fall back.
@@ -309,21 +391,17 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        let rule = |model: &str, provider| RouteRule {
-            model: model.into(),
-            provider,
-            local_model: String::new(),
-        };
+        let openai = |model: &str| RouteRule::new(model, ProviderName::OPENAI);
         RoutingConfig {
             default_model: String::new(),
             fallback: true,
             rules: vec![
-                rule("gpt-*", ProviderName::Openai),
-                rule("chatgpt-*", ProviderName::Openai),
-                rule("o1*", ProviderName::Openai),
-                rule("o3*", ProviderName::Openai),
-                rule("o4*", ProviderName::Openai),
-                rule("*/*", ProviderName::Huggingface),
+                openai("gpt-*"),
+                openai("chatgpt-*"),
+                openai("o1*"),
+                openai("o3*"),
+                openai("o4*"),
+                RouteRule::new("*/*", ProviderName::HUGGINGFACE),
             ],
             default_max_tokens: 512,
             max_input_chars: 100_000,
@@ -356,8 +434,19 @@ pub(super) fn validate(
     routing: &RoutingConfig,
 ) -> Result<(), ConfigError> {
     validate_local(local)?;
-    for (name, p) in [("openai", &providers.openai), ("huggingface", &providers.huggingface)] {
+    for (name, p) in providers.all() {
         let key = |k: &str| format!("providers.{name}.{k}");
+        let builtin = name == ProviderName::OPENAI || name == ProviderName::HUGGINGFACE;
+        match (builtin, p.kind) {
+            (true, Some(_)) => {
+                return Err(ConfigError::invalid(&key("kind"), "only named providers take a kind"))
+            }
+            (false, None) => {
+                let message = "give the provider's API: kind = \"openai\" (OpenAI-compatible)";
+                return Err(ConfigError::invalid(&key("kind"), message));
+            }
+            _ => {}
+        }
         for (k, url) in [("base_url", &p.base_url), ("text_generation_url", &p.text_generation_url)]
         {
             let ok = url.starts_with("http://") || url.starts_with("https://");
@@ -368,7 +457,7 @@ pub(super) fn validate(
         if p.api_key.is_some() && p.api_key_file.is_some() {
             return Err(ConfigError::invalid(&key("api_key"), "give api_key or api_key_file"));
         }
-        if name == "openai" && !p.text_generation_models.is_empty() {
+        if name != ProviderName::HUGGINGFACE && !p.text_generation_models.is_empty() {
             return Err(ConfigError::invalid(&key("text_generation_models"), "HuggingFace only"));
         }
         let durations = [
@@ -388,12 +477,37 @@ pub(super) fn validate(
         let message = format!("a rule for provider {} has an empty model", r.provider.as_str());
         return Err(ConfigError::invalid("routing.rules", message));
     }
+    validate_rule_providers(providers, routing)?;
     validate_local_rules(local, routing)?;
     if routing.default_max_tokens == 0 {
         return Err(ConfigError::invalid("routing.default_max_tokens", "must be greater than 0"));
     }
     if routing.max_input_chars == 0 {
         return Err(ConfigError::invalid("routing.max_input_chars", "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// Every provider a rule names, and every one it falls back to, is configured.
+fn validate_rule_providers(
+    providers: &ProvidersConfig,
+    routing: &RoutingConfig,
+) -> Result<(), ConfigError> {
+    let known: Vec<ProviderName> = providers.all().into_iter().map(|(n, _)| n).collect();
+    for (i, rule) in routing.rules.iter().enumerate() {
+        let key = |k: &str| format!("routing.rules[{i}].{k}");
+        if rule.provider != ProviderName::LOCAL && !known.contains(&rule.provider) {
+            let message = format!("no provider is named {} (add [providers.{0}])", rule.provider);
+            return Err(ConfigError::invalid(&key("provider"), message));
+        }
+        if let Some(bad) = rule.fallback.iter().find(|p| !known.contains(p) || **p == rule.provider)
+        {
+            let message = format!(
+                "{bad} is not another configured remote provider (the local model comes last \
+                 by itself, with routing.fallback)"
+            );
+            return Err(ConfigError::invalid(&key("fallback"), message));
+        }
     }
     Ok(())
 }
@@ -445,7 +559,7 @@ fn validate_local_rules(local: &LocalConfig, routing: &RoutingConfig) -> Result<
             continue;
         }
         let key = format!("routing.rules[{i}].local_model");
-        if r.provider != ProviderName::Local {
+        if r.provider != ProviderName::LOCAL {
             return Err(ConfigError::invalid(
                 &key,
                 "only a rule with provider = \"local\" names a local model",

@@ -8,7 +8,7 @@ mod chat;
 
 pub use chat::{
     ChatLimitsConfig, LocalConfig, LocalModelConfig, LocalModelSettings, ProviderConfig,
-    ProviderName, ProvidersConfig, RouteRule, RoutingConfig,
+    ProviderKind, ProviderName, ProvidersConfig, RouteRule, RoutingConfig,
 };
 
 use crate::secret::Secret;
@@ -629,6 +629,37 @@ mod tests {
         }
         for good in ["info", "WARN,edgechat=debug", "edgechat::access=off, info", "3"] {
             assert!(log_filter(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn named_providers_are_openai_compatible_and_rules_name_configured_ones() {
+        let vllm = "[providers.vllm]\nkind = \"openai\"\nbase_url = \"http://10.0.0.5:8000/v1\"\n\
+            models = [\"llama-3\"]\nattempts = 1\n";
+        let rule = "[routing]\nrules = [{ model = \"llama-*\", provider = \"vllm\", fallback = [\"openai\"] }]\n";
+        let c = load_text(&format!("{vllm}{rule}"), &[]).unwrap();
+        let p = &c.providers.named["vllm"];
+        assert_eq!(
+            (p.base_url.as_str(), p.attempts, p.first_byte_timeout_ms),
+            ("http://10.0.0.5:8000/v1", 1, 30_000)
+        );
+        assert_eq!(c.routing.rules[0].fallback, [ProviderName::OPENAI]);
+        let names: Vec<&str> = c.providers.all().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["openai", "huggingface", "vllm"]);
+        // `config check` writes it back the way it reads.
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(load_text(&again, &[]).unwrap().providers, c.providers);
+        for (text, words) in [
+            (vllm.replace("kind = \"openai\"\n", ""), "providers.vllm.kind"),
+            (vllm.replace("\"openai\"", "\"grpc\""), "providers"),
+            (vllm.replace("http://10.0.0.5:8000/v1", ""), "providers.vllm.base_url"),
+            (format!("{vllm}[providers.openai]\nkind = \"openai\"\n"), "providers.openai.kind"),
+            ("[providers.Bad_Name]\nkind = \"openai\"\n".into(), "Bad_Name"),
+            (rule.into(), "routing.rules[0].provider"),
+            (format!("{vllm}{}", rule.replace("openai", "nowhere")), "routing.rules[0].fallback"),
+        ] {
+            let e = load_text(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains(words), "{text}: {e}");
         }
     }
 
