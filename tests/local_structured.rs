@@ -81,14 +81,7 @@ async fn a_required_tool_call_follows_the_tools_schema_and_auto_needs_a_template
     named["tool_choice"] = json!({"type": "function", "function": {"name": "get_weather"}});
     named["stream"] = true.into();
     let text = s.post("/v1/chat/completions", &named, Some(&token)).await.text().await.unwrap();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let calls: Vec<&Value> =
-        events.iter().filter_map(|e| e["choices"][0]["delta"].get("tool_calls")).collect();
+    let (events, calls) = streamed_calls(&text);
     assert_eq!(calls.len(), 1, "{text}");
     assert_eq!(calls[0][0]["function"]["name"], "get_weather");
     let last = events.iter().rev().find(|e| !e["choices"][0]["finish_reason"].is_null()).unwrap();
@@ -212,14 +205,7 @@ async fn auto_calls_open_freely_and_follow_the_tools_schema() {
     nudged["parallel_tool_calls"] = false.into();
     nudged["stream"] = true.into();
     let text = s.post("/v1/chat/completions", &nudged, Some(token)).await.text().await.unwrap();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let calls: Vec<&Value> =
-        events.iter().filter_map(|e| e["choices"][0]["delta"].get("tool_calls")).collect();
+    let (_, calls) = streamed_calls(&text);
     assert_eq!(calls.len(), 1, "{text}");
     assert_follows_the_schema(&calls[0][0]["function"]);
 
@@ -239,4 +225,17 @@ fn assert_follows_the_schema(function: &Value) {
     assert_eq!(fields.len(), 2, "{args}");
     assert!(["Paris", "Lyon", "Nice"].contains(&args["city"].as_str().unwrap()), "{args}");
     assert!(["kelvin", "rankine"].contains(&args["unit"].as_str().unwrap()), "{args}");
+}
+
+/// A `chat.completion.chunk` stream's events, and the `tool_calls` of their deltas.
+fn streamed_calls(text: &str) -> (Vec<Value>, Vec<Value>) {
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let calls = events.iter().filter_map(|e| e["choices"][0]["delta"].get("tool_calls").cloned());
+    let calls = calls.collect();
+    (events, calls)
 }

@@ -47,7 +47,7 @@ impl Access {
         self.facts().user = Some(id);
     }
 
-    /// Who answers: the model, its provider, and the reason when the local model stood in.
+    /// Who answers: the model, its provider, and the reason when another provider stood in.
     pub fn answerer(&self, who: &Answerer) {
         let mut f = self.facts();
         f.model = Some(who.model.clone());
