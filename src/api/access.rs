@@ -42,6 +42,11 @@ impl Default for Access {
 }
 
 impl Access {
+    /// Time since the request began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The authenticated caller.
     pub fn user(&self, id: Uuid) {
         self.facts().user = Some(id);

@@ -168,7 +168,6 @@ impl App {
         mut req: hyper::Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
-        let started = Instant::now();
         let request_id = request_id(req.headers());
         let method = req.method().clone();
         let face = Face::of(req.uri().path());
@@ -198,7 +197,7 @@ impl App {
             );
         }
         let status = response.status().as_u16();
-        crate::metrics::http_request(method.as_str(), route, status, started.elapsed());
+        crate::metrics::http_request(method.as_str(), route, status, access.elapsed());
         let line = access::Line { method, route, status, request_id, peer: peer.ip(), access };
         line.log(response, span, self.draining.clone())
     }

@@ -224,12 +224,11 @@ impl Chat {
                     let who = Answerer { model, provider, fallback };
                     return Ok(Reply::remote(persist, who, events, request.messages));
                 }
-                Err(e) if i + 1 < chain.len() => {
-                    let reason = e.reason();
-                    tracing::warn!(provider = provider.as_str(), reason, error = %e, "trying the next provider");
-                    failed.get_or_insert(e);
-                }
                 Err(e) => {
+                    if i + 1 < chain.len() {
+                        let reason = e.reason();
+                        tracing::warn!(provider = provider.as_str(), reason, error = %e, "trying the next provider");
+                    }
                     failed.get_or_insert(e);
                 }
             }

@@ -168,15 +168,29 @@ impl Hub {
         let resumed =
             status == reqwest::StatusCode::PARTIAL_CONTENT && starts_at(&response) == have;
         let from = if resumed { have } else { 0 };
+        let hasher = match resumed {
+            true => hash_of(partial).await?,
+            false => Sha256::new(),
+        };
+        let hasher = self.receive(url, response, partial, from, hasher).await?;
+        Ok(format!("{:x}", hasher.finalize()))
+    }
+
+    /// Writes `response`'s body to `partial` after its first `from` bytes, hashing it, with a
+    /// progress bar; returns the whole file's hash once every announced byte is there.
+    async fn receive(
+        &self,
+        url: &str,
+        response: reqwest::Response,
+        partial: &Path,
+        from: u64,
+        mut hasher: Sha256,
+    ) -> Result<Sha256, String> {
         let total = response.content_length().map(|n| n + from);
-        let mut hasher = Sha256::new();
-        let named = |e: std::io::Error| format!("{}: {e}", partial.display());
         let mut options = tokio::fs::OpenOptions::new();
-        options.create(true).write(true).append(resumed).truncate(!resumed);
-        let mut out = options.open(partial).await.map_err(named)?;
-        if resumed {
-            hasher.update(std::fs::read(partial).map_err(named)?);
-        }
+        options.create(true).write(true).append(from > 0).truncate(from == 0);
+        let mut out =
+            options.open(partial).await.map_err(|e| format!("{}: {e}", partial.display()))?;
         let progress = progress_bar(total, from);
         let mut got = from;
         let mut body = response.bytes_stream();
@@ -198,9 +212,11 @@ impl Hub {
         out.sync_all().await.map_err(|e| format!("{}: {e}", partial.display()))?;
         progress.finish_and_clear();
         if let Some(total) = total.filter(|&t| t != got) {
-            return Err(format!("the transfer ended after {got} of {total} bytes; run the same pull again to resume"));
+            return Err(format!(
+                "the transfer ended after {got} of {total} bytes; run the same pull again to resume"
+            ));
         }
-        Ok(format!("{:x}", hasher.finalize()))
+        Ok(hasher)
     }
 
     fn silent(&self, url: &str) -> String {
@@ -210,6 +226,19 @@ impl Hub {
             self.deadlines.idle.as_secs()
         )
     }
+}
+
+/// The hash of what an interrupted pull left, read in pieces on the blocking pool (a model
+/// file is gigabytes: neither in memory at once nor on an async thread).
+async fn hash_of(partial: &Path) -> Result<Sha256, String> {
+    let path = partial.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
+        Ok::<_, std::io::Error>(hasher)
+    });
+    let named = |e: String| format!("{}: {e}", partial.display());
+    hashed.await.map_err(|e| named(e.to_string()))?.map_err(|e| named(e.to_string()))
 }
 
 /// Where a `206` answer's body starts (`Content-Range: bytes START-END/TOTAL`).
