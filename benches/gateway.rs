@@ -355,7 +355,7 @@ fn added(a: Duration, b: Duration) -> String {
 /// Checks once that each path answers as expected and that only stored requests are stored.
 fn check(load: &Runtime, client: &reqwest::Client, s: &Setup, paths: &[Path]) {
     let newest = || {
-        let page = s.running.store().conversations(s.user, 1, None).unwrap();
+        let page = load.block_on(s.running.store().conversations(s.user, 1, None)).unwrap();
         page.items.first().map(|c| c.id)
     };
     for p in paths {

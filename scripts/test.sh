@@ -44,6 +44,18 @@ if ! command -v qemu-x86_64-static >/dev/null 2>&1; then
     fi
 fi
 
+# The store's suite and the multi-replica tests start a throwaway PostgreSQL server
+# (tests/common/postgres.rs); Debian's package brings the server, initdb and psql.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing postgresql for the PostgreSQL store tests" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "the PostgreSQL store tests need its server: sudo apt-get install postgresql" >&2
+    fi
+fi
+
 # The OpenAPI fuzz test runs schemathesis.
 if ! command -v st >/dev/null 2>&1; then
     echo "installing schemathesis for the OpenAPI fuzz test" >&2

@@ -225,6 +225,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Backup { path } => backup(configured()?.0, path, &env).await,
         Cmd::Restore { path } => {
             let config = configured()?.0;
+            if config.storage.url.is_some() {
+                return Err(POSTGRES_BACKUP.into());
+            }
             let data_dir = config.data_dir(env.state_directory.as_deref());
             let secret_dir = data_dir.clone();
             let replaced = tokio::task::spawn_blocking(move || store::restore(&path, &data_dir))
@@ -264,8 +267,14 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// What `backup` and `restore` say when the store is PostgreSQL.
+const POSTGRES_BACKUP: &str = "storage.url is set: the store is PostgreSQL, which edgechat does not back up or restore; use pg_dump --format=custom and pg_restore (or your provider's snapshots). edgechat backup and restore work on the redb file";
+
 /// Backs up through the running server's control socket, or directly when none runs.
 async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), String> {
+    if config.storage.url.is_some() {
+        return Err(POSTGRES_BACKUP.into());
+    }
     let data_dir = config.data_dir(env.state_directory.as_deref());
     if !data_dir.join(store::FILE_NAME).exists() {
         return Err(format!("no database in {}", data_dir.display()));

@@ -219,6 +219,7 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
         }
         Command::ListUsers => auth
             .users()
+            .await
             .map(|users| Reply::Users(users.iter().map(UserRow::from).collect()))
             .map_err(|e| e.to_string()),
         Command::SetDisabled { username, disabled } => {
@@ -233,7 +234,7 @@ pub async fn execute(command: Command, store: &Store, auth: &Auth) -> Reply {
         Command::SetAdmin { username, admin } => {
             change_access(auth, &username, Some(admin), None).await
         }
-        Command::ListKeys { username } => list_keys(auth, &username),
+        Command::ListKeys { username } => list_keys(auth, &username).await,
         Command::RevokeKey { username, key_id } => revoke_key(auth, &username, &key_id).await,
     };
     result.unwrap_or_else(Reply::Error)
@@ -252,19 +253,19 @@ fn explain(e: AuthError, username: &str) -> String {
 }
 
 /// The id of the account named `username`, or the operator's message.
-fn id_of(auth: &Auth, username: &str) -> Result<uuid::Uuid, String> {
-    Ok(auth.user_named(username).map_err(|e| explain(e, username))?.id)
+async fn id_of(auth: &Auth, username: &str) -> Result<uuid::Uuid, String> {
+    Ok(auth.user_named(username).await.map_err(|e| explain(e, username))?.id)
 }
 
 async fn reset_password(auth: &Auth, username: &str, password: Secret) -> Result<Reply, String> {
     check_password(password.expose())?;
-    let id = id_of(auth, username)?;
+    let id = id_of(auth, username).await?;
     let user = auth.reset_password(id, &password).await.map_err(|e| explain(e, username))?;
     Ok(Reply::User(UserRow::from(&user)))
 }
 
 async fn delete_user(auth: &Auth, username: &str) -> Result<Reply, String> {
-    let id = id_of(auth, username)?;
+    let id = id_of(auth, username).await?;
     let deleted = auth.delete_user(Actor::Operator, id).await.map_err(|e| explain(e, username))?;
     Ok(Reply::Deleted(DeletedRow::from(&deleted)))
 }
@@ -276,7 +277,7 @@ async fn change_access(
     admin: Option<bool>,
     disabled: Option<bool>,
 ) -> Result<Reply, String> {
-    let id = id_of(auth, username)?;
+    let id = id_of(auth, username).await?;
     let user = auth
         .change_access(Actor::Operator, id, admin, disabled)
         .await
@@ -284,14 +285,14 @@ async fn change_access(
     Ok(Reply::User(UserRow::from(&user)))
 }
 
-fn list_keys(auth: &Auth, username: &str) -> Result<Reply, String> {
-    let id = id_of(auth, username)?;
-    let keys = auth.user_api_keys(id).map_err(|e| explain(e, username))?;
+async fn list_keys(auth: &Auth, username: &str) -> Result<Reply, String> {
+    let id = id_of(auth, username).await?;
+    let keys = auth.user_api_keys(id).await.map_err(|e| explain(e, username))?;
     Ok(Reply::Keys(keys.iter().map(KeyRow::from).collect()))
 }
 
 async fn revoke_key(auth: &Auth, username: &str, key_id: &str) -> Result<Reply, String> {
-    let id = id_of(auth, username)?;
+    let id = id_of(auth, username).await?;
     let not_found = || format!("{username} has no API key {key_id}");
     let key = uuid::Uuid::parse_str(key_id).map_err(|_| not_found())?;
     match auth.revoke_api_key(id, key).await {
@@ -403,8 +404,9 @@ fn log_outcome(op: &str, subject: &str, reply: &Reply) {
 
 /// Writes a backup beside the database, sends its size and then its bytes, and removes it.
 async fn send_backup(store: &Store, mut write: OwnedWriteHalf) -> std::io::Result<()> {
-    let temp =
-        store.path().with_file_name(format!(".backup-{}.redb", uuid::Uuid::now_v7().simple()));
+    let name = format!(".backup-{}.redb", uuid::Uuid::now_v7().simple());
+    // PostgreSQL has no file: the store refuses the backup, saying to use pg_dump.
+    let temp = store.file().map_or_else(|| PathBuf::from(&name), |f| f.with_file_name(&name));
     let made = backup(store, temp.clone()).await;
     let reply = made.map_or_else(Reply::Error, Reply::BackupStream);
     log_outcome("backup", "(sent to the caller)", &reply);

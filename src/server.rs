@@ -63,6 +63,8 @@ pub enum StartError {
     Control { path: PathBuf, source: std::io::Error },
     #[error("cannot read secret file {path}: {source}")]
     Secret { path: PathBuf, source: std::io::Error },
+    #[error("storage.url makes replicas share one database, so they must sign tokens with one secret: set auth.jwt_secret_file (or the systemd credential jwt_secret, or EDGECHAT_AUTH__JWT_SECRET) to the same 32+ bytes on every replica; a single box's <data_dir>/jwt_secret keeps its sessions valid")]
+    SecretNotShared,
     #[error("local model: {0}")]
     Local(#[from] crate::local::LocalError),
     #[error("provider client: {0}")]
@@ -143,15 +145,27 @@ pub struct Services {
 /// Opens the store in the data directory and builds the accounts service.
 pub async fn services(config: &Config, env: &Environment) -> Result<Services, StartError> {
     let data_dir = config.data_dir(env.state_directory.as_deref());
-    let dir = data_dir.clone();
-    let cache = config.storage.cache_mb << 20;
-    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, cache))
-        .await
-        .map_err(|e| StoreError::Db(e.to_string()))??;
-    let secret = jwt_secret(config, &data_dir, env)?;
+    let store = open_store(config, &data_dir).await?;
+    let secret = jwt_secret(config, &data_dir, env, store.is_shared())?;
     logmask::register("the JWT secret", &secret);
     let settings = AuthSettings::from_config(config, &secret);
     Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
+}
+
+/// PostgreSQL when `storage.url` is set, else the redb file in `data_dir` (opened on the
+/// blocking pool: it reads and writes the file).
+async fn open_store(config: &Config, data_dir: &Path) -> Result<Store, StoreError> {
+    if let Some(options) = config.storage.postgres() {
+        if let Some(password) = options.password() {
+            logmask::register("the database password", &password);
+        }
+        return Store::connect(&options).await;
+    }
+    let dir = data_dir.to_path_buf();
+    let cache = config.storage.cache_mb << 20;
+    tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, cache))
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))?
 }
 
 /// Starts serving `routes` (normally `api::routes()`) as `config` says.
@@ -396,8 +410,9 @@ pub async fn preflight(config: &Config, env: &Environment) -> Result<Vec<String>
     if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
         tls::from_pem(cert, key)?;
     }
-    match jwt_secret_configured(config, env, &data_dir) {
-        true => drop(jwt_secret(config, &data_dir, env)?),
+    let shared = config.storage.url.is_some();
+    match shared || jwt_secret_configured(config, env, &data_dir) {
+        true => drop(jwt_secret(config, &data_dir, env, shared)?),
         false => warnings.push(format!(
             "no JWT secret is configured: one will be generated into {} at first start",
             data_dir.join("jwt_secret").display()
@@ -421,8 +436,15 @@ pub fn jwt_secret_configured(config: &Config, env: &Environment, data_dir: &Path
 }
 
 /// The JWT signing secret: config, then a configured file, then systemd's credential
-/// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start.
-fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Secret, StartError> {
+/// `jwt_secret`, then `<data_dir>/jwt_secret`, generated (mode 0600) on first start. A shared
+/// store (PostgreSQL) stops before the data directory: a secret there is one replica's own,
+/// and a token it signed would be refused by the others.
+fn jwt_secret(
+    config: &Config,
+    data_dir: &Path,
+    env: &Environment,
+    shared: bool,
+) -> Result<Secret, StartError> {
     if let Some(s) = &config.auth.jwt_secret {
         return Ok(s.clone());
     }
@@ -441,6 +463,9 @@ fn jwt_secret(config: &Config, data_dir: &Path, env: &Environment) -> Result<Sec
         if path.exists() {
             return read(&path, "credential jwt_secret");
         }
+    }
+    if shared {
+        return Err(StartError::SecretNotShared);
     }
     let path = data_dir.join("jwt_secret");
     if path.exists() {

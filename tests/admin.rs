@@ -278,17 +278,17 @@ async fn deleting_a_user_takes_all_their_data_and_nobody_else_s() {
     let r = s.post("/auth/refresh", &json!({"refresh_token": refresh}), None).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     for c in convs {
-        assert!(store.conversation(bob, c).unwrap().is_none());
+        assert!(store.conversation(bob, c).await.unwrap().is_none());
     }
-    assert!(store.jobs(bob, 10, None).unwrap().0.is_empty());
-    assert!(store.api_keys(bob).unwrap().is_empty());
+    assert!(store.jobs(bob, 10, None).await.unwrap().0.is_empty());
+    assert!(store.api_keys(bob).await.unwrap().is_empty());
     assert_eq!(send(&s, M::GET, &path, Some(&root), None).await.0, StatusCode::NOT_FOUND);
     assert_eq!(send(&s, M::DELETE, &path, Some(&root), None).await.0, StatusCode::NOT_FOUND);
     // A turn that lands after the deletion is refused, not stored for nobody.
     let target = TurnTarget::New { title: "late".into(), model: "m".into() };
     assert!(store.record_turn(bob, target, vec![], 2).await.is_err());
     // Carol keeps hers; bob's name is free again.
-    assert!(store.conversation(carol, kept).unwrap().is_some());
+    assert!(store.conversation(carol, kept).await.unwrap().is_some());
     assert_eq!(s.get("/conversations", Some(&carol_jwt)).await.status(), StatusCode::OK);
     s.register("bob").await;
     s.stop().await;

@@ -72,7 +72,7 @@ async fn a_schema_1_file_is_migrated_at_start() {
 
     {
         let store = Store::open(&dir).unwrap();
-        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
         // Schema 2 indexes refresh tokens by expiry: the fixture's one token must be in it.
         let far_future = i64::MAX / 2;
         assert_eq!(store.purge_expired_refresh_tokens(far_future, 100).await.unwrap(), 1);

@@ -143,7 +143,7 @@ async fn delete_removes_the_conversation_and_its_messages() {
     let listing: Value = s.get("/conversations", Some(&token)).await.json().await.unwrap();
     assert_eq!(listing["items"].as_array().unwrap().len(), 1);
     assert_eq!(listing["items"][0]["id"], keep.to_string());
-    assert!(s.running().store().conversation(carl, gone).unwrap().is_none());
+    assert!(s.running().store().conversation(carl, gone).await.unwrap().is_none());
     s.stop().await;
 }
 

@@ -315,6 +315,6 @@ async fn jobs_queued_by_an_older_build_are_upgraded_and_run() {
         )
     );
     let dir = s.stop_keeping_data().await;
-    let stored = Store::open(dir.path()).unwrap().job(user, job.id).unwrap().unwrap();
+    let stored = Store::open(dir.path()).unwrap().job(user, job.id).await.unwrap().unwrap();
     assert_eq!(stored.request["version"], 1, "upgraded in place: {}", stored.request);
 }

@@ -190,7 +190,7 @@ fn user_json(status: StatusCode, user: &User) -> Response<Body> {
 
 async fn list(app: Arc<App>, req: Req) -> Answer {
     req.admin(&app).await?;
-    let users: Vec<AdminUser> = app.auth.users()?.iter().map(AdminUser::from).collect();
+    let users: Vec<AdminUser> = app.auth.users().await?.iter().map(AdminUser::from).collect();
     Ok(json(StatusCode::OK, &users))
 }
 
@@ -205,7 +205,7 @@ async fn create(app: Arc<App>, mut req: Req) -> Answer {
 
 async fn show(app: Arc<App>, req: Req) -> Answer {
     req.admin(&app).await?;
-    Ok(user_json(StatusCode::OK, &app.auth.user(target(&req)?)?))
+    Ok(user_json(StatusCode::OK, &app.auth.user(target(&req)?).await?))
 }
 
 async fn update(app: Arc<App>, mut req: Req) -> Answer {
@@ -235,7 +235,7 @@ async fn reset_password(app: Arc<App>, mut req: Req) -> Answer {
 async fn list_keys(app: Arc<App>, req: Req) -> Answer {
     req.admin(&app).await?;
     let keys: Vec<ApiKeyOut> =
-        app.auth.user_api_keys(target(&req)?)?.iter().map(ApiKeyOut::from).collect();
+        app.auth.user_api_keys(target(&req)?).await?.iter().map(ApiKeyOut::from).collect();
     Ok(json(StatusCode::OK, &keys))
 }
 

@@ -301,7 +301,8 @@ async fn create_key(app: Arc<App>, mut req: Req) -> Answer {
 
 async fn list_keys(app: Arc<App>, req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
-    let keys: Vec<ApiKeyOut> = app.auth.api_keys(user.id)?.iter().map(ApiKeyOut::from).collect();
+    let keys: Vec<ApiKeyOut> =
+        app.auth.api_keys(user.id).await?.iter().map(ApiKeyOut::from).collect();
     Ok(json(StatusCode::OK, &keys))
 }
 

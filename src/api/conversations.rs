@@ -166,7 +166,7 @@ impl From<&Message> for MessageOut {
 async fn list(app: Arc<App>, req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
     let (limit, cursor) = req.page(Cursor::decode)?;
-    let page = app.store.conversations(user.id, limit, cursor)?;
+    let page = app.store.conversations(user.id, limit, cursor).await?;
     let out = ConversationPageOut {
         items: page.items.iter().map(ConversationOut::from).collect(),
         next_cursor: page.next.map(|c| c.encode()),
@@ -178,7 +178,7 @@ async fn get(app: Arc<App>, req: Req) -> Answer {
     let user = req.principal(&app).await?.user;
     let id = req.id("id", NOT_FOUND)?;
     let (c, messages) =
-        app.store.conversation(user.id, id)?.ok_or(ApiError::NotFound(NOT_FOUND))?;
+        app.store.conversation(user.id, id).await?.ok_or(ApiError::NotFound(NOT_FOUND))?;
     let out = ConversationDetail {
         id: c.id.to_string(),
         title: c.title,

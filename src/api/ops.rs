@@ -98,7 +98,7 @@ async fn health(app: Arc<App>, _req: Req) -> Answer {
 }
 
 async fn ready(app: Arc<App>, _req: Req) -> Answer {
-    let (storage, mut reasons) = storage_readiness(&app.store);
+    let (storage, mut reasons) = storage_readiness(&app.store).await;
     let providers: Vec<ProviderOut> = app
         .chat
         .status()
@@ -118,9 +118,9 @@ async fn ready(app: Arc<App>, _req: Req) -> Answer {
 /// `/ready`'s word on the store: `ok`, `disk_full` (readable, writes refused until an operator
 /// frees space) or `unavailable` (not readable, or reopening after an I/O error), with the
 /// reason in words that name no path.
-fn storage_readiness(store: &crate::store::Store) -> (String, Vec<String>) {
+async fn storage_readiness(store: &crate::store::Store) -> (String, Vec<String>) {
     use crate::store::StoreError;
-    let (storage, reason) = match store.check().and_then(|()| store.writable()) {
+    let (storage, reason) = match store.check().await.and_then(|()| store.writable()) {
         Ok(()) => return ("ok".into(), Vec::new()),
         Err(StoreError::DiskFull { .. }) => (
             "disk_full",
@@ -128,6 +128,9 @@ fn storage_readiness(store: &crate::store::Store) -> (String, Vec<String>) {
         ),
         Err(StoreError::Unavailable { .. }) => {
             ("unavailable", "storage cannot be written: reopening the database after an I/O error")
+        }
+        Err(StoreError::Unreachable { .. }) => {
+            ("unavailable", "the database cannot be reached (edgechat reconnects by itself)")
         }
         Err(e) => {
             tracing::warn!(error = %e, "readiness: storage check failed");
@@ -157,12 +160,12 @@ async fn metrics(app: Arc<App>, req: Req) -> Answer {
         }
         None => {}
     }
-    read_states(&app);
+    read_states(&app).await;
     Ok(bytes(StatusCode::OK, crate::metrics::CONTENT_TYPE, crate::metrics::encode()))
 }
 
 /// Sets the metrics that are states, not events, to their values now.
-fn read_states(app: &App) {
+async fn read_states(app: &App) {
     use crate::metrics::{set, Reading};
     use std::sync::atomic::Ordering::Relaxed;
     // A provider with no key is not a provider that is down: no series to page anyone.
@@ -173,11 +176,11 @@ fn read_states(app: &App) {
         set(Reading::ProviderRejected(name, p.state == "rejected"));
     }
     read_local_states(app.chat.local_models());
-    match app.store.job_counts() {
+    match app.store.job_counts().await {
         Ok(counts) => counts.into_iter().for_each(|(s, n)| set(Reading::Jobs(s.as_str(), n))),
         Err(e) => tracing::warn!(error = %e, "metrics: cannot read job counts"),
     }
-    if let Ok(meta) = std::fs::metadata(app.store.path()) {
+    if let Some(Ok(meta)) = app.store.file().map(std::fs::metadata) {
         set(Reading::StoreBytes(meta.len()));
     }
     let c = crate::http::connection_stats();

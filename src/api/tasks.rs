@@ -125,7 +125,7 @@ async fn enqueue(app: Arc<App>, mut req: Req) -> Answer {
     let input = input(&app, &body, principal.user.id)?;
     // What `POST /chat` would refuse before answering (an unknown model, another user's
     // conversation) is refused now, with the same status, not by a failed job later.
-    app.chat.check(&input)?;
+    app.chat.check(&input).await?;
     let job = app.jobs.enqueue(&input).await?;
     let mut r =
         json(StatusCode::ACCEPTED, &Queued { task_id: job.id.to_string(), status: "queued" });
@@ -138,13 +138,13 @@ async fn enqueue(app: Arc<App>, mut req: Req) -> Answer {
 async fn get(app: Arc<App>, req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let id = req.id("task_id", "Task not found")?;
-    Ok(json(StatusCode::OK, &Task::of(&app.jobs.get(principal.user.id, id)?)))
+    Ok(json(StatusCode::OK, &Task::of(&app.jobs.get(principal.user.id, id).await?)))
 }
 
 async fn list(app: Arc<App>, req: Req) -> Answer {
     let principal = req.principal(&app).await?;
     let (limit, cursor) = req.page(|c| Uuid::parse_str(c).ok())?;
-    let (jobs, more) = app.jobs.list(principal.user.id, limit, cursor)?;
+    let (jobs, more) = app.jobs.list(principal.user.id, limit, cursor).await?;
     let next_cursor = jobs.last().filter(|_| more).map(|j| j.id.to_string());
     Ok(json(StatusCode::OK, &TaskPage { items: jobs.iter().map(Task::of).collect(), next_cursor }))
 }
@@ -192,7 +192,7 @@ impl QueueView {
 
 async fn admin(app: Arc<App>, req: Req) -> Answer {
     req.admin(&app).await?;
-    let view = QueueView::of(&app.jobs.stats(WINDOW)?);
+    let view = QueueView::of(&app.jobs.stats(WINDOW).await?);
     let wants_html = req
         .parts
         .headers

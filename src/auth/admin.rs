@@ -51,18 +51,18 @@ fn user_error(e: StoreError) -> AuthError {
 
 impl Auth {
     /// Every account, oldest first.
-    pub fn users(&self) -> Result<Vec<User>, AuthError> {
-        Ok(self.store.users()?)
+    pub async fn users(&self) -> Result<Vec<User>, AuthError> {
+        Ok(self.store.users().await?)
     }
 
     /// The account with this id.
-    pub fn user(&self, id: Uuid) -> Result<User, AuthError> {
-        self.store.user(id)?.ok_or(AuthError::UserNotFound)
+    pub async fn user(&self, id: Uuid) -> Result<User, AuthError> {
+        self.store.user(id).await?.ok_or(AuthError::UserNotFound)
     }
 
     /// The account with this username (ignoring case).
-    pub fn user_named(&self, username: &str) -> Result<User, AuthError> {
-        self.store.user_by_username(username)?.ok_or(AuthError::UserNotFound)
+    pub async fn user_named(&self, username: &str) -> Result<User, AuthError> {
+        self.store.user_by_username(username).await?.ok_or(AuthError::UserNotFound)
     }
 
     /// Sets a new password (already checked by `check_password`) and ends every session (refresh token) of the account; access
@@ -101,9 +101,9 @@ impl Auth {
     }
 
     /// Another account's API keys (without the keys), oldest first.
-    pub fn user_api_keys(&self, id: Uuid) -> Result<Vec<ApiKeyRecord>, AuthError> {
-        self.user(id)?;
-        self.api_keys(id)
+    pub async fn user_api_keys(&self, id: Uuid) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        self.user(id).await?;
+        self.api_keys(id).await
     }
 }
 

@@ -196,7 +196,7 @@ impl Auth {
             Gate::Open(attempt) => attempt,
         };
         let user = match &name {
-            Some(_) => self.store.user_by_username(username)?,
+            Some(_) => self.store.user_by_username(username).await?,
             None => None,
         };
         let ok = match &user {
@@ -239,7 +239,7 @@ impl Auth {
             }
             RotateOutcome::Invalid => return Err(AuthError::BadRefreshToken("unknown or expired")),
         };
-        self.live_user(user_id)?;
+        self.live_user(user_id).await?;
         Ok(self.pair(user_id, next))
     }
 
@@ -253,9 +253,10 @@ impl Auth {
         if bearer.starts_with(API_KEY_PREFIX) {
             let key = self
                 .store
-                .api_key_by_hash(&sha256(bearer))?
+                .api_key_by_hash(&sha256(bearer))
+                .await?
                 .ok_or(AuthError::Unauthenticated("unknown api key"))?;
-            let user = self.live_user(key.user_id)?;
+            let user = self.live_user(key.user_id).await?;
             let now = now_ms();
             if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
                 // Bookkeeping: a failed write must not fail a valid request.
@@ -266,7 +267,7 @@ impl Auth {
             return Ok(Principal { user, api_key: Some(key.id) });
         }
         let user_id = self.jwt.verify(bearer).map_err(AuthError::Unauthenticated)?;
-        Ok(Principal { user: self.live_user(user_id)?, api_key: None })
+        Ok(Principal { user: self.live_user(user_id).await?, api_key: None })
     }
 
     /// Makes a key for `user`; the returned `key` is the only copy that will ever exist.
@@ -288,8 +289,8 @@ impl Auth {
     }
 
     /// The user's keys, oldest first.
-    pub fn api_keys(&self, user: Uuid) -> Result<Vec<ApiKeyRecord>, AuthError> {
-        Ok(self.store.api_keys(user)?)
+    pub async fn api_keys(&self, user: Uuid) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        Ok(self.store.api_keys(user).await?)
     }
 
     /// Revokes one of the user's keys at once.
@@ -300,8 +301,8 @@ impl Auth {
         })
     }
 
-    fn live_user(&self, id: Uuid) -> Result<User, AuthError> {
-        match self.store.user(id)? {
+    async fn live_user(&self, id: Uuid) -> Result<User, AuthError> {
+        match self.store.user(id).await? {
             Some(u) if !u.disabled => Ok(u),
             Some(_) => Err(AuthError::Unauthenticated("user disabled")),
             None => Err(AuthError::Unauthenticated("user gone")),

@@ -173,12 +173,13 @@ impl Chat {
     /// What `start` refuses before any provider is asked — an unknown model, a conversation
     /// that is not the user's — so that a background job is refused when it is queued, with
     /// the answer `POST /chat` would give, instead of failing later.
-    pub fn check(&self, input: &ChatInput) -> Result<(), ChatError> {
+    pub async fn check(&self, input: &ChatInput) -> Result<(), ChatError> {
         self.route(input)?;
         if let Thread::Continue(id) = input.thread {
             // The header says whose it is; the messages are read when the job runs.
             self.store
-                .conversation_header(input.user, id)?
+                .conversation_header(input.user, id)
+                .await?
                 .ok_or(ChatError::ConversationNotFound)?;
         }
         Ok(())
@@ -195,7 +196,7 @@ impl Chat {
 
     async fn begin(&self, input: &ChatInput, save: bool) -> Result<Reply, ChatError> {
         let (model, target) = self.route(input)?;
-        let history = self.history(input)?;
+        let history = self.history(input).await?;
         let persist = self.persist(input, save);
         let chain = match target {
             Target::Local(name) => {
@@ -272,7 +273,7 @@ impl Chat {
                 tracing::warn!(provider = provider.as_str(), reason, "stream broke; local answers");
                 let fallback = Some(Fallback { from: provider, to: ProviderName::LOCAL, reason });
                 let persist = self.persist(input, save);
-                let history = self.history(input)?;
+                let history = self.history(input).await?;
                 let mut reply = match self.start_local(input, history, "", fallback, persist).await
                 {
                     Err(ChatError::Unsupported(_)) => {
@@ -381,10 +382,13 @@ impl Chat {
     }
 
     /// The earlier messages of the conversation this turn continues.
-    fn history(&self, input: &ChatInput) -> Result<Vec<Message>, ChatError> {
+    async fn history(&self, input: &ChatInput) -> Result<Vec<Message>, ChatError> {
         let Thread::Continue(id) = input.thread else { return Ok(Vec::new()) };
-        let (_, messages) =
-            self.store.conversation(input.user, id)?.ok_or(ChatError::ConversationNotFound)?;
+        let (_, messages) = self
+            .store
+            .conversation(input.user, id)
+            .await?
+            .ok_or(ChatError::ConversationNotFound)?;
         let said = |m: crate::store::Message| Message {
             tool_calls: m.tool_calls,
             tool_call_id: m.tool_call_id,

@@ -117,18 +117,51 @@ pub struct TlsConfig {
     pub self_signed: bool,
 }
 
-/// Where the redb file and generated secrets live, and how much of it stays in memory.
+/// Where the data lives: the redb file in `data_dir` (the default), or PostgreSQL at `url`,
+/// shared by several replicas.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: Option<PathBuf>,
     /// redb's page cache; its own default (1 GiB) would let RSS grow with the file.
     pub cache_mb: usize,
+    /// `postgres://…`: PostgreSQL instead of the redb file.
+    pub url: Option<Secret>,
+    /// PostgreSQL connections this process keeps at most.
+    pub pool_size: usize,
+    /// The longest one SQL statement (or a wait for a row lock) may take.
+    pub statement_timeout_ms: u64,
+    /// The longest a new database connection may take.
+    pub connect_timeout_ms: u64,
+    /// PEM CA certificates trusted for the database's TLS, besides the web's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: None, cache_mb: 64 }
+        StorageConfig {
+            data_dir: None,
+            cache_mb: 64,
+            url: None,
+            pool_size: 16,
+            statement_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The PostgreSQL settings, when `url` selects it.
+    pub fn postgres(&self) -> Option<crate::store::PostgresOptions> {
+        let url = self.url.clone()?;
+        Some(crate::store::PostgresOptions {
+            url,
+            pool_size: self.pool_size,
+            statement_timeout: std::time::Duration::from_millis(self.statement_timeout_ms),
+            connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
+            ca_file: self.ca_file.clone(),
+        })
     }
 }
 
@@ -343,6 +376,9 @@ impl Config {
             ("jobs.max_queued_per_user", self.jobs.max_queued_per_user.into()),
             ("jobs.max_queued", self.jobs.max_queued),
             ("jobs.retention_secs", self.jobs.retention_secs),
+            ("storage.pool_size", self.storage.pool_size as u64),
+            ("storage.statement_timeout_ms", self.storage.statement_timeout_ms),
+            ("storage.connect_timeout_ms", self.storage.connect_timeout_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -402,7 +438,21 @@ impl Config {
             }
         }
         log_filter(&self.log.level).map_err(|e| ConfigError::invalid("log.level", e))?;
+        self.validate_storage()?;
         chat::validate(&self.local, &self.providers, &self.routing)
+    }
+
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.storage.url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(ConfigError::invalid(
+                    "storage.url",
+                    "must be a PostgreSQL URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE (leave it unset for the redb file)",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The data directory: config (or `--data-dir`), then systemd's `$STATE_DIRECTORY`, then `./data`.

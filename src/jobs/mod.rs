@@ -86,9 +86,9 @@ impl Jobs {
         chat: Arc<Chat>,
         config: JobsConfig,
     ) -> Result<Arc<Jobs>, StoreError> {
-        let rescued = store.rescue_jobs(Millis::MAX).await?;
+        let rescued = store.rescue_orphaned_jobs(now_ms()).await?;
         if rescued > 0 {
-            tracing::info!(rescued, "requeued jobs left running by the previous process");
+            tracing::info!(rescued, "requeued jobs no process runs any more");
         }
         let upgraded = store.upgrade_queued_requests(JobRequest::upgrade).await?;
         if upgraded > 0 {
@@ -143,18 +143,18 @@ impl Jobs {
     }
 
     /// The user's job.
-    pub fn get(&self, user: Uuid, id: Uuid) -> Result<Job, JobError> {
-        self.store.job(user, id)?.ok_or(JobError::NotFound)
+    pub async fn get(&self, user: Uuid, id: Uuid) -> Result<Job, JobError> {
+        self.store.job(user, id).await?.ok_or(JobError::NotFound)
     }
 
     /// A page of the user's jobs, newest first, and whether more follow.
-    pub fn list(
+    pub async fn list(
         &self,
         user: Uuid,
         limit: usize,
         before: Option<Uuid>,
     ) -> Result<(Vec<Job>, bool), JobError> {
-        Ok(self.store.jobs(user, limit, before)?)
+        Ok(self.store.jobs(user, limit, before).await?)
     }
 
     /// Cancels the user's queued or running job.
@@ -176,9 +176,9 @@ impl Jobs {
     }
 
     /// The queue's figures over the last `window`.
-    pub fn stats(&self, window: Duration) -> Result<JobStats, JobError> {
+    pub async fn stats(&self, window: Duration) -> Result<JobStats, JobError> {
         let now = now_ms();
-        Ok(self.store.job_stats(now, now - window.as_millis() as Millis, 20)?)
+        Ok(self.store.job_stats(now, now - window.as_millis() as Millis, 20).await?)
     }
 
     /// One worker: claim, run, settle; sleep until woken or the next job is due.
@@ -202,7 +202,7 @@ impl Jobs {
                 }
                 Err(e) if e.is_unavailable() => self.pause(&e, &mut pause).await,
                 Ok(None) => {
-                    let due = self.store.next_job_due().ok().flatten();
+                    let due = self.store.next_job_due().await.ok().flatten();
                     let wait = due.map_or(1_000, |t| (t - now_ms()).clamp(10, 1_000));
                     let sleep = tokio::time::sleep(Duration::from_millis(wait as u64));
                     tokio::select! {

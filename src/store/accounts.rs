@@ -1,7 +1,7 @@
 //! Users, API keys and refresh tokens; and deleting a user with everything they own.
 
 use super::tables::{self, decode, encode, get};
-use super::{Store, StoreError, UniqueField};
+use super::{Redb, StoreError, UniqueField};
 use crate::clock::Millis;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
@@ -89,7 +89,7 @@ pub enum RotateOutcome {
     Invalid,
 }
 
-impl Store {
+impl Redb {
     /// Creates a user; usernames and emails are unique ignoring case.
     pub async fn create_user(&self, new: NewUser, now: Millis) -> Result<User, StoreError> {
         self.write(move |tx| {
@@ -360,7 +360,7 @@ impl Store {
         .await
     }
 
-    fn has_refresh_token(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+    pub(super) fn has_refresh_token(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
         self.read(|tx| Ok(tx.open_table(tables::REFRESH_TOKENS)?.get(hash.as_slice())?.is_some()))
     }
 
@@ -474,224 +474,39 @@ pub(super) fn migrate_refresh_expiry(tx: &redb::WriteTransaction) -> Result<(), 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new_user(name: &str, email: &str) -> NewUser {
-        NewUser {
-            username: name.into(),
-            email: email.into(),
-            password_hash: "$argon2id$x".into(),
-            is_admin: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn usernames_and_emails_are_unique_ignoring_case() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = store.create_user(new_user("Alice", "a@x.io"), 1).await.unwrap();
-        let e = store.create_user(new_user("alice", "b@x.io"), 2).await.unwrap_err();
-        assert!(matches!(e, StoreError::Conflict(UniqueField::Username)));
-        let e = store.create_user(new_user("bob", "A@X.IO"), 3).await.unwrap_err();
-        assert!(matches!(e, StoreError::Conflict(UniqueField::Email)));
-        assert_eq!(store.user_by_username("ALICE").unwrap().unwrap().id, a.id);
-        assert_eq!(store.users().unwrap().len(), 1, "a refused write leaves nothing behind");
-    }
-
-    #[tokio::test]
-    async fn refresh_rotation_and_reuse_revokes_the_family() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let user = store.create_user(new_user("u", "u@x.io"), 0).await.unwrap().id;
-        store.insert_refresh_token([1; 32], user, 100).await.unwrap();
-        let r = store.rotate_refresh_token([1; 32], [2; 32], 10, 100).await.unwrap();
-        assert_eq!(r, RotateOutcome::Rotated { user_id: user });
-        assert_eq!(
-            store.rotate_refresh_token([1; 32], [3; 32], 11, 100).await.unwrap(),
-            RotateOutcome::Reused
-        );
-        // The live descendant died with its family.
-        assert_eq!(
-            store.rotate_refresh_token([2; 32], [4; 32], 12, 100).await.unwrap(),
-            RotateOutcome::Invalid
-        );
-        // Expiry.
-        store.insert_refresh_token([5; 32], user, 50).await.unwrap();
-        assert_eq!(
-            store.rotate_refresh_token([5; 32], [6; 32], 50, 100).await.unwrap(),
-            RotateOutcome::Invalid
-        );
-    }
-
-    #[tokio::test]
-    async fn expired_refresh_tokens_are_purged_in_batches_rotated_ones_included() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let user = store.create_user(new_user("u", "u@x.io"), 0).await.unwrap().id;
-        store.insert_refresh_token([1; 32], user, 100).await.unwrap();
-        store.insert_refresh_token([2; 32], user, 120).await.unwrap();
-        store.rotate_refresh_token([1; 32], [3; 32], 10, 300).await.unwrap();
-        assert_eq!(store.purge_expired_refresh_tokens(100, 10).await.unwrap(), 0);
-        assert_eq!(store.purge_expired_refresh_tokens(200, 1).await.unwrap(), 1);
-        assert_eq!(store.purge_expired_refresh_tokens(200, 10).await.unwrap(), 1);
-        assert!(
-            !store.has_refresh_token(&[1; 32]).unwrap()
-                && !store.has_refresh_token(&[2; 32]).unwrap()
-        );
-        // The rotated-to token lives on until its own expiry.
-        assert!(store.has_refresh_token(&[3; 32]).unwrap());
-        assert_eq!(store.purge_expired_refresh_tokens(301, 10).await.unwrap(), 1);
-        assert!(!store.has_refresh_token(&[3; 32]).unwrap());
-    }
-
+impl Redb {
     /// Rows in every table, by name.
-    fn sizes(store: &Store) -> Vec<(&'static str, u64)> {
+    pub(super) fn table_sizes(&self) -> Vec<(String, u64)> {
         use redb::ReadableTableMetadata;
         macro_rules! lens {
-            ($tx:ident, $($t:ident),*) => { vec![$((stringify!($t), $tx.open_table(tables::$t).unwrap().len().unwrap())),*] };
-        }
-        store
-            .read(|tx| {
-                Ok(lens!(
-                    tx,
-                    USERS,
-                    USER_BY_NAME,
-                    USER_BY_EMAIL,
-                    API_KEYS,
-                    API_KEY_BY_HASH,
-                    API_KEYS_BY_USER,
-                    REFRESH_TOKENS,
-                    REFRESH_BY_EXPIRY,
-                    REVOKED_FAMILIES,
-                    CONVERSATIONS,
-                    CONVERSATIONS_BY_USER,
-                    MESSAGES,
-                    JOBS,
-                    JOBS_QUEUED,
-                    JOBS_RUNNING,
-                    JOBS_FINISHED,
-                    JOBS_BY_USER,
-                    JOBS_ACTIVE_BY_USER,
-                    JOB_COUNTS
-                ))
-            })
-            .unwrap()
-    }
-
-    /// Gives `user` a bit of everything: a key, sessions (one family revoked), two conversations,
-    /// and a finished, a running and a queued job.
-    async fn populate(store: &Store, user: Uuid, seed: u8) {
-        use crate::store::{Job, NewMessage, QueueLimits, Role, Settlement, TurnTarget};
-        let key = |n: u8| ApiKeyRecord {
-            id: Uuid::now_v7(),
-            user_id: user,
-            name: "k".into(),
-            hash: [seed + n; 32],
-            created_at: 0,
-            last_used_at: None,
-        };
-        store.create_api_key(key(0)).await.unwrap();
-        store.insert_refresh_token([seed + 1; 32], user, 1_000).await.unwrap();
-        store.insert_refresh_token([seed + 2; 32], user, 1_000).await.unwrap();
-        store.revoke_refresh_token([seed + 2; 32], 5).await.unwrap();
-        for title in ["a", "b"] {
-            let target = TurnTarget::New { title: title.into(), model: "m".into() };
-            let msg = |role| NewMessage {
-                role,
-                content: "x".into(),
-                tool_calls: Vec::new(),
-                tool_call_id: None,
-                model: None,
-                provider: None,
-                usage: None,
+            ($tx:ident, $($t:ident),*) => {
+                vec![$((stringify!($t).to_string(), $tx.open_table(tables::$t)?.len()?)),*]
             };
-            let turn = vec![msg(Role::User), msg(Role::Assistant)];
-            store.record_turn(user, target, turn, 1).await.unwrap();
         }
-        let limits = QueueLimits { per_user: 10, total: 100 };
-        // The third is due far later, so the claims below take this user's first two.
-        let jobs = [0, 0, 1_000_000].map(|at| Job::new(user, serde_json::json!({}), at)).into();
-        store.enqueue_jobs(jobs, limits).await.unwrap();
-        let done = store.claim_job(1, 100).await.unwrap().unwrap();
-        let failed = Settlement::Failed { error: "x".into() };
-        store.settle_job(done.id, 1, failed, 2).await.unwrap().unwrap();
-        store.claim_job(3, 100).await.unwrap().unwrap();
-    }
-
-    #[tokio::test]
-    async fn deleting_a_user_deletes_everything_of_theirs_in_every_table_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let bob = store.create_user(new_user("bob", "b@x.io"), 0).await.unwrap();
-        populate(&store, bob.id, 10).await;
-        let before = sizes(&store);
-        let counts_before = store.job_counts().unwrap();
-
-        let alice = store.create_user(new_user("Alice", "A@x.io"), 0).await.unwrap();
-        populate(&store, alice.id, 100).await;
-        assert_ne!(sizes(&store), before);
-        let running = store.jobs(alice.id, 10, None).unwrap().0;
-        let running = running.iter().find(|j| j.state == crate::store::JobState::Running).unwrap();
-
-        let AccountChange::Done(d) = store.delete_user(alice.id).await.unwrap() else {
-            panic!("not the last admin")
-        };
-        assert_eq!(
-            (d.conversations, d.messages, d.api_keys, d.refresh_tokens, d.jobs),
-            (2, 4, 1, 2, 3)
-        );
-        // Every table holds exactly what it held before alice came (JOBS_ACTIVE_BY_USER
-        // included: her counter row is gone), and the per-state counts are bob's again.
-        assert_eq!(sizes(&store), before);
-        assert_eq!(store.job_counts().unwrap(), counts_before);
-        assert!(store.user_by_username("alice").unwrap().is_none());
-        assert!(store.api_keys(bob.id).unwrap().len() == 1);
-        // Her name and email are free again.
-        store.create_user(new_user("alice", "a@x.io"), 9).await.unwrap();
-
-        use crate::store::Settlement;
-        // Her running job's worker loses it quietly: no renewal, its result discarded.
-        assert!(!store.renew_lease(running.id, 1, 500).await.unwrap());
-        let late = Settlement::Failed { error: "late".into() };
-        assert!(store.settle_job(running.id, 1, late, 9).await.unwrap().is_none());
-        assert!(matches!(store.delete_user(alice.id).await, Err(StoreError::NotFound)));
-        // Rows for a deleted user are refused.
-        assert!(matches!(
-            store.insert_refresh_token([7; 32], alice.id, 1_000).await,
-            Err(StoreError::NotFound)
-        ));
-    }
-
-    #[tokio::test]
-    async fn the_last_active_admin_is_neither_deleted_nor_demoted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let admin = |name: &str| NewUser { is_admin: true, ..new_user(name, &format!("{name}@x")) };
-        let root = store.create_user(admin("root"), 0).await.unwrap();
-        let demote = || UserChange { is_admin: Some(false), ..UserChange::default() };
-        assert_eq!(store.update_user(root.id, demote()).await.unwrap(), AccountChange::LastAdmin);
-        assert_eq!(store.delete_user(root.id).await.unwrap(), AccountChange::LastAdmin);
-        // A disabled admin does not count as another admin.
-        let other = store.create_user(admin("other"), 0).await.unwrap();
-        let disable = |disabled| UserChange { disabled: Some(disabled), ..UserChange::default() };
-        store.update_user(other.id, disable(true)).await.unwrap();
-        assert_eq!(store.update_user(root.id, demote()).await.unwrap(), AccountChange::LastAdmin);
-        // An active one does.
-        store.update_user(other.id, disable(false)).await.unwrap();
-        let AccountChange::Done(u) = store.update_user(root.id, demote()).await.unwrap() else {
-            panic!("other is an active admin")
-        };
-        assert!(!u.is_admin);
-        assert_eq!(store.delete_user(other.id).await.unwrap(), AccountChange::LastAdmin);
-        // A password change ends the sessions.
-        store.insert_refresh_token([1; 32], other.id, 1_000).await.unwrap();
-        let change =
-            UserChange { password_hash: Some("$argon2id$new".into()), ..Default::default() };
-        let AccountChange::Done(u) = store.update_user(other.id, change).await.unwrap() else {
-            panic!("a password change is never refused")
-        };
-        assert_eq!(u.password_hash, "$argon2id$new");
-        assert!(!store.has_refresh_token(&[1; 32]).unwrap());
+        self.read(|tx| {
+            Ok(lens!(
+                tx,
+                USERS,
+                USER_BY_NAME,
+                USER_BY_EMAIL,
+                API_KEYS,
+                API_KEY_BY_HASH,
+                API_KEYS_BY_USER,
+                REFRESH_TOKENS,
+                REFRESH_BY_EXPIRY,
+                REVOKED_FAMILIES,
+                CONVERSATIONS,
+                CONVERSATIONS_BY_USER,
+                MESSAGES,
+                JOBS,
+                JOBS_QUEUED,
+                JOBS_RUNNING,
+                JOBS_FINISHED,
+                JOBS_BY_USER,
+                JOBS_ACTIVE_BY_USER,
+                JOB_COUNTS
+            ))
+        })
+        .unwrap()
     }
 }

@@ -4,7 +4,7 @@
 //! that never blocks writers) and written into a fresh file, which comes out compacted and
 //! cleanly closed. It appears under its final name only once complete and synced.
 
-use super::{access, tables, Store, StoreError, Wait, FILE_NAME, SCHEMA_VERSION};
+use super::{access, tables, Redb, StoreError, Wait, FILE_NAME, SCHEMA_VERSION};
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -73,7 +73,7 @@ fn sync_dir(path: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
 }
 
-impl Store {
+impl Redb {
     /// Writes a consistent copy of the whole database to `dest` (which must not exist yet)
     /// while the server keeps serving; returns the copy's size in bytes. Blocking. Refused,
     /// with the store's own message, while the store cannot write (a full disk): its file is
@@ -173,7 +173,7 @@ fn check_backup(path: &Path) -> Result<(), StoreError> {
     match version {
         None => Err(io(path, "not an edgechat database (no schema version)")),
         Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema {
-            path: path.to_path_buf(),
+            place: path.display().to_string(),
             found: v,
             supported: SCHEMA_VERSION,
         }),
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn a_backup_copies_every_table_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("live")).unwrap();
+        let store = Redb::open(&dir.path().join("live")).unwrap();
         let scratch = dir.path().join("scratch.redb");
         let (mut listed, mut copied) = store
             .shared
@@ -211,13 +211,13 @@ mod tests {
         let restored = dir.path().join("restored");
         std::fs::create_dir(&restored).unwrap();
         assert_eq!(restore(&dest, &restored).unwrap(), None);
-        assert_eq!(Store::open(&restored).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(Redb::open(&restored).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
     }
 
     #[test]
     fn restore_refuses_a_running_database_and_a_foreign_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Redb::open(dir.path()).unwrap();
         let backup = dir.path().join("b.redb");
         store.backup(&backup).unwrap();
         let err = restore(&backup, dir.path()).unwrap_err();
@@ -234,12 +234,12 @@ mod tests {
     fn restore_replaces_a_corrupt_live_file() {
         let dir = tempfile::tempdir().unwrap();
         let backup = dir.path().join("b.redb");
-        Store::open(&dir.path().join("old")).unwrap().backup(&backup).unwrap();
+        Redb::open(&dir.path().join("old")).unwrap().backup(&backup).unwrap();
         let live = dir.path().join(FILE_NAME);
         std::fs::write(&live, b"torn by a failing disk").unwrap();
-        assert!(Store::open(dir.path()).is_err(), "the live file is unreadable");
+        assert!(Redb::open(dir.path()).is_err(), "the live file is unreadable");
         let replaced = restore(&backup, dir.path()).unwrap().expect("the old file is kept");
         assert_eq!(std::fs::read(replaced).unwrap(), b"torn by a failing disk");
-        assert_eq!(Store::open(dir.path()).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(Redb::open(dir.path()).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
     }
 }

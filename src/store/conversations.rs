@@ -2,7 +2,7 @@
 //! user's conversation exactly like a missing one.
 
 use super::tables::{self, decode, encode, get};
-use super::{Store, StoreError};
+use super::{Redb, StoreError};
 use crate::clock::Millis;
 use base64::Engine;
 use redb::ReadableTable;
@@ -89,6 +89,18 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// The cursor that continues a listing after `c`.
+    pub(super) fn after(c: &Conversation) -> Cursor {
+        Cursor { updated_at: c.updated_at.max(0) as u64, id: c.id.as_u128() }
+    }
+
+    /// (updated_at, id) of the last item seen.
+    pub(super) fn parts(&self) -> (Millis, Uuid) {
+        (self.updated_at as Millis, Uuid::from_u128(self.id))
+    }
+}
+
 /// One page of a user's conversations, newest activity first.
 #[derive(Debug, Clone)]
 pub struct ConversationPage {
@@ -100,7 +112,7 @@ fn by_user_key(c: &Conversation) -> (u128, u64, u128) {
     (c.user_id.as_u128(), c.updated_at.max(0) as u64, c.id.as_u128())
 }
 
-impl Store {
+impl Redb {
     /// Appends messages to a conversation (creating it first for `TurnTarget::New`) in one
     /// transaction, so a turn is stored whole or not at all. Turns recorded at the same time
     /// share that transaction and its fsync (group commit); each call returns after the commit
@@ -140,10 +152,7 @@ impl Store {
                 let (_, _, id) = row?.0.value();
                 items.extend(get::<u128, Conversation>(&convs, "conversations", id)?);
             }
-            let next = items
-                .last()
-                .filter(|_| more)
-                .map(|c| Cursor { updated_at: c.updated_at.max(0) as u64, id: c.id.as_u128() });
+            let next = items.last().filter(|_| more).map(Cursor::after);
             Ok(ConversationPage { items, next })
         })
     }
@@ -327,7 +336,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_turns_share_commits_and_one_refusal_spares_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Redb::open(dir.path()).unwrap();
         let new_user = crate::store::NewUser {
             username: "carol".into(),
             email: "carol@x.io".into(),
@@ -396,62 +405,5 @@ mod tests {
         assert_eq!(listed, TURNS - 1, "every acknowledged turn is stored");
         let commits = store.transactions.load(std::sync::atomic::Ordering::Relaxed) - before;
         assert!(commits <= 2, "{commits} commits for {TURNS} turns queued at once");
-    }
-
-    #[tokio::test]
-    async fn turns_pagination_isolation_and_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let user = |name: &str| crate::store::NewUser {
-            username: name.into(),
-            email: format!("{name}@x.io"),
-            password_hash: "$argon2id$x".into(),
-            is_admin: false,
-        };
-        let alice = store.create_user(user("alice"), 0).await.unwrap().id;
-        let bob = store.create_user(user("bob"), 0).await.unwrap().id;
-        let nobody = Uuid::now_v7();
-        let e = store.record_turn(
-            nobody,
-            TurnTarget::New { title: "t".into(), model: "m".into() },
-            vec![msg(Role::User, "hi")],
-            0,
-        );
-        assert!(matches!(e.await, Err(StoreError::NotFound)), "no rows for a missing user");
-        let mut ids = Vec::new();
-        for i in 0..5 {
-            let target = TurnTarget::New { title: format!("t{i}"), model: "m".into() };
-            let (c, _) =
-                store.record_turn(alice, target, vec![msg(Role::User, "hi")], i).await.unwrap();
-            ids.push(c.id);
-        }
-        // Activity on the oldest moves it to the front.
-        let two = vec![msg(Role::User, "again"), msg(Role::Assistant, "hello")];
-        store.record_turn(alice, TurnTarget::Existing(ids[0]), two, 10).await.unwrap();
-
-        let p1 = store.conversations(alice, 2, None).unwrap();
-        assert_eq!(p1.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[0], ids[4]]);
-        let cursor = Cursor::decode(&p1.next.unwrap().encode()).unwrap();
-        let p2 = store.conversations(alice, 2, Some(cursor)).unwrap();
-        assert_eq!(p2.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[3], ids[2]]);
-        let p3 = store.conversations(alice, 2, p2.next).unwrap();
-        assert_eq!(p3.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[1]]);
-        assert!(p3.next.is_none());
-
-        let (c, messages) = store.conversation(alice, ids[0]).unwrap().unwrap();
-        assert_eq!(c.message_count, 3);
-        let texts: Vec<_> = messages.iter().map(|m| m.content.as_str()).collect();
-        assert_eq!(texts, ["hi", "again", "hello"]);
-
-        assert!(store.conversation(bob, ids[0]).unwrap().is_none());
-        let e =
-            store.record_turn(bob, TurnTarget::Existing(ids[0]), vec![msg(Role::User, "x")], 11);
-        assert!(matches!(e.await, Err(StoreError::NotFound)));
-        assert!(matches!(store.delete_conversation(bob, ids[0]).await, Err(StoreError::NotFound)));
-
-        store.delete_conversation(alice, ids[0]).await.unwrap();
-        assert!(store.conversation(alice, ids[0]).unwrap().is_none());
-        assert_eq!(store.conversations(alice, 10, None).unwrap().items.len(), 4);
-        assert!(Cursor::decode("not a cursor").is_none());
     }
 }

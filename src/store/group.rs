@@ -5,7 +5,7 @@
 //! the commit that holds its write, so "acknowledged" still means "durable"; a writer that
 //! stops waiting (its client left) does not stop the commit.
 
-use super::{Store, StoreError};
+use super::{Redb, StoreError};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
@@ -42,7 +42,7 @@ impl<I: Send + 'static, O: Send + 'static> Group<I, O> {
     }
 
     /// Queues `item` and resolves after the commit that holds it.
-    pub(super) async fn write(self: &Arc<Self>, store: &Store, item: I) -> Result<O, StoreError> {
+    pub(super) async fn write(self: &Arc<Self>, store: &Redb, item: I) -> Result<O, StoreError> {
         let (tx, rx) = oneshot::channel();
         let lead = {
             let mut lane = self.lane();
@@ -57,7 +57,7 @@ impl<I: Send + 'static, O: Send + 'static> Group<I, O> {
     }
 
     /// Commits batches until nothing is waiting (runs on the blocking pool).
-    fn drain(&self, store: &Store) {
+    fn drain(&self, store: &Redb) {
         // Should an item panic, no writer may wait forever: the batch's waiters and those queued
         // behind it are answered with an error (their senders drop), and the next write leads
         // a new commit.

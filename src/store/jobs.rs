@@ -8,7 +8,7 @@
 
 use super::conversations::{record_turn_in, Conversation, Message, NewMessage, TurnTarget};
 use super::tables::{self, encode, get};
-use super::{Store, StoreError};
+use super::{Redb, StoreError};
 use crate::clock::Millis;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -276,7 +276,7 @@ pub(super) fn enqueue_in(
     Ok(Ok(job))
 }
 
-impl Store {
+impl Redb {
     /// Adds jobs in one transaction (group commit), each checked against `limits`; returns
     /// after the commit, one outcome per job in order.
     pub async fn enqueue_jobs(
@@ -602,85 +602,5 @@ impl Store {
                 tx.open_table(tables::JOBS_RUNNING)?.len()?,
             ))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    const LIMITS: QueueLimits = QueueLimits { per_user: 10, total: 100 };
-
-    /// A user jobs can be stored for (a job of nobody is refused).
-    async fn user(store: &Store, name: &str) -> Uuid {
-        let new = crate::store::NewUser {
-            username: name.into(),
-            email: format!("{name}@x.io"),
-            password_hash: "$argon2id$x".into(),
-            is_admin: false,
-        };
-        store.create_user(new, 0).await.unwrap().id
-    }
-
-    fn count_of(store: &Store, state: JobState) -> u64 {
-        let stats = store.job_stats(0, 0, 10).unwrap();
-        stats.counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n)
-    }
-
-    #[tokio::test]
-    async fn expired_leases_are_rescued_and_old_finished_jobs_purged_in_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let user = user(&store, "ann").await;
-        let jobs = (0..4).map(|i| Job::new(user, json!({ "n": i }), 10)).collect();
-        assert!(store.enqueue_jobs(jobs, LIMITS).await.unwrap().iter().all(Result::is_ok));
-
-        // One claimed with a lease until 50: still owned at 40, rescued at 60.
-        let claimed = store.claim_job(20, 50).await.unwrap().unwrap();
-        assert_eq!(store.rescue_jobs(40).await.unwrap(), 0);
-        assert_eq!(store.rescue_jobs(60).await.unwrap(), 1);
-        let again = store.claim_job(70, 500).await.unwrap().unwrap();
-        assert_eq!((again.id, again.attempts), (claimed.id, 2), "the rescued job runs again");
-        // The first attempt's late result is discarded.
-        let late = Settlement::Failed { error: "late".into() };
-        assert!(store.settle_job(claimed.id, 1, late, 80).await.unwrap().is_none());
-
-        // Three finish at 100, 200 and 300; purging before 250 takes two, one per batch.
-        let failed = |e: &str| Settlement::Failed { error: e.into() };
-        store.settle_job(again.id, 2, failed("a"), 100).await.unwrap().unwrap();
-        for t in [200, 300] {
-            let job = store.claim_job(t, t + 500).await.unwrap().unwrap();
-            store.settle_job(job.id, 1, failed("b"), t).await.unwrap().unwrap();
-        }
-        assert_eq!(count_of(&store, JobState::Failed), 3);
-        assert_eq!(store.purge_jobs(250, 1).await.unwrap(), 1);
-        assert_eq!(store.purge_jobs(250, 1).await.unwrap(), 1);
-        assert_eq!(store.purge_jobs(250, 1).await.unwrap(), 0);
-        assert_eq!(count_of(&store, JobState::Failed), 1);
-        assert_eq!((count_of(&store, JobState::Queued), store.job_backlog().unwrap()), (1, (1, 0)));
-        assert_eq!(store.jobs(user, 10, None).unwrap().0.len(), 2, "purged jobs leave the listing");
-        assert!(store.job(user, again.id).unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn caps_refuse_per_user_then_in_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let limits = QueueLimits { per_user: 2, total: 3 };
-        let (a, b) = (user(&store, "ann").await, user(&store, "ben").await);
-        let jobs =
-            vec![Job::new(a, json!({}), 0), Job::new(a, json!({}), 0), Job::new(a, json!({}), 0)];
-        let out = store.enqueue_jobs(jobs, limits).await.unwrap();
-        assert_eq!(out[2].as_ref().err(), Some(&Refusal::UserLimit(2)));
-        let jobs = vec![Job::new(b, json!({}), 0), Job::new(b, json!({}), 0)];
-        let out = store.enqueue_jobs(jobs, limits).await.unwrap();
-        assert!(out[0].is_ok());
-        assert_eq!(out[1].as_ref().err(), Some(&Refusal::QueueFull(3)));
-        // A user deleted while the request was on its way gets nothing stored.
-        let nobody = Job::new(Uuid::now_v7(), json!({}), 0);
-        let out = store.enqueue_job(nobody, QueueLimits { per_user: 9, total: 9 }).await;
-        assert_eq!(out.unwrap().err(), Some(Refusal::UserGone));
-        assert_eq!(store.job_backlog().unwrap().0, 3, "nothing was stored for nobody");
     }
 }

@@ -1,17 +1,23 @@
-//! The one redb file that holds every user, key, token and conversation.
+//! Every user, key, token, conversation and job: in one redb file (the default), or in
+//! PostgreSQL for several replicas (`postgres/`).
 //!
-//! Nothing above this module sees a redb type or a transaction: callers get records and
-//! `StoreError`s, so a second backend (PostgreSQL) can stand behind the same methods later.
-//! Every write runs on tokio's blocking pool and returns only after its commit is durable
-//! (redb's immediate durability), so a caller may acknowledge it to a client at once.
+//! Nothing above this module sees redb, SQL or a transaction: callers hold a `Store`
+//! (`handle.rs`) and get records and `StoreError`s, whichever backend stands behind it.
+//! Every write returns only after its commit is durable, so a caller may acknowledge it to a
+//! client at once. The redb side: writes run on tokio's blocking pool with immediate
+//! durability; reads are MVCC and run inline.
 
 mod access;
 mod accounts;
 mod backup;
 mod conversations;
 mod group;
+mod handle;
 mod jobs;
+mod postgres;
 mod recovery;
+#[cfg(test)]
+mod suite;
 mod tables;
 
 pub use accounts::{
@@ -21,6 +27,7 @@ pub use backup::restore;
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, ToolCall, TurnTarget, Usage,
 };
+pub use handle::{PostgresOptions, Store};
 pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
 pub use recovery::IoFailure;
 
@@ -58,9 +65,9 @@ pub enum StoreError {
     /// `open`: another process holds the file's lock.
     #[error("{path} is already in use by another edgechat process; stop it first or use another --data-dir")]
     AlreadyInUse { path: PathBuf },
-    /// `open`: the file was written by a newer edgechat.
-    #[error("{path} has schema version {found}, newer than this edgechat supports ({supported}); run a newer edgechat")]
-    NewerSchema { path: PathBuf, found: u64, supported: u64 },
+    /// `open`: the file (or database) was written by a newer edgechat.
+    #[error("{place} has schema version {found}, newer than this edgechat supports ({supported}); run a newer edgechat")]
+    NewerSchema { place: String, found: u64, supported: u64 },
     /// A write would break a uniqueness rule (username or email).
     #[error("{0:?} already taken")]
     Conflict(UniqueField),
@@ -79,6 +86,10 @@ pub enum StoreError {
         "storage cannot be written for now ({reason}); edgechat reopens the database by itself"
     )]
     Unavailable { reason: String },
+    /// PostgreSQL cannot be reached for now, or a statement ran past its deadline; the pool
+    /// connects again by itself.
+    #[error("the database cannot be reached for now ({reason}); edgechat reconnects by itself")]
+    Unreachable { reason: String },
     /// An I/O error under redb. The store's plumbing turns it into `DiskFull` or `Unavailable`
     /// (and starts recovering) before it reaches a caller.
     #[error("I/O error: {0}")]
@@ -100,7 +111,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::DiskFull { .. } | StoreError::Unavailable { .. } | StoreError::Io(_)
+            StoreError::DiskFull { .. }
+                | StoreError::Unavailable { .. }
+                | StoreError::Unreachable { .. }
+                | StoreError::Io(_)
         )
     }
 }
@@ -138,7 +152,7 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
     let from = match found {
         Some(v) if v > SCHEMA_VERSION => {
             return Err(StoreError::NewerSchema {
-                path: path.to_path_buf(),
+                place: path.display().to_string(),
                 found: v,
                 supported: SCHEMA_VERSION,
             });
@@ -165,9 +179,9 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
-/// A cheap, cloneable handle to the open database.
+/// The redb file: a cheap, cloneable handle to the open database.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Redb {
     shared: Arc<Shared>,
     /// Chat turns, group-committed (`record_turn`).
     turns: Arc<group::Group<conversations::Turn, conversations::Recorded>>,
@@ -178,9 +192,9 @@ pub struct Store {
     transactions: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for Redb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.shared.path).finish()
+        f.debug_struct("Redb").field("path", &self.shared.path).finish()
     }
 }
 
@@ -219,14 +233,14 @@ fn prove(db: Database, path: &Path) -> Result<Database, StoreError> {
     Ok(db)
 }
 
-impl Store {
+impl Redb {
     /// Opens (or creates) `dir/edgechat.redb`, checks its schema and creates missing tables.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path) -> Result<Redb, StoreError> {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
     /// Like `open`, keeping at most `cache_bytes` of the file's pages in memory.
-    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Redb, StoreError> {
         private_dir(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         if let Some(denied) = access::denied(&path) {
@@ -235,7 +249,7 @@ impl Store {
         Self::open_path(path, cache_bytes, REAL_DISK)
     }
 
-    fn open_path(path: PathBuf, cache_bytes: usize, disk: Disk) -> Result<Store, StoreError> {
+    fn open_path(path: PathBuf, cache_bytes: usize, disk: Disk) -> Result<Redb, StoreError> {
         let db = (disk.open)(&path, cache_bytes).map_err(|e| match e {
             StoreError::Io(IoFailure::DiskFull) => {
                 StoreError::DiskFull { dir: path.parent().unwrap_or(Path::new(".")).into() }
@@ -243,7 +257,7 @@ impl Store {
             StoreError::Io(other) => StoreError::Db(format!("{}: {other}", path.display())),
             other => other,
         })?;
-        Ok(Store {
+        Ok(Redb {
             shared: Shared::new(path, cache_bytes, db, disk),
             turns: group::Group::new(conversations::record_grouped),
             enqueues: group::Group::new(jobs::enqueue_in),
@@ -359,8 +373,8 @@ mod tests {
     #[test]
     fn second_open_is_refused_and_newer_schema_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
+        let store = Redb::open(dir.path()).unwrap();
+        let err = Redb::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::AlreadyInUse { .. }), "{err}");
         assert!(err.to_string().contains("already in use"));
         drop(store);
@@ -370,7 +384,7 @@ mod tests {
         tx.open_table(tables::META).unwrap().insert("schema_version", SCHEMA_VERSION + 1).unwrap();
         tx.commit().unwrap();
         drop(db);
-        let err = Store::open(dir.path()).unwrap_err();
+        let err = Redb::open(dir.path()).unwrap_err();
         assert!(
             matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1)
         );
@@ -453,7 +467,7 @@ mod tests {
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let store = Store::open_path(path.clone(), DEFAULT_CACHE_BYTES, full_disk::DISK).unwrap();
+        let store = Redb::open_path(path.clone(), DEFAULT_CACHE_BYTES, full_disk::DISK).unwrap();
         let alice = store.create_user(new_user("alice"), 1).await.unwrap();
 
         FULL.store(true, Ordering::SeqCst);
@@ -485,13 +499,13 @@ mod tests {
         assert!(store.backup(&backup).unwrap() > 0);
         drop(store);
 
-        let names = |store: &Store| -> Vec<String> {
+        let names = |store: &Redb| -> Vec<String> {
             store.users().unwrap().into_iter().map(|u| u.username).collect()
         };
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = Redb::open(dir.path()).unwrap();
         assert_eq!(names(&reopened), ["alice", "bob"], "acknowledged writes only");
         let restored = tempfile::tempdir().unwrap();
         restore(&backup, restored.path()).unwrap();
-        assert_eq!(names(&Store::open(restored.path()).unwrap()), ["alice", "bob"]);
+        assert_eq!(names(&Redb::open(restored.path()).unwrap()), ["alice", "bob"]);
     }
 }

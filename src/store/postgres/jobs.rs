@@ -1,0 +1,433 @@
+//! The job queue on PostgreSQL, shared by every replica: a claim takes the due job no other
+//! replica holds (`FOR UPDATE SKIP LOCKED`) with a lease; any replica rescues an expired lease;
+//! an attempt settles only while the job is still running as that attempt, under its row lock.
+
+use super::conversations::record_turn_in;
+use super::{col, exec, one, rows, Pg};
+use crate::clock::Millis;
+use crate::store::{
+    CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement, StoreError,
+};
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+const JOB_COLUMNS: &str = "id, user_id, state, attempts, request, result, error, created_at, \
+                           started_at, finished_at, run_at, lease_until";
+
+/// The channel replicas `LISTEN` on: an enqueue (or a retry that is due) notifies it.
+pub(super) const CHANNEL: &str = "edgechat_jobs";
+
+fn state_of(name: &str) -> Result<JobState, StoreError> {
+    JobState::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| StoreError::Corrupt {
+        table: "jobs",
+        message: format!("unknown state {name:?}"),
+    })
+}
+
+fn job_of(row: &Row) -> Result<Job, StoreError> {
+    let t = "jobs";
+    let attempts: i32 = col(row, t, "attempts")?;
+    Ok(Job {
+        id: col(row, t, "id")?,
+        user_id: col(row, t, "user_id")?,
+        state: state_of(col(row, t, "state")?)?,
+        attempts: attempts.max(0) as u32,
+        request: col(row, t, "request")?,
+        result: col(row, t, "result")?,
+        error: col(row, t, "error")?,
+        created_at: col(row, t, "created_at")?,
+        started_at: col(row, t, "started_at")?,
+        finished_at: col(row, t, "finished_at")?,
+        run_at: col(row, t, "run_at")?,
+        lease_until: col(row, t, "lease_until")?,
+    })
+}
+
+/// Writes `job`'s mutable fields (its id, user, request and creation never change).
+async fn save<C: GenericClient>(c: &C, job: &Job) -> Result<(), StoreError> {
+    exec(
+        c,
+        "UPDATE jobs SET state = $2, attempts = $3, result = $4, error = $5, started_at = $6,
+                         finished_at = $7, run_at = $8, lease_until = $9
+         WHERE id = $1",
+        &[
+            &job.id,
+            &job.state.as_str(),
+            &(job.attempts as i32),
+            &job.result,
+            &job.error,
+            &job.started_at,
+            &job.finished_at,
+            &job.run_at,
+            &job.lease_until,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One job row as it is; `store copy` writes them too.
+pub(in crate::store) async fn insert_job<C: GenericClient>(
+    c: &C,
+    job: &Job,
+) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT INTO jobs (id, user_id, state, attempts, request, result, error, created_at,
+                           started_at, finished_at, run_at, lease_until)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[
+            &job.id,
+            &job.user_id,
+            &job.state.as_str(),
+            &(job.attempts as i32),
+            &job.request,
+            &job.result,
+            &job.error,
+            &job.created_at,
+            &job.started_at,
+            &job.finished_at,
+            &job.run_at,
+            &job.lease_until,
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The job under its row lock, if it still exists.
+async fn locked<C: GenericClient>(c: &C, id: Uuid) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE");
+    one(c, &sql, &[&id]).await?.as_ref().map(job_of).transpose()
+}
+
+/// One enqueue inside a transaction: the user's row lock serialises their enqueues across
+/// replicas, so the per-user cap holds exactly; the total cap is checked against a count that
+/// another replica may pass at the same moment (it bounds the queue, one batch's worth over
+/// at most).
+async fn enqueue_in<C: GenericClient>(
+    tx: &C,
+    job: &Job,
+    limits: QueueLimits,
+) -> Result<Result<(), Refusal>, StoreError> {
+    if one(tx, "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", &[&job.user_id])
+        .await?
+        .is_none()
+    {
+        return Ok(Err(Refusal::UserGone));
+    }
+    let row = one(
+        tx,
+        "SELECT count(*) FILTER (WHERE user_id = $1) AS mine, count(*) AS total
+         FROM jobs WHERE state IN ('queued', 'running')",
+        &[&job.user_id],
+    )
+    .await?
+    .ok_or_else(|| StoreError::Db("count returned no row".into()))?;
+    let (mine, total): (i64, i64) = (col(&row, "jobs", "mine")?, col(&row, "jobs", "total")?);
+    if mine >= limits.per_user as i64 {
+        return Ok(Err(Refusal::UserLimit(limits.per_user)));
+    }
+    if total as u64 >= limits.total {
+        return Ok(Err(Refusal::QueueFull(limits.total)));
+    }
+    insert_job(tx, job).await?;
+    Ok(Ok(()))
+}
+
+impl Pg {
+    pub(in crate::store) async fn enqueue_jobs(
+        &self,
+        jobs: Vec<Job>,
+        limits: QueueLimits,
+    ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(enqueue_in(&tx, &job, limits).await?.map(|()| job));
+        }
+        if out.iter().any(Result::is_ok) {
+            exec(&tx, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn claim_job(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1,
+                             started_at = coalesce(started_at, $1), lease_until = $2
+             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1
+                         ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {JOB_COLUMNS}"
+        );
+        one(&client, &sql, &[&now, &lease_until]).await?.as_ref().map(job_of).transpose()
+    }
+
+    pub(in crate::store) async fn next_job_due(&self) -> Result<Option<Millis>, StoreError> {
+        let client = self.client().await?;
+        let row = one(&client, "SELECT min(run_at) FROM jobs WHERE state = 'queued'", &[]).await?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    pub(in crate::store) async fn renew_lease(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = exec(
+            &client,
+            "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND state = 'running' AND attempts = $2",
+            &[&id, &(attempt as i32), &until],
+        )
+        .await?;
+        Ok(n == 1)
+    }
+
+    pub(in crate::store) async fn settle_job(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        how: Settlement,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await?;
+        let Some(old) = locked(&tx, id).await? else { return Ok(None) };
+        if old.state != JobState::Running || old.attempts != attempt {
+            return Ok(None);
+        }
+        let mut job = Job { lease_until: None, ..old };
+        match how {
+            Settlement::Succeeded { turn, result } => {
+                let stored = match turn {
+                    Some((target, messages)) => {
+                        // A savepoint: a turn refused for a conversation deleted meanwhile
+                        // must not abort the job's own update.
+                        let sp = tx.savepoint("turn").await?;
+                        match record_turn_in(&sp, job.user_id, target, messages, now).await {
+                            Ok(stored) => {
+                                sp.commit().await?;
+                                Some(stored)
+                            }
+                            Err(StoreError::NotFound) => {
+                                sp.rollback().await?;
+                                job.error = Some("the conversation no longer exists".into());
+                                job.state = JobState::Failed;
+                                job.finished_at = Some(now);
+                                save(&tx, &job).await?;
+                                tx.commit().await?;
+                                return Ok(Some(job));
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    None => None,
+                };
+                job.result = Some(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))));
+                job.error = None;
+                job.state = JobState::Succeeded;
+                job.finished_at = Some(now);
+            }
+            Settlement::Retry { error, run_at } => {
+                job.error = Some(error);
+                job.state = JobState::Queued;
+                job.run_at = run_at;
+            }
+            Settlement::Failed { error } => {
+                job.error = Some(error);
+                job.state = JobState::Failed;
+                job.finished_at = Some(now);
+            }
+        }
+        save(&tx, &job).await?;
+        tx.commit().await?;
+        Ok(Some(job))
+    }
+
+    pub(in crate::store) async fn cancel_job(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        now: Millis,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let old = locked(&tx, id).await?.filter(|j| j.user_id == user_id);
+        let old = old.ok_or(StoreError::NotFound)?;
+        if old.state.is_finished() {
+            return Ok(CancelOutcome::Finished(old));
+        }
+        let job =
+            Job { state: JobState::Cancelled, finished_at: Some(now), lease_until: None, ..old };
+        save(&tx, &job).await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled(job))
+    }
+
+    pub(in crate::store) async fn rescue_jobs(&self, now: Millis) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        // Jobs another replica is settling right now are skipped: their lease is its business.
+        let n = exec(
+            &client,
+            "UPDATE jobs SET state = 'queued', lease_until = NULL
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'running' AND lease_until <= $1
+                          FOR UPDATE SKIP LOCKED)",
+            &[&now],
+        )
+        .await?;
+        Ok(n as usize)
+    }
+
+    pub(in crate::store) async fn upgrade_queued_requests(
+        &self,
+        upgrade: impl Fn(&Value) -> Option<Value> + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let queued = rows(
+            &tx,
+            "SELECT id, request FROM jobs WHERE state = 'queued' FOR UPDATE SKIP LOCKED",
+            &[],
+        )
+        .await?;
+        let mut changed = 0;
+        for row in &queued {
+            let (id, request): (Uuid, Value) =
+                (col(row, "jobs", "id")?, col(row, "jobs", "request")?);
+            if let Some(request) = upgrade(&request) {
+                exec(&tx, "UPDATE jobs SET request = $2 WHERE id = $1", &[&id, &request]).await?;
+                changed += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    pub(in crate::store) async fn purge_jobs(
+        &self,
+        before: Millis,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let n = exec(
+            &client,
+            "DELETE FROM jobs WHERE id IN
+                 (SELECT id FROM jobs
+                  WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < $1
+                  ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&before, &(batch as i64)],
+        )
+        .await?;
+        Ok(n as usize)
+    }
+
+    pub(in crate::store) async fn job(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<Job>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2");
+        one(&client, &sql, &[&id, &user_id]).await?.as_ref().map(job_of).transpose()
+    }
+
+    pub(in crate::store) async fn jobs(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        before: Option<Uuid>,
+    ) -> Result<(Vec<Job>, bool), StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let found = rows(&client, &sql, &[&user_id, &before, &(limit as i64 + 1)]).await?;
+        let mut items = found.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
+        let more = items.len() > limit;
+        items.truncate(limit);
+        Ok((items, more))
+    }
+
+    pub(in crate::store) async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let client = self.client().await?;
+        counts(&client).await
+    }
+
+    pub(in crate::store) async fn job_stats(
+        &self,
+        now: Millis,
+        since: Millis,
+        recent: usize,
+    ) -> Result<JobStats, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let counts = counts(&tx).await?;
+        let oldest =
+            one(&tx, "SELECT min(created_at) FROM jobs WHERE state = 'queued'", &[]).await?;
+        let oldest_queued_ms = oldest.and_then(|r| r.get::<_, Option<i64>>(0)).map(|t| now - t);
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'running' ORDER BY lease_until, id"
+        );
+        let running = rows(&tx, &sql, &[]).await?.iter().map(job_of).collect::<Result<_, _>>()?;
+        let window = one(
+            &tx,
+            "SELECT count(*) AS finished, count(*) FILTER (WHERE state = 'failed') AS failed
+             FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= $1",
+            &[&since],
+        )
+        .await?
+        .ok_or_else(|| StoreError::Db("count returned no row".into()))?;
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'failed' AND finished_at >= $1
+             ORDER BY finished_at DESC, id DESC LIMIT $2"
+        );
+        let recent_failures = rows(&tx, &sql, &[&since, &(recent as i64)]).await?;
+        let recent_failures = recent_failures.iter().map(job_of).collect::<Result<_, _>>()?;
+        tx.commit().await?;
+        Ok(JobStats {
+            counts,
+            oldest_queued_ms,
+            finished_in_window: col::<i64>(&window, "jobs", "finished")?.max(0) as u64,
+            failed_in_window: col::<i64>(&window, "jobs", "failed")?.max(0) as u64,
+            running,
+            recent_failures,
+        })
+    }
+
+    pub(in crate::store) async fn job_backlog(&self) -> Result<(u64, u64), StoreError> {
+        let counts = self.job_counts().await?;
+        let of = |s| counts.iter().find(|(state, _)| *state == s).map_or(0, |(_, n)| *n);
+        Ok((of(JobState::Queued), of(JobState::Running)))
+    }
+}
+
+/// Jobs in each state, every state listed.
+async fn counts<C: GenericClient>(c: &C) -> Result<Vec<(JobState, u64)>, StoreError> {
+    let found = rows(c, "SELECT state, count(*) AS n FROM jobs GROUP BY state", &[]).await?;
+    let mut out: Vec<(JobState, u64)> = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
+    for row in &found {
+        let state = state_of(col(row, "jobs", "state")?)?;
+        let n: i64 = col(row, "jobs", "n")?;
+        if let Some(slot) = out.iter_mut().find(|(s, _)| *s == state) {
+            slot.1 = n.max(0) as u64;
+        }
+    }
+    Ok(out)
+}
