@@ -1,8 +1,8 @@
 //! Keyed GCRA rate limiting (the generic cell rate algorithm), in process.
 //!
 //! Each key keeps one number: its theoretical arrival time (TAT). A request is allowed when
-//! TAT − now ≤ (burst − 1) × interval, and then moves TAT one interval on. State is per process
-//! behind this small type, so a shared backend can replace it when edgechat runs on several boxes.
+//! TAT − now ≤ (burst − 1) × interval, and then moves TAT one interval on. `Limiter` keeps the
+//! state in process; `Rule` is the arithmetic alone, for state kept in a shared store.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -44,12 +44,60 @@ struct Shard {
     pruned_at: Duration,
 }
 
+/// The GCRA arithmetic of one quota, also for counters kept elsewhere (PostgreSQL, shared by
+/// replicas): a key's TAT moves `interval` on per request and may run `tolerance` ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub interval: Duration,
+    pub tolerance: Duration,
+    pub burst: u32,
+}
+
+impl Rule {
+    /// The rule of `quota`; zero fields are raised to one.
+    pub fn of(quota: Quota) -> Rule {
+        let requests = quota.requests.max(1);
+        let burst = quota.burst.max(1);
+        let interval = (quota.period / requests).max(Duration::from_nanos(1));
+        Rule { interval, tolerance: interval.saturating_mul(burst - 1), burst }
+    }
+
+    /// Whether a request at `now` fits a key whose TAT is `tat` (already at least `now`).
+    pub fn allows(&self, tat: Duration, now: Duration) -> bool {
+        tat.saturating_sub(now) <= self.tolerance
+    }
+
+    /// The answer for a key whose TAT was `tat` and is now `new_tat`, at `now`.
+    pub fn decision(
+        &self,
+        allowed: bool,
+        tat: Duration,
+        new_tat: Duration,
+        now: Duration,
+    ) -> Decision {
+        let backlog = new_tat.saturating_sub(now);
+        let used = backlog.as_nanos().div_ceil(self.interval.as_nanos()) as u32;
+        let retry_after = match allowed {
+            true => Duration::ZERO,
+            false => tat
+                .saturating_sub(now)
+                .saturating_sub(self.tolerance)
+                .max(self.interval.min(PRUNE_EVERY)),
+        };
+        Decision {
+            allowed,
+            limit: self.burst,
+            remaining: self.burst.saturating_sub(used),
+            reset: backlog,
+            retry_after,
+        }
+    }
+}
+
 /// A limiter over string keys (client addresses, usernames, user ids).
 #[derive(Debug)]
 pub struct Limiter {
-    quota: Quota,
-    interval: Duration,
-    tolerance: Duration,
+    rule: Rule,
     epoch: Instant,
     hasher: std::hash::RandomState,
     shards: Vec<Mutex<Shard>>,
@@ -58,13 +106,8 @@ pub struct Limiter {
 impl Limiter {
     /// A limiter enforcing `quota`; zero fields are raised to one.
     pub fn new(quota: Quota) -> Limiter {
-        let requests = quota.requests.max(1);
-        let burst = quota.burst.max(1);
-        let interval = (quota.period / requests).max(Duration::from_nanos(1));
         Limiter {
-            quota: Quota { requests, burst, ..quota },
-            interval,
-            tolerance: interval.saturating_mul(burst - 1),
+            rule: Rule::of(quota),
             epoch: Instant::now(),
             hasher: Default::default(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
@@ -90,7 +133,8 @@ impl Limiter {
         if known.is_none() && !shard.make_room(now) {
             return;
         }
-        let tat = known.unwrap_or(now).max(now).saturating_add(self.interval.saturating_mul(n));
+        let tat =
+            known.unwrap_or(now).max(now).saturating_add(self.rule.interval.saturating_mul(n));
         shard.tats.insert(key.to_string(), tat);
     }
 
@@ -100,7 +144,7 @@ impl Limiter {
         let now = Instant::now().saturating_duration_since(self.epoch);
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tat) = shard.tats.get_mut(key) {
-            *tat = tat.saturating_sub(self.interval.saturating_mul(n)).max(now);
+            *tat = tat.saturating_sub(self.rule.interval.saturating_mul(n)).max(now);
         }
     }
 
@@ -114,27 +158,20 @@ impl Limiter {
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         let known = shard.tats.get(key).copied();
         let tat = known.unwrap_or(now).max(now);
-        let mut allowed = tat - now <= self.tolerance;
+        let mut allowed = self.rule.allows(tat, now);
         if allowed && take && known.is_none() && !shard.make_room(now) {
             allowed = false;
         }
-        let new_tat = if allowed && take { tat.saturating_add(self.interval) } else { tat };
+        let new_tat = if allowed && take { tat.saturating_add(self.rule.interval) } else { tat };
         if allowed && take {
             shard.tats.insert(key.to_string(), new_tat);
         }
-        let backlog = new_tat.saturating_sub(now);
-        let used = backlog.as_nanos().div_ceil(self.interval.as_nanos()) as u32;
-        let retry_after = match allowed {
-            true => Duration::ZERO,
-            false => (tat - now).saturating_sub(self.tolerance).max(self.interval.min(PRUNE_EVERY)),
-        };
-        Decision {
-            allowed,
-            limit: self.quota.burst,
-            remaining: self.quota.burst.saturating_sub(used),
-            reset: backlog,
-            retry_after,
-        }
+        self.rule.decision(allowed, tat, new_tat, now)
+    }
+
+    /// The arithmetic this limiter applies.
+    pub fn rule(&self) -> Rule {
+        self.rule
     }
 
     fn shard(&self, key: &str) -> &Mutex<Shard> {

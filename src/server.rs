@@ -265,7 +265,8 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Deletes expired refresh tokens every ten minutes, a batch per transaction, until `stop`.
+/// Deletes expired refresh tokens every ten minutes, a batch per transaction, and the shared
+/// login counters that hold no state any more, until `stop`.
 async fn purge_tokens(store: Store, stop: Arc<Notify>) {
     const BATCH: usize = 1000;
     let mut every = tokio::time::interval(Duration::from_secs(600));
@@ -286,6 +287,9 @@ async fn purge_tokens(store: Store, stop: Arc<Notify>) {
                     break;
                 }
             }
+        }
+        if let Err(e) = store.purge_counters(crate::clock::now_ms()).await {
+            tracing::warn!(error = %e, "purging spent login counters failed");
         }
     }
 }

@@ -28,6 +28,8 @@ fn known_keys() -> BTreeSet<String> {
     config.tls.key_file = Some("k".into());
     config.metrics.token = Some(Secret::new("t"));
     config.storage.data_dir = Some("d".into());
+    config.storage.url = Some(Secret::new("postgres://u"));
+    config.storage.ca_file = Some("c".into());
     config.local.models = vec![LocalModelConfig {
         threads: Some(0),
         max_batch: Some(1),

@@ -7,8 +7,10 @@
 //! slow that username's logins down — a limit that refused there would let anyone keep the real
 //! user out with one wrong password now and then.
 
+use crate::clock::{now_ms, Millis};
 use crate::config::{QuotaConfig, RateLimitConfig};
 use crate::ratelimit::{Decision, Limiter, Quota};
+use crate::store::{CounterStep, Store};
 use std::time::Duration;
 
 /// What a login attempt may do before its password is checked.
@@ -37,15 +39,105 @@ pub struct Attempt<'a> {
 /// The three failed-login counters and the slowdown.
 #[derive(Debug)]
 pub struct LoginLimits {
-    per_address_and_username: Limiter,
-    per_address: Limiter,
-    per_username: Limiter,
+    per_address_and_username: Counter,
+    per_address: Counter,
+    per_username: Counter,
     slowdown: Duration,
 }
 
-fn limiter(q: QuotaConfig) -> Limiter {
+/// One failed-login counter: in this process, or (`share`) in the store every replica uses,
+/// so that spreading guesses over N replicas does not buy N times the guesses. Should the
+/// shared store fail, the process's own counter answers (and the failure is logged).
+#[derive(Debug)]
+struct Counter {
+    name: &'static str,
+    local: Limiter,
+    shared: Option<Store>,
+}
+
+fn counter(name: &'static str, q: QuotaConfig) -> Counter {
     let period = Duration::from_secs(q.per_secs);
-    Limiter::new(Quota { requests: q.requests, period, burst: q.burst })
+    let local = Limiter::new(Quota { requests: q.requests, period, burst: q.burst });
+    Counter { name, local, shared: None }
+}
+
+/// Whole milliseconds, at least one (the shared counters' unit).
+fn ms(d: Duration) -> Millis {
+    (d.as_millis() as Millis).max(1)
+}
+
+fn since_epoch(t: Millis) -> Duration {
+    Duration::from_millis(t.max(0) as u64)
+}
+
+impl Counter {
+    /// Runs `step` on the shared counter; `None` when there is none or it failed.
+    async fn shared(&self, key: &str, step: CounterStep) -> Option<(bool, Option<Millis>)> {
+        let store = self.shared.as_ref()?;
+        let key = format!("login/{}/{key}", self.name);
+        match store.counter(&key, step).await {
+            Ok(outcome) => Some(outcome),
+            Err(e) => {
+                tracing::warn!(error = %e, counter = self.name, "shared login limit unavailable; counting in this process");
+                None
+            }
+        }
+    }
+
+    async fn check(&self, key: &str) -> Decision {
+        let rule = self.local.rule();
+        let now = now_ms();
+        let step =
+            CounterStep::Take { now, interval: ms(rule.interval), tolerance: ms(rule.tolerance) };
+        match self.shared(key, step).await {
+            Some((allowed, tat)) => {
+                let (now, after) = (since_epoch(now), since_epoch(tat.unwrap_or(now)));
+                let before =
+                    if allowed { after.saturating_sub(rule.interval).max(now) } else { after };
+                rule.decision(allowed, before.max(now), after.max(now), now)
+            }
+            None => self.local.check(key),
+        }
+    }
+
+    async fn peek(&self, key: &str) -> Decision {
+        let rule = self.local.rule();
+        match self.shared(key, CounterStep::Peek).await {
+            Some((_, tat)) => {
+                let now = since_epoch(now_ms());
+                let tat = tat.map_or(now, since_epoch).max(now);
+                rule.decision(rule.allows(tat, now), tat, tat, now)
+            }
+            None => self.local.peek(key),
+        }
+    }
+
+    async fn charge(&self, key: &str) {
+        let step = CounterStep::Charge { now: now_ms(), amount: ms(self.local.rule().interval) };
+        if self.shared(key, step).await.is_none() {
+            self.local.charge(key, 1);
+        }
+    }
+
+    /// Gives one unit back: at once in process, from a task for the shared store (a dropped
+    /// attempt cannot wait for it).
+    fn refund(&self, key: &str) {
+        let Some(store) = self.shared.clone() else { return self.local.refund(key, 1) };
+        let key = format!("login/{}/{key}", self.name);
+        let amount = ms(self.local.rule().interval);
+        tokio::spawn(async move {
+            let step = CounterStep::Refund { now: now_ms(), amount };
+            if let Err(e) = store.counter(&key, step).await {
+                tracing::warn!(error = %e, "could not give back a reserved login attempt");
+            }
+        });
+    }
+
+    async fn forget(&self, key: &str) {
+        if self.shared(key, CounterStep::Forget).await.is_none() {
+            self.local.forget(key);
+        }
+    }
 }
 
 /// One key per (address, username); neither contains a space.
@@ -57,27 +149,42 @@ impl LoginLimits {
     /// The limits `[rate_limit]` configures.
     pub fn new(c: &RateLimitConfig) -> LoginLimits {
         LoginLimits {
-            per_address_and_username: limiter(c.failed_logins_per_address_and_username),
-            per_address: limiter(c.failed_logins_per_address),
-            per_username: limiter(c.failed_logins_per_username),
+            per_address_and_username: counter(
+                "address_and_username",
+                c.failed_logins_per_address_and_username,
+            ),
+            per_address: counter("address", c.failed_logins_per_address),
+            per_username: counter("username", c.failed_logins_per_username),
             slowdown: Duration::from_millis(c.login_slowdown_ms),
         }
+    }
+
+    /// Keeps the counts in `store` when it is shared by several replicas (PostgreSQL).
+    pub fn share(mut self, store: &Store) -> LoginLimits {
+        if store.is_shared() {
+            for c in
+                [&mut self.per_address_and_username, &mut self.per_address, &mut self.per_username]
+            {
+                c.shared = Some(store.clone());
+            }
+        }
+        self
     }
 
     /// Decides whether `address` may try `username` (`None`: a name no account can have, so
     /// only the address counts), reserving a failure on both address limits when it may.
     /// `username` is already lowercase.
-    pub fn gate(&self, address: &str, username: Option<&str>) -> Gate<'_> {
-        let by_address = self.per_address.check(address);
+    pub async fn gate(&self, address: &str, username: Option<&str>) -> Gate<'_> {
+        let by_address = self.per_address.check(address).await;
         if !by_address.allowed {
             crate::metrics::rate_limited("failed_logins_per_address");
             return Gate::Refused(by_address);
         }
         if let Some(name) = username {
-            let by_pair = self.per_address_and_username.check(&pair(address, name));
+            let by_pair = self.per_address_and_username.check(&pair(address, name)).await;
             if !by_pair.allowed {
                 crate::metrics::rate_limited("failed_logins_per_address_and_username");
-                self.per_address.refund(address, 1);
+                self.per_address.refund(address);
                 return Gate::Refused(by_pair);
             }
         }
@@ -87,10 +194,12 @@ impl LoginLimits {
             username: username.map(str::to_string),
             settled: false,
         };
-        match username.map(|name| self.per_username.peek(name)) {
-            Some(d) if !d.allowed && !self.slowdown.is_zero() => {
-                Gate::Slowed(attempt, self.slowdown)
-            }
+        let by_name = match username {
+            Some(name) if !self.slowdown.is_zero() => Some(self.per_username.peek(name).await),
+            _ => None,
+        };
+        match by_name {
+            Some(d) if !d.allowed => Gate::Slowed(attempt, self.slowdown),
             _ => Gate::Open(attempt),
         }
     }
@@ -99,21 +208,21 @@ impl LoginLimits {
 impl Attempt<'_> {
     /// The password was wrong (or the user unknown): the reserved failures stand, and the
     /// username's own count grows.
-    pub fn failed(mut self) {
+    pub async fn failed(mut self) {
         self.settled = true;
         if let Some(name) = &self.username {
-            self.limits.per_username.charge(name, 1);
+            self.limits.per_username.charge(name).await;
         }
     }
 
     /// The password was right: the address gets its reservation back, and the pair's earlier
     /// failures (its own typos) are cleared — nothing else: the address and the username keep
     /// what others did.
-    pub fn succeeded(mut self) {
+    pub async fn succeeded(mut self) {
         self.settled = true;
-        self.limits.per_address.refund(&self.address, 1);
+        self.limits.per_address.refund(&self.address);
         if let Some(name) = &self.username {
-            self.limits.per_address_and_username.forget(&pair(&self.address, name));
+            self.limits.per_address_and_username.forget(&pair(&self.address, name)).await;
         }
     }
 }
@@ -123,9 +232,9 @@ impl Drop for Attempt<'_> {
         if self.settled {
             return;
         }
-        self.limits.per_address.refund(&self.address, 1);
+        self.limits.per_address.refund(&self.address);
         if let Some(name) = &self.username {
-            self.limits.per_address_and_username.refund(&pair(&self.address, name), 1);
+            self.limits.per_address_and_username.refund(&pair(&self.address, name));
         }
     }
 }
@@ -146,10 +255,10 @@ mod tests {
     }
 
     /// Tries `name` from `address` with a wrong password: whether the gate let it through.
-    fn fail(l: &LoginLimits, address: &str, name: Option<&str>) -> bool {
-        match l.gate(address, name) {
+    async fn fail(l: &LoginLimits, address: &str, name: Option<&str>) -> bool {
+        match l.gate(address, name).await {
             Gate::Open(a) | Gate::Slowed(a, _) => {
-                a.failed();
+                a.failed().await;
                 true
             }
             Gate::Refused(_) => false,
@@ -160,46 +269,49 @@ mod tests {
         matches!(g, Gate::Refused(d) if d.retry_after > Duration::ZERO)
     }
 
-    #[test]
-    fn an_address_is_refused_for_a_name_then_for_all_while_others_are_only_slowed() {
+    #[tokio::test]
+    async fn an_address_is_refused_for_a_name_then_for_all_while_others_are_only_slowed() {
         let l = limits();
-        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
-        assert!(refused(l.gate("a", Some("kate"))), "the pair is spent");
-        assert!(matches!(l.gate("a", Some("liam")), Gate::Open(_)), "other names from a");
-        assert!(matches!(l.gate("b", Some("kate")), Gate::Open(_)), "kate from b is fine");
-        assert!(fail(&l, "b", Some("kate")));
+        assert!(fail(&l, "a", Some("kate")).await && fail(&l, "a", Some("kate")).await);
+        assert!(refused(l.gate("a", Some("kate")).await), "the pair is spent");
+        assert!(matches!(l.gate("a", Some("liam")).await, Gate::Open(_)), "other names from a");
+        assert!(matches!(l.gate("b", Some("kate")).await, Gate::Open(_)), "kate from b is fine");
+        assert!(fail(&l, "b", Some("kate")).await);
         // Three failures on kate in all: slowed, from any address, never refused.
-        let slowed = l.gate("c", Some("kate"));
+        let slowed = l.gate("c", Some("kate")).await;
         assert!(matches!(slowed, Gate::Slowed(_, d) if d == Duration::from_millis(50)));
-        assert!(fail(&l, "a", Some("liam")) && fail(&l, "a", None));
-        assert!(refused(l.gate("a", Some("zoe"))));
-        assert!(refused(l.gate("a", None)), "four from a: all names");
+        assert!(fail(&l, "a", Some("liam")).await && fail(&l, "a", None).await);
+        assert!(refused(l.gate("a", Some("zoe")).await));
+        assert!(refused(l.gate("a", None).await), "four from a: all names");
     }
 
-    #[test]
-    fn success_clears_only_its_own_pair() {
+    #[tokio::test]
+    async fn success_clears_only_its_own_pair() {
         let l = limits();
-        assert!(fail(&l, "a", Some("kate")));
-        let Gate::Open(a) = l.gate("a", Some("kate")) else { panic!("one failure of two") };
-        a.succeeded();
+        assert!(fail(&l, "a", Some("kate")).await);
+        let Gate::Open(a) = l.gate("a", Some("kate")).await else { panic!("one failure of two") };
+        a.succeeded().await;
         // The pair starts again (two more are let through); the address kept its one.
-        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
-        assert!(refused(l.gate("a", Some("kate"))));
-        assert!(matches!(l.gate("a", None), Gate::Open(_)), "3 of the address's 4 are used");
-        assert!(fail(&l, "a", None));
-        assert!(refused(l.gate("a", None)), "the address kept its count");
+        assert!(fail(&l, "a", Some("kate")).await && fail(&l, "a", Some("kate")).await);
+        assert!(refused(l.gate("a", Some("kate")).await));
+        assert!(matches!(l.gate("a", None).await, Gate::Open(_)), "3 of the address's 4 are used");
+        assert!(fail(&l, "a", None).await);
+        assert!(refused(l.gate("a", None).await), "the address kept its count");
     }
 
-    #[test]
-    fn guesses_sent_at_once_cannot_all_pass_and_unsettled_ones_give_back() {
+    #[tokio::test]
+    async fn guesses_sent_at_once_cannot_all_pass_and_unsettled_ones_give_back() {
         let l = limits();
         // Twenty guesses in flight at once for one name: the pair's burst (2) lets two through.
-        let gates: Vec<Gate<'_>> = (0..20).map(|_| l.gate("a", Some("kate"))).collect();
+        let mut gates: Vec<Gate<'_>> = Vec::new();
+        for _ in 0..20 {
+            gates.push(l.gate("a", Some("kate")).await);
+        }
         let through = gates.iter().filter(|g| !matches!(g, Gate::Refused(_))).count();
         assert_eq!(through, 2);
         // Dropped unsettled (the client left): both reservations come back.
         drop(gates);
-        assert!(matches!(l.gate("a", Some("kate")), Gate::Open(_)));
-        assert!(fail(&l, "a", Some("kate")) && fail(&l, "a", Some("kate")));
+        assert!(matches!(l.gate("a", Some("kate")).await, Gate::Open(_)));
+        assert!(fail(&l, "a", Some("kate")).await && fail(&l, "a", Some("kate")).await);
     }
 }

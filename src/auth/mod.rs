@@ -158,11 +158,11 @@ impl Auth {
     /// The service over `store`.
     pub fn new(store: Store, settings: AuthSettings) -> Auth {
         Auth {
-            store,
             hasher: PasswordHasher::new(settings.max_concurrent_hashes),
             jwt: settings.jwt,
             refresh_ttl_ms: settings.refresh_ttl_secs.saturating_mul(1000) as Millis,
-            login_limits: settings.login_limits,
+            login_limits: settings.login_limits.share(&store),
+            store,
         }
     }
 
@@ -187,7 +187,7 @@ impl Auth {
         let address = address_key(client);
         // A name no account can have stays out of the per-name tables (it may be huge).
         let name = check_username(username).is_ok().then(|| username.to_lowercase());
-        let attempt = match self.login_limits.gate(&address, name.as_deref()) {
+        let attempt = match self.login_limits.gate(&address, name.as_deref()).await {
             Gate::Refused(d) => return Err(AuthError::TooManyFailures(d)),
             Gate::Slowed(attempt, delay) => {
                 tokio::time::sleep(delay).await;
@@ -206,11 +206,11 @@ impl Auth {
         let user = match user {
             Some(u) if ok => u,
             _ => {
-                attempt.failed();
+                attempt.failed().await;
                 return Err(AuthError::BadCredentials);
             }
         };
-        attempt.succeeded();
+        attempt.succeeded().await;
         if user.disabled {
             return Err(AuthError::Disabled);
         }

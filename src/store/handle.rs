@@ -49,6 +49,21 @@ impl PostgresOptions {
     }
 }
 
+/// One step on a shared counter (a GCRA "theoretical arrival time", Unix ms, per key).
+#[derive(Debug, Clone, Copy)]
+pub enum CounterStep {
+    /// Moves the time on by `interval` if it runs at most `tolerance` ahead of `now`.
+    Take { now: Millis, interval: Millis, tolerance: Millis },
+    /// Reads the time.
+    Peek,
+    /// Moves the time on by `amount` whatever the limit.
+    Charge { now: Millis, amount: Millis },
+    /// Moves the time back by `amount`, never before `now`.
+    Refund { now: Millis, amount: Millis },
+    /// Drops the key.
+    Forget,
+}
+
 /// A cheap, cloneable handle to the open store.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -174,6 +189,28 @@ impl Store {
                 "the store is PostgreSQL ({}): back it up with pg_dump (or your provider's snapshots), not edgechat backup",
                 p.shown()
             ))),
+        }
+    }
+
+    /// Applies `step` to the shared counter `key`: whether it was allowed (only `Take` can
+    /// refuse) and the key's time afterwards (`None`: unknown). Only a shared store keeps
+    /// counters; the redb file's single process counts in memory.
+    pub async fn counter(
+        &self,
+        key: &str,
+        step: CounterStep,
+    ) -> Result<(bool, Option<Millis>), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Err(StoreError::Db("shared counters need PostgreSQL".into())),
+            Backend::Postgres(p) => p.counter(key, step).await,
+        }
+    }
+
+    /// Deletes shared counters whose time has passed (they hold no state); returns how many.
+    pub async fn purge_counters(&self, now: Millis) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(0),
+            Backend::Postgres(p) => p.purge_counters(now).await,
         }
     }
 

@@ -27,7 +27,7 @@ pub use backup::restore;
 pub use conversations::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, ToolCall, TurnTarget, Usage,
 };
-pub use handle::{PostgresOptions, Store};
+pub use handle::{CounterStep, PostgresOptions, Store};
 pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
 pub use recovery::IoFailure;
 

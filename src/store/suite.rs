@@ -423,7 +423,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         tokio::spawn(async move { Store::connect(&options).await })
     });
     for store in futures_util::future::join_all(starts).await {
-        assert_eq!(store.unwrap().unwrap().schema_version().await.unwrap(), 1);
+        assert_eq!(store.unwrap().unwrap().schema_version().await.unwrap(), 2);
     }
 }
 
@@ -436,7 +436,7 @@ async fn postgres_newer_schema_is_refused() {
     let db = url.rsplit('/').next().unwrap();
     server::server().sql_in(db, "UPDATE edgechat_meta SET value = 99 WHERE key = 'schema_version'");
     let e = Store::connect(&options).await.unwrap_err();
-    assert!(matches!(e, StoreError::NewerSchema { found: 99, supported: 1, .. }), "{e}");
+    assert!(matches!(e, StoreError::NewerSchema { found: 99, supported: 2, .. }), "{e}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{}/{db}", server::server().port)), "{e}");
 }
 

@@ -7,6 +7,7 @@
 
 mod accounts;
 mod conversations;
+mod counters;
 mod jobs;
 
 use super::{PostgresOptions, StoreError, UniqueField};
@@ -18,11 +19,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 /// The schema this build writes on PostgreSQL (its own numbering: redb's file has another).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// One script per version: `MIGRATIONS[n]` turns version `n` into version `n + 1`; all the
 /// steps a start needs run in one transaction.
-const MIGRATIONS: [&str; 1] = [include_str!("schema_1.sql")];
+const MIGRATIONS: [&str; 2] = [include_str!("schema_1.sql"), include_str!("schema_2.sql")];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`): arbitrary, but fixed forever.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6368_6174; // "edgechat"
