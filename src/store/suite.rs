@@ -465,3 +465,24 @@ async fn postgres_start_errors_say_what_to_fix() {
     let text = Store::connect(&bad).await.unwrap_err().to_string();
     assert!(text.contains("not a PostgreSQL URL"), "{text}");
 }
+
+/// The shared counters' steps, as the failed-login limits use them from several replicas.
+#[tokio::test]
+async fn postgres_shared_counters_take_refuse_refund_and_forget() {
+    let store = postgres().await;
+    let take = |now| CounterStep::Take { now, interval: 100, tolerance: 100 };
+    assert_eq!(store.counter("k", take(1_000)).await.unwrap(), (true, Some(1_100)));
+    assert_eq!(store.counter("k", take(1_000)).await.unwrap(), (true, Some(1_200)));
+    assert_eq!(store.counter("k", take(1_000)).await.unwrap(), (false, Some(1_200)));
+    let refund = CounterStep::Refund { now: 1_000, amount: 100 };
+    assert_eq!(store.counter("k", refund).await.unwrap(), (true, Some(1_100)));
+    let charge = CounterStep::Charge { now: 1_000, amount: 300 };
+    assert_eq!(store.counter("k", charge).await.unwrap(), (true, Some(1_400)));
+    assert_eq!(store.counter("k", CounterStep::Peek).await.unwrap(), (true, Some(1_400)));
+    assert_eq!(store.purge_counters(1_400).await.unwrap(), 0);
+    assert_eq!(store.purge_counters(1_401).await.unwrap(), 1);
+    assert_eq!(store.counter("k", CounterStep::Peek).await.unwrap(), (true, None));
+    store.counter("j", take(0)).await.unwrap();
+    store.counter("j", CounterStep::Forget).await.unwrap();
+    assert_eq!(store.counter("j", CounterStep::Peek).await.unwrap(), (true, None));
+}

@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A JWT secret tests can sign with, to forge tokens the server must refuse.
+pub mod postgres;
 pub mod remote;
 pub mod upstream;
 

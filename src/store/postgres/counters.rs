@@ -18,9 +18,9 @@ impl Pg {
             CounterStep::Take { now, interval, tolerance } => {
                 let taken = one(
                     &client,
-                    "INSERT INTO shared_counters AS c (key, tat) VALUES ($1, $2 + $3)
+                    "INSERT INTO shared_counters AS c (key, tat) VALUES ($1, $2::bigint + $3::bigint)
                      ON CONFLICT (key) DO UPDATE SET tat = greatest(c.tat, $2) + $3
-                         WHERE greatest(c.tat, $2) - $2 <= $4
+                         WHERE greatest(c.tat, $2) - $2 <= $4::bigint
                      RETURNING tat",
                     &[&key, &now, &interval, &tolerance],
                 )
@@ -38,7 +38,7 @@ impl Pg {
             CounterStep::Charge { now, amount } => {
                 let row = one(
                     &client,
-                    "INSERT INTO shared_counters AS c (key, tat) VALUES ($1, $2 + $3)
+                    "INSERT INTO shared_counters AS c (key, tat) VALUES ($1, $2::bigint + $3::bigint)
                      ON CONFLICT (key) DO UPDATE SET tat = greatest(c.tat, $2) + $3
                      RETURNING tat",
                     &[&key, &now, &amount],
@@ -49,7 +49,7 @@ impl Pg {
             CounterStep::Refund { now, amount } => {
                 let row = one(
                     &client,
-                    "UPDATE shared_counters SET tat = greatest(tat - $3, $2) WHERE key = $1
+                    "UPDATE shared_counters SET tat = greatest(tat - $3::bigint, $2::bigint) WHERE key = $1
                      RETURNING tat",
                     &[&key, &now, &amount],
                 )
