@@ -129,6 +129,35 @@ async fn three_replicas_share_accounts_conversations_limits_and_jobs() {
     let (status, body) = call(reqwest::Method::PATCH, url0, Some(&root), patch).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(get(&base[1], "/auth/me", &ann).await.0, 401);
+
+    // The database restarts under the replicas: meanwhile requests fail cleanly (503, the
+    // replicas stay up); afterwards they answer again, without a restart of edgechat.
+    let server = common::postgres::server();
+    server.stop();
+    for base in &base {
+        let (status, body) = get(base, "/auth/me", &root).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("reconnects by itself"), "{body}");
+    }
+    server.start_again();
+    for base in &base {
+        assert_eq!(answered_again(base, &root).await, 200, "{base} recovered");
+    }
+    let (_, me) = get(&base[0], "/auth/me", &root).await;
+    assert_eq!(me["username"], "root", "nothing acknowledged was lost: {me}");
+}
+
+/// `GET /auth/me` until it answers other than 503 (a pooled connection the restart closed is
+/// replaced on its next use); bounded to 20 s.
+async fn answered_again(base: &str, token: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = get(base, "/auth/me", token).await;
+        if status != 503 || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Enqueues `JOBS` jobs round-robin, SIGKILLs one replica once some have finished (it holds

@@ -275,7 +275,8 @@ impl ApiError {
 const STORAGE_RETRY_SECS: &str = "5";
 
 /// A store that cannot write now: `507` when the disk is full (only an operator can fix
-/// that), `503` otherwise (the store is reopening the file); both with `Retry-After`. The
+/// that), `503` otherwise (the store is reopening the file, or PostgreSQL is unreachable);
+/// all with `Retry-After`. The
 /// client learns what happened, never where the data lives.
 fn storage_shape(e: &StoreError) -> Option<Shape> {
     let (status, message, code) = match e {
@@ -290,6 +291,12 @@ fn storage_shape(e: &StoreError) -> Option<Shape> {
             StatusCode::SERVICE_UNAVAILABLE,
             "Storage is temporarily unavailable after an I/O error and is being reopened; \
              retry shortly",
+            "storage_unavailable",
+        ),
+        StoreError::Unreachable { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The database is temporarily unreachable; the server reconnects by itself. Retry \
+             shortly",
             "storage_unavailable",
         ),
         _ => return None,
