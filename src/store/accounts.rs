@@ -20,6 +20,21 @@ pub struct User {
     pub created_at: Millis,
 }
 
+impl User {
+    /// The account `new` becomes, created at `now` (both backends store it so).
+    pub(super) fn new(new: NewUser, now: Millis) -> User {
+        User {
+            id: Uuid::now_v7(),
+            username: new.username,
+            email: new.email,
+            password_hash: new.password_hash,
+            is_admin: new.is_admin,
+            disabled: false,
+            created_at: now,
+        }
+    }
+}
+
 /// What `create_user` needs; the store assigns the id and the creation time.
 #[derive(Debug, Clone)]
 pub struct NewUser {
@@ -102,15 +117,7 @@ impl Redb {
             if by_email.get(email_key.as_str())?.is_some() {
                 return Err(StoreError::Conflict(UniqueField::Email));
             }
-            let user = User {
-                id: Uuid::now_v7(),
-                username: new.username,
-                email: new.email,
-                password_hash: new.password_hash,
-                is_admin: new.is_admin,
-                disabled: false,
-                created_at: now,
-            };
+            let user = User::new(new, now);
             by_name.insert(name_key.as_str(), user.id.as_u128())?;
             by_email.insert(email_key.as_str(), user.id.as_u128())?;
             tx.open_table(tables::USERS)?.insert(user.id.as_u128(), encode(&user).as_slice())?;

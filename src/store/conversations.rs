@@ -55,6 +55,47 @@ pub struct NewMessage {
     pub usage: Option<Usage>,
 }
 
+impl Conversation {
+    /// A new, empty conversation of `user_id`, created at `now`.
+    pub(super) fn start(user_id: Uuid, title: String, model: String, now: Millis) -> Self {
+        let id = Uuid::now_v7();
+        Conversation {
+            id,
+            user_id,
+            title,
+            model,
+            created_at: now,
+            updated_at: now,
+            message_count: 0,
+        }
+    }
+
+    /// After a turn appended `stored` at `now`: its activity time, and the model that answered.
+    pub(super) fn touched(&mut self, stored: &[Message], now: Millis) {
+        self.updated_at = now.max(self.updated_at);
+        if let Some(model) = stored.last().and_then(|m| m.model.clone()) {
+            self.model = model;
+        }
+    }
+}
+
+impl Message {
+    /// `m` as stored at `now`, with its id.
+    pub(super) fn stored(m: NewMessage, now: Millis) -> Message {
+        Message {
+            id: Uuid::now_v7(),
+            role: m.role,
+            content: m.content,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            model: m.model,
+            provider: m.provider,
+            created_at: now,
+            usage: m.usage,
+        }
+    }
+}
+
 /// Where a turn goes: a conversation created in the same transaction, or an existing one.
 #[derive(Debug, Clone)]
 pub enum TurnTarget {
@@ -273,15 +314,7 @@ pub(super) fn record_turn_in(
     let mut convs = tx.open_table(tables::CONVERSATIONS)?;
     let mut index = tx.open_table(tables::CONVERSATIONS_BY_USER)?;
     let mut conv = match target {
-        TurnTarget::New { title, model } => Conversation {
-            id: Uuid::now_v7(),
-            user_id,
-            title,
-            model,
-            created_at: now,
-            updated_at: now,
-            message_count: 0,
-        },
+        TurnTarget::New { title, model } => Conversation::start(user_id, title, model, now),
         TurnTarget::Existing(id) => {
             let c: Conversation = get(&convs, "conversations", id.as_u128())?
                 .filter(|c: &Conversation| c.user_id == user_id)
@@ -293,25 +326,12 @@ pub(super) fn record_turn_in(
     let mut table = tx.open_table(tables::MESSAGES)?;
     let mut stored = Vec::with_capacity(messages.len());
     for m in messages {
-        let message = Message {
-            id: Uuid::now_v7(),
-            role: m.role,
-            content: m.content,
-            tool_calls: m.tool_calls,
-            tool_call_id: m.tool_call_id,
-            model: m.model,
-            provider: m.provider,
-            created_at: now,
-            usage: m.usage,
-        };
+        let message = Message::stored(m, now);
         table.insert((conv.id.as_u128(), conv.message_count), encode(&message).as_slice())?;
         conv.message_count += 1;
         stored.push(message);
     }
-    conv.updated_at = now.max(conv.updated_at);
-    if let Some(m) = stored.last() {
-        conv.model = m.model.clone().unwrap_or(conv.model);
-    }
+    conv.touched(&stored, now);
     index.insert(by_user_key(&conv), ())?;
     convs.insert(conv.id.as_u128(), encode(&conv).as_slice())?;
     Ok((conv, stored))

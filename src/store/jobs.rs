@@ -95,6 +95,28 @@ impl Job {
     }
 }
 
+/// A successful attempt whose conversation was deleted while it ran fails with this: a retry
+/// would fail the same way.
+pub(super) const CONVERSATION_GONE: &str = "the conversation no longer exists";
+
+impl Job {
+    /// Ends it as succeeded with `result`.
+    pub(super) fn succeed(&mut self, result: Value, now: Millis) {
+        (self.result, self.error) = (Some(result), None);
+        (self.state, self.finished_at) = (JobState::Succeeded, Some(now));
+    }
+
+    /// Queues it again, to run at `run_at`.
+    pub(super) fn retry(&mut self, error: String, run_at: Millis) {
+        (self.error, self.state, self.run_at) = (Some(error), JobState::Queued, run_at);
+    }
+
+    /// Ends it as failed.
+    pub(super) fn fail(&mut self, error: String, now: Millis) {
+        (self.error, self.state, self.finished_at) = (Some(error), JobState::Failed, Some(now));
+    }
+}
+
 /// Why an enqueue was refused; nothing was written for that job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -375,9 +397,7 @@ impl Redb {
                                 // Its conversation (or its user) was deleted while it ran: a
                                 // retry would fail the same way, so it fails now, once.
                                 Err(StoreError::NotFound) => {
-                                    job.error = Some("the conversation no longer exists".into());
-                                    job.state = JobState::Failed;
-                                    job.finished_at = Some(now);
+                                    job.fail(CONVERSATION_GONE.into(), now);
                                     save(tx, Some(&old), &job)?;
                                     return Ok(Some(job));
                                 }
@@ -386,21 +406,10 @@ impl Redb {
                         }
                         None => None,
                     };
-                    job.result = Some(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))));
-                    job.error = None;
-                    job.state = JobState::Succeeded;
-                    job.finished_at = Some(now);
+                    job.succeed(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))), now);
                 }
-                Settlement::Retry { error, run_at } => {
-                    job.error = Some(error);
-                    job.state = JobState::Queued;
-                    job.run_at = run_at;
-                }
-                Settlement::Failed { error } => {
-                    job.error = Some(error);
-                    job.state = JobState::Failed;
-                    job.finished_at = Some(now);
-                }
+                Settlement::Retry { error, run_at } => job.retry(error, run_at),
+                Settlement::Failed { error } => job.fail(error, now),
             }
             save(tx, Some(&old), &job)?;
             Ok(Some(job))

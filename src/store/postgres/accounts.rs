@@ -48,15 +48,7 @@ impl Pg {
         new: NewUser,
         now: Millis,
     ) -> Result<User, StoreError> {
-        let user = User {
-            id: Uuid::now_v7(),
-            username: new.username,
-            email: new.email,
-            password_hash: new.password_hash,
-            is_admin: new.is_admin,
-            disabled: false,
-            created_at: now,
-        };
+        let user = User::new(new, now);
         let client = self.client().await?;
         exec(
             &client,

@@ -2,7 +2,7 @@
 //! conversation's row lock, so turns appended to one conversation from two replicas take
 //! sequence numbers one after the other.
 
-use super::{col, exec, json, one, rows, Pg};
+use super::{col, exec, json, one, rows, snapshot, Pg};
 use crate::clock::Millis;
 use crate::store::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, StoreError, TurnTarget,
@@ -111,12 +111,7 @@ impl Pg {
     ) -> Result<Option<(Conversation, Vec<Message>)>, StoreError> {
         let mut client = self.client().await?;
         // One snapshot for the header and its messages, as redb's read transaction gives.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut client).await?;
         let Some(conv) = header(&tx, user_id, id, "").await? else { return Ok(None) };
         let found = rows(
             &tx,
@@ -173,18 +168,7 @@ pub(super) async fn record_turn_in<C: GenericClient>(
         return Err(StoreError::NotFound);
     }
     let (mut conv, new) = match target {
-        TurnTarget::New { title, model } => {
-            let conv = Conversation {
-                id: Uuid::now_v7(),
-                user_id,
-                title,
-                model,
-                created_at: now,
-                updated_at: now,
-                message_count: 0,
-            };
-            (conv, true)
-        }
+        TurnTarget::New { title, model } => (Conversation::start(user_id, title, model, now), true),
         TurnTarget::Existing(id) => {
             (header(tx, user_id, id, "FOR UPDATE").await?.ok_or(StoreError::NotFound)?, false)
         }
@@ -201,25 +185,12 @@ pub(super) async fn record_turn_in<C: GenericClient>(
     }
     let mut stored = Vec::with_capacity(messages.len());
     for m in messages {
-        let message = Message {
-            id: Uuid::now_v7(),
-            role: m.role,
-            content: m.content,
-            tool_calls: m.tool_calls,
-            tool_call_id: m.tool_call_id,
-            model: m.model,
-            provider: m.provider,
-            created_at: now,
-            usage: m.usage,
-        };
+        let message = Message::stored(m, now);
         insert_message(tx, conv.id, conv.message_count, &message).await?;
         conv.message_count += 1;
         stored.push(message);
     }
-    conv.updated_at = now.max(conv.updated_at);
-    if let Some(m) = stored.last() {
-        conv.model = m.model.clone().unwrap_or(conv.model);
-    }
+    conv.touched(&stored, now);
     exec(
         tx,
         "UPDATE conversations SET model = $2, updated_at = $3, message_count = $4 WHERE id = $1",

@@ -3,8 +3,9 @@
 //! an attempt settles only while the job is still running as that attempt, under its row lock.
 
 use super::conversations::record_turn_in;
-use super::{col, exec, one, rows, Pg};
+use super::{col, exec, one, rows, snapshot, Pg};
 use crate::clock::Millis;
+use crate::store::jobs::CONVERSATION_GONE;
 use crate::store::{
     CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement, StoreError,
 };
@@ -222,9 +223,7 @@ impl Pg {
                             }
                             Err(StoreError::NotFound) => {
                                 sp.rollback().await?;
-                                job.error = Some("the conversation no longer exists".into());
-                                job.state = JobState::Failed;
-                                job.finished_at = Some(now);
+                                job.fail(CONVERSATION_GONE.into(), now);
                                 save(&tx, &job).await?;
                                 tx.commit().await?;
                                 return Ok(Some(job));
@@ -234,21 +233,10 @@ impl Pg {
                     }
                     None => None,
                 };
-                job.result = Some(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))));
-                job.error = None;
-                job.state = JobState::Succeeded;
-                job.finished_at = Some(now);
+                job.succeed(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))), now);
             }
-            Settlement::Retry { error, run_at } => {
-                job.error = Some(error);
-                job.state = JobState::Queued;
-                job.run_at = run_at;
-            }
-            Settlement::Failed { error } => {
-                job.error = Some(error);
-                job.state = JobState::Failed;
-                job.finished_at = Some(now);
-            }
+            Settlement::Retry { error, run_at } => job.retry(error, run_at),
+            Settlement::Failed { error } => job.fail(error, now),
         }
         save(&tx, &job).await?;
         tx.commit().await?;
@@ -372,12 +360,7 @@ impl Pg {
         recent: usize,
     ) -> Result<JobStats, StoreError> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut client).await?;
         let counts = counts(&tx).await?;
         let oldest =
             one(&tx, "SELECT min(created_at) FROM jobs WHERE state = 'queued'", &[]).await?;

@@ -245,6 +245,17 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
+/// A read-only transaction over one snapshot, for reads that must agree with each other (a
+/// conversation and its messages, the queue's figures), as redb's read transactions do.
+async fn snapshot(client: &mut Object) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
 /// Runs `sql` (prepared once per connection) and returns its rows.
 async fn rows<C: GenericClient>(
     c: &C,
