@@ -108,6 +108,9 @@ impl Jobs {
         for _ in 0..jobs.config.workers {
             tasks.push(tokio::spawn(jobs.clone().work()));
         }
+        if let Some(signals) = jobs.store.job_signals() {
+            tasks.push(tokio::spawn(jobs.clone().listen(signals)));
+        }
         tasks.push(tokio::spawn(jobs.clone().housekeeping()));
         *jobs.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(jobs)
@@ -202,8 +205,11 @@ impl Jobs {
                 }
                 Err(e) if e.is_unavailable() => self.pause(&e, &mut pause).await,
                 Ok(None) => {
+                    // Woken by enqueues: in process, and from other replicas by `listen`; the
+                    // cap is a safety net, long where notifications cross processes.
+                    let cap = if self.store.is_shared() { 30_000 } else { 1_000 };
                     let due = self.store.next_job_due().await.ok().flatten();
-                    let wait = due.map_or(1_000, |t| (t - now_ms()).clamp(10, 1_000));
+                    let wait = due.map_or(cap, |t| (t - now_ms()).clamp(10, cap));
                     let sleep = tokio::time::sleep(Duration::from_millis(wait as u64));
                     tokio::select! {
                         _ = self.wake.notified() => {}
@@ -215,6 +221,17 @@ impl Jobs {
                     tracing::error!(error = %e, "claiming a job failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+        }
+    }
+
+    /// Wakes an idle worker whenever another replica enqueues or rescues a job (and after the
+    /// listening connection came back, as one may have been missed), until shutdown.
+    async fn listen(self: Arc<Self>, mut signals: crate::store::JobSignals) {
+        loop {
+            tokio::select! {
+                _ = signals.next() => self.wake.notify_one(),
+                _ = stopped(self.stop.subscribe()) => return,
             }
         }
     }

@@ -142,6 +142,16 @@ impl Store {
         matches!(self.backend, Backend::Postgres(_))
     }
 
+    /// Wake-ups for idle job workers when another process enqueued (or rescued) a job: on
+    /// PostgreSQL, a listening connection of its own; `None` for the redb file, whose only
+    /// process wakes its workers itself.
+    pub fn job_signals(&self) -> Option<super::postgres::JobSignals> {
+        match &self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(p) => Some(super::postgres::JobSignals::new(p.clone())),
+        }
+    }
+
     /// Proves the store answers a read; `/ready` calls it (with `writable`).
     pub async fn check(&self) -> Result<(), StoreError> {
         both!(read self.check())

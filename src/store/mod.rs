@@ -29,6 +29,7 @@ pub use conversations::{
 };
 pub use handle::{CounterStep, PostgresOptions, Store};
 pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
+pub use postgres::JobSignals;
 pub use recovery::IoFailure;
 
 use recovery::{Disk, Shared, Wait};

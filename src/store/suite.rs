@@ -486,3 +486,23 @@ async fn postgres_shared_counters_take_refuse_refund_and_forget() {
     store.counter("j", CounterStep::Forget).await.unwrap();
     assert_eq!(store.counter("j", CounterStep::Peek).await.unwrap(), (true, None));
 }
+
+/// An enqueue on one replica wakes a listener on another (and nothing else does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_enqueue_wakes_other_replicas() {
+    let url = server::database();
+    let options = PostgresOptions::new(Secret::new(url));
+    let (a, b) = (Store::connect(&options).await.unwrap(), Store::connect(&options).await.unwrap());
+    let mut signals = b.job_signals().expect("PostgreSQL notifies");
+    // The first `next` resolves once listening.
+    tokio::time::timeout(std::time::Duration::from_secs(10), signals.next()).await.unwrap();
+    let user = user(&a, "ann").await;
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), signals.next());
+    assert!(quiet.await.is_err(), "no job, no signal");
+    a.enqueue_job(Job::new(user, json!({}), 0), LIMITS).await.unwrap().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), signals.next())
+        .await
+        .expect("the enqueue on A woke B");
+    let redb = tempfile::tempdir().unwrap();
+    assert!(Store::open(redb.path()).unwrap().job_signals().is_none());
+}

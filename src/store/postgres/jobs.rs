@@ -274,6 +274,9 @@ impl Pg {
             &[&now],
         )
         .await?;
+        if n > 0 {
+            exec(&client, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
+        }
         Ok(n as usize)
     }
 

@@ -9,6 +9,9 @@ mod accounts;
 mod conversations;
 mod counters;
 mod jobs;
+mod signals;
+
+pub use signals::JobSignals;
 
 use super::{PostgresOptions, StoreError, UniqueField};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
@@ -38,6 +41,8 @@ pub(super) struct Pg {
     pool: Pool,
     /// The database as messages show it: no password.
     shown: Arc<str>,
+    /// How to open a connection outside the pool (`JobSignals`).
+    connect_with: Arc<(tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect)>,
 }
 
 impl Pg {
@@ -55,6 +60,7 @@ impl Pg {
         let ms = options.statement_timeout.as_millis();
         config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(options)?);
+        let connect_with = Arc::new((config.clone(), tls.clone()));
         let manager = Manager::from_config(
             config,
             tls,
@@ -68,7 +74,7 @@ impl Pg {
             .recycle_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| StoreError::Db(format!("{shown}: {e}")))?;
-        let pg = Pg { pool, shown };
+        let pg = Pg { pool, shown, connect_with };
         pg.migrate().await.map_err(|e| pg.at_start(e))?;
         Ok(pg)
     }
