@@ -63,6 +63,24 @@ enum Cmd {
     /// Exit 0 when the server answers and its store can write: GET /ready, whose storage
     /// must be "ok" (chat providers do not count); for container health checks
     Health(HealthArgs),
+    /// Move between storage backends
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a redb file (a stopped server's, or a backup of a running one) into an empty
+    /// PostgreSQL database: every table, in one transaction, verified by counts
+    Copy {
+        /// The redb file, such as /var/lib/edgechat/edgechat.redb or a backup
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); from the
+        /// environment keeps the password out of the process list
+        #[arg(long, value_name = "URL", env = "EDGECHAT_STORAGE__URL", hide_env_values = true)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -264,7 +282,25 @@ async fn run(cli: Cli) -> Result<(), String> {
             local::cli::pull(&repo, &file, &dir, timeout).await
         }
         Cmd::Health(args) => health(configured()?.0, args).await,
+        Cmd::Store(StoreCommand::Copy { from, to }) => store_copy(&from, to).await,
     }
+}
+
+/// `store copy`: prints each table's rows once the copy has committed.
+async fn store_copy(from: &std::path::Path, to: String) -> Result<(), String> {
+    let options = store::PostgresOptions::new(Secret::new(to));
+    let report = Store::copy(from, &options).await.map_err(|e| match e {
+        StoreError::AlreadyInUse { .. } => format!(
+            "{}: a running edgechat holds this file; stop it, or copy a backup (edgechat backup FILE)",
+            from.display()
+        ),
+        other => other.to_string(),
+    })?;
+    for (table, rows) in &report {
+        println!("{table:<16} {rows:>10} rows");
+    }
+    println!("copied {} into the database and verified every table's count", from.display());
+    Ok(())
 }
 
 /// What `backup` and `restore` say when the store is PostgreSQL.

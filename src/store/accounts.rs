@@ -57,12 +57,12 @@ pub struct ApiKeyRecord {
 
 /// A refresh token as stored, under its SHA-256.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct RefreshRecord {
-    user_id: Uuid,
-    family: Uuid,
-    expires_at: Millis,
+pub(super) struct RefreshRecord {
+    pub(super) user_id: Uuid,
+    pub(super) family: Uuid,
+    pub(super) expires_at: Millis,
     /// Set when the token was exchanged for a new one; presenting it again is reuse.
-    rotated: bool,
+    pub(super) rotated: bool,
 }
 
 /// What `update_user` changes; `None` leaves a field as it is.

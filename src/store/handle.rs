@@ -2,7 +2,7 @@
 //! start, behind the same operations. Each method's doc is the contract both keep; the tests
 //! at the bottom run one suite against each.
 
-use super::postgres::Pg;
+use super::postgres::{CopyReport, Pg};
 use super::{
     AccountChange, ApiKeyRecord, CancelOutcome, Conversation, ConversationPage, Cursor,
     DeletedUser, Job, JobState, JobStats, Message, NewMessage, NewUser, QueueLimits, Redb, Refusal,
@@ -117,6 +117,14 @@ impl Store {
     /// Connects to PostgreSQL and migrates its schema (once, however many replicas start).
     pub async fn connect(options: &PostgresOptions) -> Result<Store, StoreError> {
         Pg::connect(options).await.map(|p| Store { backend: Backend::Postgres(p) })
+    }
+
+    /// Copies the redb file at `from` (no server may hold it: copy a backup of a running
+    /// one) into the empty PostgreSQL database `to`, every table in one transaction that
+    /// commits only when each table's rows add up on both sides. Blocks on the file's reads.
+    pub async fn copy(from: &Path, to: &PostgresOptions) -> Result<CopyReport, StoreError> {
+        let source = Redb::open_file_at(from)?;
+        Pg::connect(to).await?.copy_from(&source).await
     }
 
     /// Where the data lives, for messages: the file's path or the database's URL (no password).

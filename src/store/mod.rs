@@ -29,7 +29,7 @@ pub use conversations::{
 };
 pub use handle::{CounterStep, PostgresOptions, Store};
 pub use jobs::{CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement};
-pub use postgres::JobSignals;
+pub use postgres::{CopyReport, JobSignals};
 pub use recovery::IoFailure;
 
 use recovery::{Disk, Shared, Wait};
@@ -248,6 +248,18 @@ impl Redb {
             return Err(denied);
         }
         Self::open_path(path, cache_bytes, REAL_DISK)
+    }
+
+    /// Opens the redb file at `path` itself (a backup, or a stopped server's file), which
+    /// must exist: `store copy` reads it.
+    fn open_file_at(path: &Path) -> Result<Redb, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Db(format!("{}: no such redb file", path.display())));
+        }
+        if let Some(denied) = access::denied(path) {
+            return Err(denied);
+        }
+        Self::open_path(path.to_path_buf(), DEFAULT_CACHE_BYTES, REAL_DISK)
     }
 
     fn open_path(path: PathBuf, cache_bytes: usize, disk: Disk) -> Result<Redb, StoreError> {

@@ -49,24 +49,7 @@ impl Pg {
         now: Millis,
     ) -> Result<User, StoreError> {
         let user = User::new(new, now);
-        let client = self.client().await?;
-        exec(
-            &client,
-            "INSERT INTO users (id, username, email, name_key, email_key, password_hash, is_admin,
-                                disabled, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, false, $8)",
-            &[
-                &user.id,
-                &user.username,
-                &user.email,
-                &user.username.to_lowercase(),
-                &user.email.to_lowercase(),
-                &user.password_hash,
-                &user.is_admin,
-                &user.created_at,
-            ],
-        )
-        .await?;
+        insert_user(&self.client().await?, &user).await?;
         Ok(user)
     }
 
@@ -156,23 +139,8 @@ impl Pg {
         &self,
         key: ApiKeyRecord,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
         // A key for a user deleted meanwhile breaks the foreign key: `NotFound`.
-        exec(
-            &client,
-            "INSERT INTO api_keys (id, user_id, name, hash, created_at, last_used_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &key.id,
-                &key.user_id,
-                &key.name,
-                &key.hash.as_slice(),
-                &key.created_at,
-                &key.last_used_at,
-            ],
-        )
-        .await?;
-        Ok(())
+        insert_key(&self.client().await?, &key).await
     }
 
     pub(in crate::store) async fn api_key_by_hash(
@@ -368,4 +336,42 @@ async fn revoke_family(tx: &Transaction<'_>, family: Uuid, now: Millis) -> Resul
     )
     .await?;
     Ok(())
+}
+
+/// One row as it is (`store copy` writes them too).
+pub(super) async fn insert_user<C: GenericClient>(c: &C, u: &User) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT INTO users (id, username, email, name_key, email_key, password_hash, is_admin,
+                            disabled, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &u.id,
+            &u.username,
+            &u.email,
+            &u.username.to_lowercase(),
+            &u.email.to_lowercase(),
+            &u.password_hash,
+            &u.is_admin,
+            &u.disabled,
+            &u.created_at,
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// One row as it is (`store copy` writes them too).
+pub(super) async fn insert_key<C: GenericClient>(
+    c: &C,
+    k: &ApiKeyRecord,
+) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT INTO api_keys (id, user_id, name, hash, created_at, last_used_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&k.id, &k.user_id, &k.name, &k.hash.as_slice(), &k.created_at, &k.last_used_at],
+    )
+    .await
+    .map(|_| ())
 }

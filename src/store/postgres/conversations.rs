@@ -174,14 +174,7 @@ pub(super) async fn record_turn_in<C: GenericClient>(
         }
     };
     if new {
-        exec(
-            tx,
-            "INSERT INTO conversations (id, user_id, title, model, created_at, updated_at,
-                                        message_count)
-             VALUES ($1, $2, $3, $4, $5, $5, 0)",
-            &[&conv.id, &user_id, &conv.title, &conv.model, &now],
-        )
-        .await?;
+        insert_conversation(tx, &conv).await?;
     }
     let mut stored = Vec::with_capacity(messages.len());
     for m in messages {
@@ -230,4 +223,28 @@ pub(in crate::store) async fn insert_message<C: GenericClient>(
     )
     .await?;
     Ok(())
+}
+
+/// One row as it is (`store copy` writes them too).
+pub(super) async fn insert_conversation<C: GenericClient>(
+    c: &C,
+    v: &Conversation,
+) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT INTO conversations (id, user_id, title, model, created_at, updated_at,
+                                    message_count)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &v.id,
+            &v.user_id,
+            &v.title,
+            &v.model,
+            &v.created_at,
+            &v.updated_at,
+            &(v.message_count as i32),
+        ],
+    )
+    .await
+    .map(|_| ())
 }

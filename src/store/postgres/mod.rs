@@ -7,10 +7,12 @@
 
 mod accounts;
 mod conversations;
+mod copy;
 mod counters;
 mod jobs;
 mod signals;
 
+pub use copy::CopyReport;
 pub use signals::JobSignals;
 
 use super::{PostgresOptions, StoreError, UniqueField};
