@@ -243,7 +243,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Backup { path } => backup(configured()?.0, path, &env).await,
         Cmd::Restore { path } => {
             let config = configured()?.0;
-            if config.storage.url.is_some() {
+            if server::postgres(&config, &env).is_some() {
                 return Err(POSTGRES_BACKUP.into());
             }
             let data_dir = config.data_dir(env.state_directory.as_deref());
@@ -308,7 +308,7 @@ const POSTGRES_BACKUP: &str = "storage.url is set: the store is PostgreSQL, whic
 
 /// Backs up through the running server's control socket, or directly when none runs.
 async fn backup(config: Config, path: PathBuf, env: &Environment) -> Result<(), String> {
-    if config.storage.url.is_some() {
+    if server::postgres(&config, env).is_some() {
         return Err(POSTGRES_BACKUP.into());
     }
     let data_dir = config.data_dir(env.state_directory.as_deref());

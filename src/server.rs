@@ -145,17 +145,26 @@ pub struct Services {
 /// Opens the store in the data directory and builds the accounts service.
 pub async fn services(config: &Config, env: &Environment) -> Result<Services, StartError> {
     let data_dir = config.data_dir(env.state_directory.as_deref());
-    let store = open_store(config, &data_dir).await?;
+    let store = open_store(config, env, &data_dir).await?;
     let secret = jwt_secret(config, &data_dir, env, store.is_shared())?;
     logmask::register("the JWT secret", &secret);
     let settings = AuthSettings::from_config(config, &secret);
     Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
 
+/// The PostgreSQL settings when `storage.url` (or the `storage_url` credential) is set.
+pub fn postgres(config: &Config, env: &Environment) -> Option<crate::store::PostgresOptions> {
+    config.storage.postgres(env.credentials_directory.as_deref())
+}
+
 /// PostgreSQL when `storage.url` is set, else the redb file in `data_dir` (opened on the
 /// blocking pool: it reads and writes the file).
-async fn open_store(config: &Config, data_dir: &Path) -> Result<Store, StoreError> {
-    if let Some(options) = config.storage.postgres() {
+async fn open_store(
+    config: &Config,
+    env: &Environment,
+    data_dir: &Path,
+) -> Result<Store, StoreError> {
+    if let Some(options) = postgres(config, env) {
         if let Some(password) = options.password() {
             logmask::register("the database password", &password);
         }
@@ -414,7 +423,7 @@ pub async fn preflight(config: &Config, env: &Environment) -> Result<Vec<String>
     if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
         tls::from_pem(cert, key)?;
     }
-    let shared = config.storage.url.is_some();
+    let shared = postgres(config, env).is_some();
     match shared || jwt_secret_configured(config, env, &data_dir) {
         true => drop(jwt_secret(config, &data_dir, env, shared)?),
         false => warnings.push(format!(

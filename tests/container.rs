@@ -754,3 +754,68 @@ fn compose_and_readme_agree_with_the_image() {
     let (_keep, dir) = data_dir();
     effective_config(&dir, &image, &env);
 }
+
+/// The two-replica example (`deploy/replicas/`): every edgechat service is the image, reads
+/// the same JWT secret and database URL as credentials, keeps its own volume; the URL names
+/// the PostgreSQL service; the balancer sends to every replica and streams.
+#[test]
+fn the_replicas_example_shares_one_database_and_one_secret() {
+    let mut compose: serde_norway::Value =
+        serde_norway::from_str(&read("deploy/replicas/compose.yaml")).unwrap();
+    compose.apply_merge().unwrap();
+    let services = compose["services"].as_mapping().expect("services");
+    let text = |v: &serde_norway::Value| v.as_str().map(String::from).unwrap_or_default();
+    let list = |v: &serde_norway::Value| -> Vec<String> {
+        v.as_sequence().map(|s| s.iter().map(text).collect()).unwrap_or_default()
+    };
+    let replicas: Vec<(String, &serde_norway::Value)> = services
+        .iter()
+        .filter(|(_, s)| text(&s["image"]) == readme_image_tag())
+        .map(|(name, s)| (text(name), s))
+        .collect();
+    assert!(replicas.len() >= 2, "two replicas or more: {replicas:?}");
+    let mut volumes = Vec::new();
+    for (name, s) in &replicas {
+        assert_eq!(text(&s["build"]), "../..", "{name} builds the repository's Dockerfile");
+        let secrets = list(&s["secrets"]);
+        for needed in ["jwt_secret", "storage_url"] {
+            assert!(secrets.contains(&needed.to_string()), "{name} reads {needed}: {secrets:?}");
+        }
+        assert_eq!(text(&s["environment"]["CREDENTIALS_DIRECTORY"]), "/run/secrets");
+        volumes.extend(list(&s["volumes"]));
+        assert!(s["depends_on"]["postgres"].is_mapping(), "{name} waits for the database");
+    }
+    volumes.sort();
+    volumes.dedup();
+    assert_eq!(volumes.len(), replicas.len(), "a volume of its own each: {volumes:?}");
+    // The URL the instructions write names the database service, its user and database.
+    let postgres = &services["postgres"];
+    let head = read("deploy/replicas/compose.yaml");
+    let url = head.lines().find(|l| l.contains("postgres://")).expect("how to write the URL");
+    let (user, db) = (
+        text(&postgres["environment"]["POSTGRES_USER"]),
+        text(&postgres["environment"]["POSTGRES_DB"]),
+    );
+    assert!(
+        url.contains(&format!("postgres://{user}:"))
+            && url.contains(&format!("@postgres:5432/{db}")),
+        "{url}"
+    );
+    // The balancer: every replica upstream, answers streamed, POSTs never replayed.
+    let nginx = read("deploy/replicas/nginx.conf");
+    for (name, _) in &replicas {
+        assert!(nginx.contains(&format!("server {name}:8000")), "{name} behind the balancer");
+    }
+    assert!(nginx.contains("proxy_buffering off;") && !nginx.contains("non_idempotent"), "{nginx}");
+    // What the replicas are configured with is what edgechat accepts (the URL as a
+    // credential, shared-store rules included).
+    let (_keep, dir) = data_dir();
+    let creds = dir.join("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("storage_url"), "postgres://edgechat:pw@postgres:5432/edgechat\n")
+        .unwrap();
+    std::fs::write(creds.join("jwt_secret"), "x".repeat(64)).unwrap();
+    let image = Image::load();
+    let env = vec![("CREDENTIALS_DIRECTORY".to_string(), creds.display().to_string())];
+    effective_config(&dir, &image, &env);
+}
