@@ -10,8 +10,10 @@
 //! at a fixed rate straight to the stand-in, and through edgechat's `POST /v1/chat/completions`,
 //! non-streaming and streaming, with `"store": false` (the gateway path alone, the figure
 //! comparable to other gateways) and stored (the default: one durable redb write transaction
-//! per request). The difference to the direct path is what edgechat adds. Then each path's
-//! rate is raised step by step until it no longer keeps up.
+//! per request). The difference to the direct path is what edgechat adds. Where PostgreSQL is
+//! installed, the stored request is also sent to edgechat on PostgreSQL (a server on loopback,
+//! fsync on), with one replica and with two replicas behind a round-robin TCP balancer, all in
+//! this process. Then each path's rate is raised step by step until it no longer keeps up.
 //!
 //! Open loop: send times are fixed in advance and latency counts from the scheduled time, so a
 //! server that falls behind shows its queueing instead of slowing the generator down (no
@@ -21,6 +23,8 @@
 //! by the main thread. No tracing subscriber is installed, so edgechat's access log costs
 //! nothing here. Run with `cargo bench --bench gateway`.
 
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 #[path = "../tests/common/upstream.rs"]
 mod upstream;
 
@@ -28,6 +32,7 @@ use bytes::Bytes;
 use edgechat::config::{Config, QuotaConfig};
 use edgechat::secret::Secret;
 use edgechat::server::{self, Environment, Running};
+use edgechat::store::Store;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -60,6 +65,8 @@ struct Path {
     body: Bytes,
     /// What the answer must contain.
     expect: &'static str,
+    /// The store an edgechat path writes to, and its user.
+    store: Option<(Store, Uuid)>,
 }
 
 /// The outcome of requests at one rate.
@@ -111,15 +118,30 @@ impl Run {
     }
 }
 
-/// Everything the load is sent to.
+/// One edgechat deployment: its replicas, the address clients use (a replica's own, or the
+/// balancer's in front of several), and an API key of a user there.
+struct Edgechat {
+    replicas: Vec<Running>,
+    base: String,
+    key: HeaderValue,
+    user: Uuid,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Edgechat {
+    fn store(&self) -> &Store {
+        self.replicas[0].store()
+    }
+}
+
+/// Everything the load is sent to: the stand-ins, edgechat on the redb file, and (when
+/// PostgreSQL is installed) edgechat on PostgreSQL with one replica, and with two behind a
+/// round-robin balancer.
 struct Setup {
     instant: String,
     scripted: upstream::Upstream,
-    edgechat: String,
-    key: HeaderValue,
-    user: Uuid,
-    running: Running,
-    dir: tempfile::TempDir,
+    redb: Edgechat,
+    postgres: Option<(Edgechat, Edgechat)>,
 }
 
 /// An upstream that answers every request at once with the stand-in's stream, in three
@@ -190,13 +212,68 @@ async fn call(request: reqwest::RequestBuilder) -> Value {
     request.send().await.unwrap().json().await.unwrap()
 }
 
+/// `replicas` edgechat servers on the instant stand-in, on the redb file (one) or on a
+/// fresh PostgreSQL database, behind a balancer when there are several; a user and key.
+async fn edgechat(instant: &str, database: Option<String>, replicas: usize) -> Edgechat {
+    let mut running = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..replicas {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), instant);
+        c.storage.url = database.clone().map(Secret::new);
+        c.auth.jwt_secret = Some(Secret::new("bench-secret-bench-secret-bench-secret-0"));
+        running.push(server::start_default(c, &Environment::default()).await.unwrap());
+        dirs.push(dir);
+    }
+    let base = match running.len() {
+        1 => format!("http://{}", running[0].addr),
+        _ => balancer(running.iter().map(|r| r.addr).collect()).await,
+    };
+    let (key, user) = user_and_key(&base).await;
+    Edgechat { replicas: running, base, key, user, _dirs: dirs }
+}
+
+/// A round-robin TCP balancer on loopback (a new connection goes to the next backend), the
+/// stand-in for nginx or a cloud load balancer; returns its base URL.
+async fn balancer(backends: Vec<std::net::SocketAddr>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut next = 0;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let backend = backends[next % backends.len()];
+            next += 1;
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(backend).await else { return };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
 async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
     let instant = instant_upstream().await;
     let scripted = upstream::Upstream::start(vec![upstream::answer(vec!["Hello", "!"])]).await;
-    let running =
-        server::start_default(config(dir.path(), &instant), &Environment::default()).await.unwrap();
-    let base = format!("http://{}", running.addr);
+    let redb = edgechat(&instant, None, 1).await;
+    let postgres = match postgres::installed() {
+        true => Some((
+            edgechat(&instant, Some(postgres::database()), 1).await,
+            edgechat(&instant, Some(postgres::database()), 2).await,
+        )),
+        false => {
+            println!(
+                "PostgreSQL is not installed: its paths are left out (apt-get install postgresql)"
+            );
+            None
+        }
+    };
+    Setup { instant, scripted, redb, postgres }
+}
+
+/// Registers a user at `base`; returns an API key header of theirs and their id.
+async fn user_and_key(base: &str) -> (HeaderValue, Uuid) {
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let creds =
         json!({"username": "bench", "email": "bench@example.com", "password": "password-bench"});
@@ -207,15 +284,7 @@ async fn setup() -> Setup {
         call(c.post(format!("{base}/auth/api-keys")).bearer_auth(jwt).json(&json!({"name": "b"})))
             .await;
     let key = format!("Bearer {}", key["key"].as_str().unwrap());
-    Setup {
-        instant,
-        scripted,
-        edgechat: base,
-        key: HeaderValue::from_str(&key).unwrap(),
-        user: user["id"].as_str().unwrap().parse().unwrap(),
-        running,
-        dir,
-    }
+    (HeaderValue::from_str(&key).unwrap(), user["id"].as_str().unwrap().parse().unwrap())
 }
 
 fn body(stream: bool, store: Option<bool>) -> Bytes {
@@ -238,23 +307,32 @@ fn paths(s: &Setup) -> Vec<Path> {
         auth: HeaderValue::from_static("Bearer sk-test"),
         body: body(true, None),
         expect: "data: [DONE]",
+        store: None,
     };
-    let through = |name, stream, store, expect| Path {
+    let through = |e: &Edgechat, name, stream, store, expect| Path {
         name,
-        url: format!("{}/v1/chat/completions", s.edgechat),
-        auth: s.key.clone(),
+        url: format!("{}/v1/chat/completions", e.base),
+        auth: e.key.clone(),
         body: body(stream, store),
         expect,
+        store: Some((e.store().clone(), e.user)),
     };
     let (json, sse) = (r#""content":"Hello!""#, "data: [DONE]");
-    vec![
+    let r = &s.redb;
+    let mut all = vec![
         direct("direct: instant stand-in (SSE)", &s.instant),
         direct("direct: tests' stand-in (no TCP_NODELAY)", &s.scripted.base),
-        through("edgechat JSON, store:false", false, Some(false), json),
-        through("edgechat SSE, store:false", true, Some(false), sse),
-        through("edgechat JSON, stored", false, None, json),
-        through("edgechat SSE, stored", true, None, sse),
-    ]
+        through(r, "edgechat JSON, store:false", false, Some(false), json),
+        through(r, "edgechat SSE, store:false", true, Some(false), sse),
+        through(r, "edgechat JSON, stored", false, None, json),
+        through(r, "edgechat SSE, stored", true, None, sse),
+    ];
+    if let Some((one, two)) = &s.postgres {
+        all.push(through(one, "PostgreSQL, 1 replica: JSON, stored", false, None, json));
+        all.push(through(one, "PostgreSQL, 1 replica: SSE, stored", true, None, sse));
+        all.push(through(two, "PostgreSQL, 2 replicas + LB: JSON, stored", false, None, json));
+    }
+    all
 }
 
 fn request(client: &reqwest::Client, p: &Path) -> reqwest::RequestBuilder {
@@ -353,20 +431,21 @@ fn added(a: Duration, b: Duration) -> String {
 }
 
 /// Checks once that each path answers as expected and that only stored requests are stored.
-fn check(load: &Runtime, client: &reqwest::Client, s: &Setup, paths: &[Path]) {
-    let newest = || {
-        let page = load.block_on(s.running.store().conversations(s.user, 1, None)).unwrap();
+fn check(load: &Runtime, client: &reqwest::Client, paths: &[Path]) {
+    let newest = |p: &Path| {
+        let (store, user) = p.store.as_ref()?;
+        let page = load.block_on(store.conversations(*user, 1, None)).unwrap();
         page.items.first().map(|c| c.id)
     };
     for p in paths {
-        let before = newest();
+        let before = newest(p);
         let text = load.block_on(async {
             let r = request(client, p).send().await.unwrap();
             assert!(r.status().is_success(), "{}: {}", p.name, r.status());
             r.text().await.unwrap()
         });
         assert!(text.contains(p.expect), "{}: {text}", p.name);
-        let stored = newest() != before;
+        let stored = newest(p) != before;
         assert_eq!(stored, p.name.ends_with("stored"), "{}", p.name);
     }
 }
@@ -449,9 +528,22 @@ fn max_rate(load: &Runtime, client: &reqwest::Client, p: &Arc<Path>) -> Option<f
     best
 }
 
-/// One stored turn on its own: `record_turn` (one durable redb write transaction), one at a
-/// time, as the stored paths do after each answer. Its inverse bounds their rate.
+/// One stored turn on its own: `record_turn` (one durable write transaction), one at a time,
+/// as the stored paths do after each answer, on each store. Its inverse bounds their rate.
 fn commit_cost(serve: &Runtime, s: &Setup) {
+    turn_cost(serve, "redb", &s.redb);
+    if let Some((one, _)) = &s.postgres {
+        turn_cost(serve, "PostgreSQL", one);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p50, p99, p999) = percentiles(fdatasync_latencies(dir.path()));
+    println!(
+        "the disk alone (peer: a 512-byte append + fdatasync on the same filesystem), 1,000 in \
+         a row: p50 {p50} µs, p99 {p99} µs, p99.9 {p999} µs"
+    );
+}
+
+fn turn_cost(serve: &Runtime, name: &str, e: &Edgechat) {
     use edgechat::store::{NewMessage, Role, TurnTarget};
     let msg = |role, text: &str| NewMessage {
         role,
@@ -469,7 +561,7 @@ fn commit_cost(serve: &Runtime, s: &Setup) {
             let turn = vec![msg(Role::User, "Say hello."), msg(Role::Assistant, "Hello!")];
             let target = TurnTarget::New { title: "Say hello.".into(), model: MODEL.into() };
             let t = Instant::now();
-            s.running.store().record_turn(s.user, target, turn, i).await.unwrap();
+            e.store().record_turn(e.user, target, turn, i).await.unwrap();
             out.push(t.elapsed());
         }
         out
@@ -477,13 +569,8 @@ fn commit_cost(serve: &Runtime, s: &Setup) {
     let cpu = (cpu_time() - cpu).as_secs_f64() * 1e6 / samples.len() as f64;
     let (p50, p99, p999) = percentiles(samples);
     println!(
-        "\nredb record_turn alone, 1,000 in a row: p50 {p50} µs, p99 {p99} µs, p99.9 {p999} µs, \
-         CPU {cpu:.0} µs per turn"
-    );
-    let (p50, p99, p999) = percentiles(fdatasync_latencies(s.dir.path()));
-    println!(
-        "the disk alone (peer: a 512-byte append + fdatasync beside the file), 1,000 in a row: \
-         p50 {p50} µs, p99 {p99} µs, p99.9 {p999} µs"
+        "\n{name} record_turn alone, 1,000 in a row: p50 {p50} µs, p99 {p99} µs, p99.9 {p999} µs, \
+         CPU {cpu:.0} µs per turn (this process only)"
     );
 }
 
@@ -534,7 +621,7 @@ fn main() {
     let setup = serve.block_on(setup());
     let client = new_client();
     let all = paths(&setup);
-    check(&load, &client, &setup, &all);
+    check(&load, &client, &all);
     let all: Vec<Arc<Path>> = all.into_iter().map(Arc::new).collect();
     let runs = fixed_rate(&load, &client, &all);
     print_fixed(&all, &runs);
@@ -552,5 +639,12 @@ fn main() {
     commit_cost(&serve, &setup);
     machine();
     drop(load);
-    serve.block_on(setup.running.shutdown());
+    serve.block_on(async {
+        let postgres = setup.postgres.into_iter().flat_map(|(a, b)| [a, b]);
+        for e in std::iter::once(setup.redb).chain(postgres) {
+            for r in e.replicas {
+                r.shutdown().await;
+            }
+        }
+    });
 }

@@ -1,12 +1,16 @@
 //! Durable enqueues per second through the real server (`POST /chat/background`, each `202`
 //! sent only after its job committed), with 1, 8 and 64 concurrent clients, next to the disk's
-//! own fsync rate measured in the same run (small write + fdatasync on the same filesystem).
-//! Group commit is what lets many clients share one fsync: the goal is ≥ 10× the
-//! single-client rate with 64 clients. Run with `cargo bench --bench jobs`.
+//! own fsync rate measured in the same run (small write + fdatasync on the same filesystem),
+//! on the redb file and, when PostgreSQL is installed, on a PostgreSQL server on loopback.
+//! Group commit is what lets many clients share one fsync (ours on redb, PostgreSQL's WAL
+//! flush there): the goal is ≥ 10× the single-client rate with 64 clients on both. Run with
+//! `cargo bench --bench jobs`.
 //!
 //! Jobs go to a stand-in upstream that never answers, so the workers hold one job each and
 //! the rest stay queued: the figures are for enqueueing alone.
 
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 #[path = "../tests/common/upstream.rs"]
 mod upstream;
 
@@ -115,10 +119,29 @@ async fn store_rate(running: &edgechat::server::Running) {
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
         let up = Upstream::start(vec![Act::StallBeforeHead]).await;
-        let running =
-            server::start_default(config(dir.path(), &up), &Environment::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fsyncs = fsync_rate(dir.path());
+        println!("disk: {fsyncs:.0} fdatasync/s (512-byte appends, same filesystem)");
+        println!("\nredb file");
+        measure(config(dir.path(), &up), fsyncs).await;
+        if postgres::installed() {
+            println!("\nPostgreSQL on loopback (fsync on, synchronous_commit on)");
+            let pg = tempfile::tempdir().unwrap();
+            let mut c = config(pg.path(), &up);
+            c.storage.url = Some(Secret::new(postgres::database()));
+            c.auth.jwt_secret = Some(Secret::new("bench-secret-bench-secret-bench-secret-0"));
+            measure(c, fsyncs).await;
+        } else {
+            println!("PostgreSQL is not installed: left out (apt-get install postgresql)");
+        }
+    });
+}
+
+/// Enqueue rates through the server `config` describes, then the store's side alone.
+async fn measure(config: Config, fsyncs: f64) {
+    {
+        let running = server::start_default(config, &Environment::default()).await.unwrap();
         let base = format!("http://{}", running.addr);
         let http = reqwest::Client::new();
         let creds =
@@ -134,9 +157,6 @@ fn main() {
             .await
             .unwrap();
         let token = login["access_token"].as_str().unwrap().to_string();
-
-        let fsyncs = fsync_rate(dir.path());
-        println!("disk: {fsyncs:.0} fdatasync/s (512-byte appends, same filesystem)");
         println!(
             "{:>8} {:>12} {:>10} {:>10} {:>12}",
             "clients", "enqueues/s", "p50", "p99", "vs fsync/s"
@@ -158,5 +178,5 @@ fn main() {
         println!("64 clients / 1 client: {:.1}× (goal ≥ 10×)", rate64 / single);
         store_rate(&running).await;
         running.shutdown().await;
-    });
+    }
 }

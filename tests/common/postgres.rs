@@ -54,6 +54,11 @@ pub fn server() -> &'static Server {
     })
 }
 
+/// Whether PostgreSQL's server is installed (benchmarks skip what needs it when not).
+pub fn installed() -> bool {
+    bin_dir().is_ok()
+}
+
 /// A new empty database owned by `ROLE`, as the URL edgechat's `storage.url` takes.
 pub fn database() -> String {
     let server = server();
