@@ -152,9 +152,22 @@ pub async fn services(config: &Config, env: &Environment) -> Result<Services, St
     Ok(Services { auth: Arc::new(Auth::new(store.clone(), settings)), store, data_dir })
 }
 
-/// The PostgreSQL settings when `storage.url` (or the `storage_url` credential) is set.
+/// The PostgreSQL settings when `storage.url` (or the systemd credential `storage_url`, for a
+/// URL that carries a password) selects it.
 pub fn postgres(config: &Config, env: &Environment) -> Option<crate::store::PostgresOptions> {
-    config.storage.postgres(env.credentials_directory.as_deref())
+    let s = &config.storage;
+    let from_file = || {
+        let path = env.credentials_directory.as_ref()?.join("storage_url");
+        let text = std::fs::read_to_string(path).ok()?;
+        Some(Secret::new(text.trim_end_matches(['\n', '\r'])))
+    };
+    Some(crate::store::PostgresOptions {
+        url: s.url.clone().or_else(from_file)?,
+        pool_size: s.pool_size,
+        statement_timeout: Duration::from_millis(s.statement_timeout_ms),
+        connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+        ca_file: s.ca_file.clone(),
+    })
 }
 
 /// PostgreSQL when `storage.url` is set, else the redb file in `data_dir` (opened on the

@@ -151,25 +151,6 @@ impl Default for StorageConfig {
     }
 }
 
-impl StorageConfig {
-    /// The PostgreSQL settings, when `url` (or the systemd credential `storage_url` in
-    /// `credentials`, for a URL that carries a password) selects it.
-    pub fn postgres(&self, credentials: Option<&Path>) -> Option<crate::store::PostgresOptions> {
-        let from_file = || {
-            let text = std::fs::read_to_string(credentials?.join("storage_url")).ok()?;
-            Some(Secret::new(text.trim_end_matches(['\n', '\r'])))
-        };
-        let url = self.url.clone().or_else(from_file)?;
-        Some(crate::store::PostgresOptions {
-            url,
-            pool_size: self.pool_size,
-            statement_timeout: std::time::Duration::from_millis(self.statement_timeout_ms),
-            connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
-            ca_file: self.ca_file.clone(),
-        })
-    }
-}
-
 /// Token lifetimes, JWT claims, password hashing concurrency and who may sign up.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

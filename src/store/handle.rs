@@ -396,24 +396,22 @@ impl Store {
         jobs: Vec<Job>,
         limits: QueueLimits,
     ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
-        both!(self.enqueue_jobs(jobs, limits))
+        match &self.backend {
+            Backend::Redb(r) => r.enqueue_jobs(jobs, limits).await,
+            Backend::Postgres(p) => {
+                p.enqueue_jobs(jobs.into_iter().map(|j| (j, limits)).collect()).await
+            }
+        }
     }
 
-    /// Adds a job, checked against `limits`, and returns after the commit. Concurrent
-    /// enqueues share commits: redb groups them into one transaction, PostgreSQL's WAL flush
-    /// covers every transaction committing at that moment.
+    /// Adds a job, checked against `limits`, and returns after the commit. Enqueues arriving
+    /// meanwhile share the next transaction and its one flush (group commit, both backends).
     pub async fn enqueue_job(
         &self,
         job: Job,
         limits: QueueLimits,
     ) -> Result<Result<Job, Refusal>, StoreError> {
-        match &self.backend {
-            Backend::Redb(r) => r.enqueue_job(job, limits).await,
-            Backend::Postgres(p) => {
-                let mut one = p.enqueue_jobs(vec![job], limits).await?;
-                one.pop().ok_or_else(|| StoreError::Db("enqueue returned no outcome".into()))
-            }
-        }
+        both!(self.enqueue_job(job, limits))
     }
 
     /// Takes the queued job due first (run_at ≤ now) for one attempt until `lease_until`; no

@@ -45,6 +45,7 @@ on_both!(
     caps_refuse_per_user_then_in_all,
     concurrent_claims_never_take_the_same_job,
     a_settled_job_stores_its_turn_with_its_result_once,
+    concurrent_enqueues_meet_the_caps_exactly,
 );
 
 fn new_user(name: &str, email: &str) -> NewUser {
@@ -351,6 +352,30 @@ async fn caps_refuse_per_user_then_in_all(store: Store) {
     assert!(store.enqueue_job(Job::new(a, json!({}), 0), limits).await.unwrap().is_ok());
 }
 
+/// 64 enqueues of one user at once against a cap of 50: exactly 50 stored, the rest refused
+/// (group commit puts them in shared transactions; the cap is checked inside them).
+async fn concurrent_enqueues_meet_the_caps_exactly(store: Store) {
+    let user = user(&store, "ann").await;
+    let limits = QueueLimits { per_user: 50, total: 1000 };
+    let all = (0..64).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store.enqueue_job(Job::new(user, json!({ "n": i }), 0), limits).await
+        })
+    });
+    let outcomes: Vec<_> = futures_util::future::join_all(all).await;
+    let stored = outcomes.iter().filter(|o| matches!(o, Ok(Ok(Ok(_))))).count();
+    let refused =
+        outcomes.iter().filter(|o| matches!(o, Ok(Ok(Err(Refusal::UserLimit(50)))))).count();
+    assert_eq!((stored, refused), (50, 14));
+    assert_eq!(store.job_backlog().await.unwrap(), (50, 0));
+    // The total cap counts every user's unfinished jobs.
+    let other = self::user(&store, "ben").await;
+    let full = QueueLimits { per_user: 50, total: 50 };
+    let out = store.enqueue_job(Job::new(other, json!({}), 0), full).await.unwrap();
+    assert_eq!(out.err(), Some(Refusal::QueueFull(50)));
+}
+
 /// Eight workers claiming 40 jobs at once: each job is claimed exactly once.
 async fn concurrent_claims_never_take_the_same_job(store: Store) {
     let user = user(&store, "ann").await;
@@ -423,7 +448,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         tokio::spawn(async move { Store::connect(&options).await })
     });
     for store in futures_util::future::join_all(starts).await {
-        assert_eq!(store.unwrap().unwrap().schema_version().await.unwrap(), 2);
+        assert_eq!(store.unwrap().unwrap().schema_version().await.unwrap(), 3);
     }
 }
 
@@ -436,7 +461,7 @@ async fn postgres_newer_schema_is_refused() {
     let db = url.rsplit('/').next().unwrap();
     server::server().sql_in(db, "UPDATE edgechat_meta SET value = 99 WHERE key = 'schema_version'");
     let e = Store::connect(&options).await.unwrap_err();
-    assert!(matches!(e, StoreError::NewerSchema { found: 99, supported: 2, .. }), "{e}");
+    assert!(matches!(e, StoreError::NewerSchema { found: 99, supported: 3, .. }), "{e}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{}/{db}", server::server().port)), "{e}");
 }
 

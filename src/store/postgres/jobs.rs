@@ -5,6 +5,7 @@
 use super::conversations::record_turn_in;
 use super::{col, exec, one, rows, snapshot, Pg};
 use crate::clock::Millis;
+use crate::store::group::{answer, answered, Queue};
 use crate::store::jobs::CONVERSATION_GONE;
 use crate::store::{
     CancelOutcome, Job, JobState, JobStats, QueueLimits, Refusal, Settlement, StoreError,
@@ -104,14 +105,15 @@ async fn locked<C: GenericClient>(c: &C, id: Uuid) -> Result<Option<Job>, StoreE
     one(c, &sql, &[&id]).await?.as_ref().map(job_of).transpose()
 }
 
-/// One enqueue inside a transaction: the user's row lock serialises their enqueues across
-/// replicas, so the per-user cap holds exactly; the total cap is checked against a count that
-/// another replica may pass at the same moment (it bounds the queue, one batch's worth over
-/// at most).
+/// One enqueue inside a batch's transaction. The user's row lock serialises their enqueues
+/// across replicas, so the per-user cap holds exactly (counted by `jobs_active_by_user`, at
+/// most the cap's worth of rows); `active` is the queue's unfinished jobs, counted once per
+/// batch: another replica's batch committing meanwhile may pass the total cap by its size.
 async fn enqueue_in<C: GenericClient>(
     tx: &C,
     job: &Job,
     limits: QueueLimits,
+    active: &mut u64,
 ) -> Result<Result<(), Refusal>, StoreError> {
     if one(tx, "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", &[&job.user_id])
         .await?
@@ -119,36 +121,60 @@ async fn enqueue_in<C: GenericClient>(
     {
         return Ok(Err(Refusal::UserGone));
     }
-    let row = one(
-        tx,
-        "SELECT count(*) FILTER (WHERE user_id = $1) AS mine, count(*) AS total
-         FROM jobs WHERE state IN ('queued', 'running')",
-        &[&job.user_id],
-    )
-    .await?
-    .ok_or_else(|| StoreError::Db("count returned no row".into()))?;
-    let (mine, total): (i64, i64) = (col(&row, "jobs", "mine")?, col(&row, "jobs", "total")?);
+    let sql = "SELECT count(*) FROM jobs WHERE user_id = $1 AND state IN ('queued', 'running')";
+    let mine: i64 = one(tx, sql, &[&job.user_id]).await?.map_or(0, |r| r.get(0));
     if mine >= limits.per_user as i64 {
         return Ok(Err(Refusal::UserLimit(limits.per_user)));
     }
-    if total as u64 >= limits.total {
+    if *active >= limits.total {
         return Ok(Err(Refusal::QueueFull(limits.total)));
     }
     insert_job(tx, job).await?;
+    *active += 1;
     Ok(Ok(()))
 }
 
+/// Enqueues waiting for their group commit.
+pub(super) type Enqueues = Queue<(Job, QueueLimits), Result<Job, Refusal>>;
+
 impl Pg {
+    /// Adds a job, checked against `limits`, and returns after the commit; enqueues arriving
+    /// meanwhile share the next transaction (and its WAL flush), as redb's group commit does.
+    pub(in crate::store) async fn enqueue_job(
+        &self,
+        job: Job,
+        limits: QueueLimits,
+    ) -> Result<Result<Job, Refusal>, StoreError> {
+        let (rx, lead) = self.enqueues.push((job, limits));
+        if lead {
+            let pg = self.clone();
+            tokio::spawn(async move { pg.drain_enqueues().await });
+        }
+        answered(rx).await
+    }
+
+    /// Commits batches of waiting enqueues until none is left.
+    async fn drain_enqueues(&self) {
+        let _guard = self.enqueues.draining();
+        while let Some((items, answers)) = self.enqueues.next_batch() {
+            let outcome = self.enqueue_jobs(items).await;
+            answer(answers, outcome.map(|all| all.into_iter().map(Ok).collect()));
+        }
+    }
+
+    /// Stores each job checked against its limits, all in one transaction; one outcome per
+    /// job, in order. A refusal writes nothing for that job and spares the others.
     pub(in crate::store) async fn enqueue_jobs(
         &self,
-        jobs: Vec<Job>,
-        limits: QueueLimits,
+        jobs: Vec<(Job, QueueLimits)>,
     ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let sql = "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')";
+        let mut active = one(&tx, sql, &[]).await?.map_or(0, |r| r.get::<_, i64>(0)) as u64;
         let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            out.push(enqueue_in(&tx, &job, limits).await?.map(|()| job));
+        for (job, limits) in jobs {
+            out.push(enqueue_in(&tx, &job, limits, &mut active).await?.map(|()| job));
         }
         if out.iter().any(Result::is_ok) {
             exec(&tx, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;

@@ -15,6 +15,7 @@ mod signals;
 pub use copy::CopyReport;
 pub use signals::JobSignals;
 
+use super::group::Queue;
 use super::{PostgresOptions, StoreError, UniqueField};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use rustls_pki_types::pem::PemObject;
@@ -24,11 +25,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 /// The schema this build writes on PostgreSQL (its own numbering: redb's file has another).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// One script per version: `MIGRATIONS[n]` turns version `n` into version `n + 1`; all the
 /// steps a start needs run in one transaction.
-const MIGRATIONS: [&str; 2] = [include_str!("schema_1.sql"), include_str!("schema_2.sql")];
+const MIGRATIONS: [&str; 3] =
+    [include_str!("schema_1.sql"), include_str!("schema_2.sql"), include_str!("schema_3.sql")];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`): arbitrary, but fixed forever.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6368_6174; // "edgechat"
@@ -45,6 +47,8 @@ pub(super) struct Pg {
     shown: Arc<str>,
     /// How to open a connection outside the pool (`JobSignals`).
     connect_with: Arc<(tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect)>,
+    /// Enqueues waiting for the next batch (group commit: one transaction, one WAL flush).
+    enqueues: Arc<jobs::Enqueues>,
 }
 
 impl Pg {
@@ -76,7 +80,7 @@ impl Pg {
             .recycle_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| StoreError::Db(format!("{shown}: {e}")))?;
-        let pg = Pg { pool, shown, connect_with };
+        let pg = Pg { pool, shown, connect_with, enqueues: Arc::new(Queue::new()) };
         pg.migrate().await.map_err(|e| pg.at_start(e))?;
         Ok(pg)
     }
