@@ -187,6 +187,12 @@ async fn deleting_a_user_deletes_everything_of_theirs_in_every_table_and_nothing
     assert_eq!(store.api_keys(bob).await.unwrap().len(), 1);
     // Her name and email are free again.
     store.create_user(new_user("alice", "a@x.io"), 9).await.unwrap();
+    // Her unfinished jobs left the queue's count: bob's two are all that count now.
+    let room_for_one = QueueLimits { per_user: 100, total: 3 };
+    let job = |n| Job::new(bob, json!({ "n": n }), 0);
+    assert!(store.enqueue_job(job(1), room_for_one).await.unwrap().is_ok());
+    let full = store.enqueue_job(job(2), room_for_one).await.unwrap();
+    assert_eq!(full.err(), Some(Refusal::QueueFull(3)));
 
     // Her running job's worker loses it quietly: no renewal, its result discarded.
     assert!(!store.renew_lease(running.id, 1, 500).await.unwrap());

@@ -122,7 +122,7 @@ impl Pg {
             exec(&tx, "DELETE FROM conversations WHERE user_id = $1", &[&id]).await?;
         let api_keys = exec(&tx, "DELETE FROM api_keys WHERE user_id = $1", &[&id]).await?;
         let refresh_tokens = delete_refresh_tokens(&tx, id).await?;
-        let jobs = exec(&tx, "DELETE FROM jobs WHERE user_id = $1", &[&id]).await?;
+        let jobs = super::jobs::delete_user_jobs(&tx, id).await?;
         exec(&tx, "DELETE FROM users WHERE id = $1", &[&id]).await?;
         tx.commit().await?;
         Ok(AccountChange::Done(DeletedUser {

@@ -3,7 +3,7 @@
 
 use super::accounts::{insert_key, insert_user};
 use super::conversations::{insert_conversation, insert_message};
-use super::jobs::insert_job;
+use super::jobs::{insert_job, recount};
 use super::{exec, one, Pg};
 use crate::clock::Millis;
 use crate::store::accounts::RefreshRecord;
@@ -79,6 +79,7 @@ impl Pg {
         for job in all::<Job>(source, tables::JOBS, "jobs")? {
             insert_job(&tx, &job).await?;
         }
+        recount(&tx).await?;
         let report = verify(&tx, source).await?;
         tx.commit().await?;
         Ok(report)

@@ -105,33 +105,74 @@ async fn locked<C: GenericClient>(c: &C, id: Uuid) -> Result<Option<Job>, StoreE
     one(c, &sql, &[&id]).await?.as_ref().map(job_of).transpose()
 }
 
-/// One enqueue inside a batch's transaction. The user's row lock serialises their enqueues
-/// across replicas, so the per-user cap holds exactly (counted by `jobs_active_by_user`, at
-/// most the cap's worth of rows); `active` is the queue's unfinished jobs, counted once per
-/// batch: another replica's batch committing meanwhile may pass the total cap by its size.
+/// One enqueue inside a batch's transaction, checked in the order redb checks: the user
+/// exists, is under their cap, the queue under its own. The user's row is locked until the
+/// commit, so their count (`users.active_jobs`) is exact across replicas; `active` is the
+/// queue's count as the batch began plus what it added: another replica's batch committing
+/// meanwhile may pass the total cap by its size.
 async fn enqueue_in<C: GenericClient>(
     tx: &C,
     job: &Job,
     limits: QueueLimits,
     active: &mut u64,
 ) -> Result<Result<(), Refusal>, StoreError> {
-    if one(tx, "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", &[&job.user_id])
-        .await?
-        .is_none()
-    {
+    let sql = "SELECT active_jobs FROM users WHERE id = $1 FOR NO KEY UPDATE";
+    let Some(row) = one(tx, sql, &[&job.user_id]).await? else {
         return Ok(Err(Refusal::UserGone));
-    }
-    let sql = "SELECT count(*) FROM jobs WHERE user_id = $1 AND state IN ('queued', 'running')";
-    let mine: i64 = one(tx, sql, &[&job.user_id]).await?.map_or(0, |r| r.get(0));
-    if mine >= limits.per_user as i64 {
+    };
+    if col::<i32>(&row, "users", "active_jobs")? as i64 >= limits.per_user as i64 {
         return Ok(Err(Refusal::UserLimit(limits.per_user)));
     }
     if *active >= limits.total {
         return Ok(Err(Refusal::QueueFull(limits.total)));
     }
     insert_job(tx, job).await?;
+    let sql = "UPDATE users SET active_jobs = active_jobs + 1 WHERE id = $1";
+    exec(tx, sql, &[&job.user_id]).await?;
     *active += 1;
     Ok(Ok(()))
+}
+
+/// Moves the queue's unfinished count by `delta` (on a shard picked at random, so that
+/// concurrent transactions seldom wait for each other's row).
+async fn count_active<C: GenericClient>(c: &C, delta: i64) -> Result<(), StoreError> {
+    let shard = (rand::random::<u8>() % 16) as i16;
+    exec(c, "UPDATE job_totals SET active = active + $2 WHERE shard = $1", &[&shard, &delta])
+        .await?;
+    Ok(())
+}
+
+/// `job` has just finished (it was queued or running): its user and the queue count one
+/// unfinished job fewer.
+async fn count_finished<C: GenericClient>(c: &C, job: &Job) -> Result<(), StoreError> {
+    let sql = "UPDATE users SET active_jobs = greatest(active_jobs - 1, 0) WHERE id = $1";
+    exec(c, sql, &[&job.user_id]).await?;
+    count_active(c, -1).await
+}
+
+/// Deletes every job of `user` (their account is going), taking their unfinished ones off the
+/// queue's count; returns how many.
+pub(super) async fn delete_user_jobs<C: GenericClient>(
+    c: &C,
+    user: Uuid,
+) -> Result<u64, StoreError> {
+    let sql = "SELECT active_jobs FROM users WHERE id = $1";
+    let active: i32 = one(c, sql, &[&user]).await?.map_or(0, |r| r.get(0));
+    count_active(c, -(active as i64)).await?;
+    exec(c, "DELETE FROM jobs WHERE user_id = $1", &[&user]).await
+}
+
+/// Sets every count from the jobs themselves (after `store copy` wrote them as they were).
+pub(super) async fn recount<C: GenericClient>(c: &C) -> Result<(), StoreError> {
+    c.batch_execute(
+        "UPDATE users u SET active_jobs = (SELECT count(*) FROM jobs j
+             WHERE j.user_id = u.id AND j.state IN ('queued', 'running'));
+         UPDATE job_totals SET active = 0;
+         UPDATE job_totals SET active = (SELECT count(*) FROM jobs
+             WHERE state IN ('queued', 'running')) WHERE shard = 0;",
+    )
+    .await?;
+    Ok(())
 }
 
 /// Enqueues waiting for their group commit.
@@ -170,13 +211,16 @@ impl Pg {
     ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let sql = "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')";
-        let mut active = one(&tx, sql, &[]).await?.map_or(0, |r| r.get::<_, i64>(0)) as u64;
+        let sql = "SELECT sum(active)::bigint FROM job_totals";
+        let row = one(&tx, sql, &[]).await?;
+        let before = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0).max(0) as u64;
+        let mut active = before;
         let mut out = Vec::with_capacity(jobs.len());
         for (job, limits) in jobs {
             out.push(enqueue_in(&tx, &job, limits, &mut active).await?.map(|()| job));
         }
-        if out.iter().any(Result::is_ok) {
+        if active > before {
+            count_active(&tx, (active - before) as i64).await?;
             exec(&tx, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
         }
         tx.commit().await?;
@@ -251,6 +295,7 @@ impl Pg {
                                 sp.rollback().await?;
                                 job.fail(CONVERSATION_GONE.into(), now);
                                 save(&tx, &job).await?;
+                                count_finished(&tx, &job).await?;
                                 tx.commit().await?;
                                 return Ok(Some(job));
                             }
@@ -265,6 +310,9 @@ impl Pg {
             Settlement::Failed { error } => job.fail(error, now),
         }
         save(&tx, &job).await?;
+        if job.state.is_finished() {
+            count_finished(&tx, &job).await?;
+        }
         tx.commit().await?;
         Ok(Some(job))
     }
@@ -285,6 +333,7 @@ impl Pg {
         let job =
             Job { state: JobState::Cancelled, finished_at: Some(now), lease_until: None, ..old };
         save(&tx, &job).await?;
+        count_finished(&tx, &job).await?;
         tx.commit().await?;
         Ok(CancelOutcome::Cancelled(job))
     }
