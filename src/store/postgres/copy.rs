@@ -3,7 +3,7 @@
 
 use super::accounts::{insert_key, insert_user};
 use super::conversations::{insert_conversation, insert_message};
-use super::jobs::{insert_job, recount};
+use super::jobs::{insert_jobs, recount};
 use super::{exec, one, Pg};
 use crate::clock::Millis;
 use crate::store::accounts::RefreshRecord;
@@ -76,8 +76,8 @@ impl Pg {
                 insert_message(&tx, c.id, seq, &m).await?;
             }
         }
-        for job in all::<Job>(source, tables::JOBS, "jobs")? {
-            insert_job(&tx, &job).await?;
+        for chunk in all::<Job>(source, tables::JOBS, "jobs")?.chunks(500) {
+            insert_jobs(&tx, chunk).await?;
         }
         recount(&tx).await?;
         let report = verify(&tx, source).await?;

@@ -12,6 +12,7 @@ use crate::store::{
 };
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
+use std::collections::HashMap;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -70,29 +71,32 @@ async fn save<C: GenericClient>(c: &C, job: &Job) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// One job row as it is; `store copy` writes them too.
-pub(in crate::store) async fn insert_job<C: GenericClient>(
+/// Job rows as they are, in one statement however many (enqueue batches, `store copy`).
+pub(in crate::store) async fn insert_jobs<C: GenericClient>(
     c: &C,
-    job: &Job,
+    jobs: &[Job],
 ) -> Result<(), StoreError> {
+    let column = |f: &dyn Fn(&Job) -> Option<i64>| jobs.iter().map(f).collect::<Vec<_>>();
     exec(
         c,
         "INSERT INTO jobs (id, user_id, state, attempts, request, result, error, created_at,
                            started_at, finished_at, run_at, lease_until)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::jsonb[],
+                              $6::jsonb[], $7::text[], $8::int8[], $9::int8[], $10::int8[],
+                              $11::int8[], $12::int8[])",
         &[
-            &job.id,
-            &job.user_id,
-            &job.state.as_str(),
-            &(job.attempts as i32),
-            &job.request,
-            &job.result,
-            &job.error,
-            &job.created_at,
-            &job.started_at,
-            &job.finished_at,
-            &job.run_at,
-            &job.lease_until,
+            &jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| j.user_id).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| j.attempts as i32).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| &j.request).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| j.result.as_ref()).collect::<Vec<_>>(),
+            &jobs.iter().map(|j| j.error.as_deref()).collect::<Vec<_>>(),
+            &column(&|j| Some(j.created_at)),
+            &column(&|j| j.started_at),
+            &column(&|j| j.finished_at),
+            &column(&|j| Some(j.run_at)),
+            &column(&|j| j.lease_until),
         ],
     )
     .await
@@ -105,32 +109,31 @@ async fn locked<C: GenericClient>(c: &C, id: Uuid) -> Result<Option<Job>, StoreE
     one(c, &sql, &[&id]).await?.as_ref().map(job_of).transpose()
 }
 
-/// One enqueue inside a batch's transaction, checked in the order redb checks: the user
-/// exists, is under their cap, the queue under its own. The user's row is locked until the
-/// commit, so their count (`users.active_jobs`) is exact across replicas; `active` is the
-/// queue's count as the batch began plus what it added: another replica's batch committing
-/// meanwhile may pass the total cap by its size.
-async fn enqueue_in<C: GenericClient>(
-    tx: &C,
-    job: &Job,
-    limits: QueueLimits,
-    active: &mut u64,
-) -> Result<Result<(), Refusal>, StoreError> {
-    let sql = "SELECT active_jobs FROM users WHERE id = $1 FOR NO KEY UPDATE";
-    let Some(row) = one(tx, sql, &[&job.user_id]).await? else {
-        return Ok(Err(Refusal::UserGone));
-    };
-    if col::<i32>(&row, "users", "active_jobs")? as i64 >= limits.per_user as i64 {
-        return Ok(Err(Refusal::UserLimit(limits.per_user)));
+/// Which jobs of a batch may be stored, in the order redb checks: the user exists, is under
+/// their cap, the queue under its own. `users` are the batch's users with their unfinished
+/// counts, read under their row locks (so the per-user cap is exact across replicas); `total`
+/// is the queue's count as the batch began: another replica's batch committing meanwhile may
+/// pass the total cap by its size.
+fn admit(
+    jobs: Vec<(Job, QueueLimits)>,
+    users: &mut HashMap<Uuid, i64>,
+    mut total: u64,
+) -> Vec<Result<Job, Refusal>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for (job, limits) in jobs {
+        let outcome = match users.get_mut(&job.user_id) {
+            None => Err(Refusal::UserGone),
+            Some(n) if *n >= limits.per_user as i64 => Err(Refusal::UserLimit(limits.per_user)),
+            Some(_) if total >= limits.total => Err(Refusal::QueueFull(limits.total)),
+            Some(n) => {
+                *n += 1;
+                total += 1;
+                Ok(())
+            }
+        };
+        out.push(outcome.map(|()| job));
     }
-    if *active >= limits.total {
-        return Ok(Err(Refusal::QueueFull(limits.total)));
-    }
-    insert_job(tx, job).await?;
-    let sql = "UPDATE users SET active_jobs = active_jobs + 1 WHERE id = $1";
-    exec(tx, sql, &[&job.user_id]).await?;
-    *active += 1;
-    Ok(Ok(()))
+    out
 }
 
 /// Moves the queue's unfinished count by `delta` (on a shard picked at random, so that
@@ -203,24 +206,43 @@ impl Pg {
         }
     }
 
-    /// Stores each job checked against its limits, all in one transaction; one outcome per
-    /// job, in order. A refusal writes nothing for that job and spares the others.
+    /// Stores each job checked against its limits, all in one transaction of a few
+    /// statements however many jobs; one outcome per job, in order. A refusal writes nothing
+    /// for that job and spares the others.
     pub(in crate::store) async fn enqueue_jobs(
         &self,
         jobs: Vec<(Job, QueueLimits)>,
     ) -> Result<Vec<Result<Job, Refusal>>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let sql = "SELECT sum(active)::bigint FROM job_totals";
-        let row = one(&tx, sql, &[]).await?;
-        let before = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0).max(0) as u64;
-        let mut active = before;
-        let mut out = Vec::with_capacity(jobs.len());
-        for (job, limits) in jobs {
-            out.push(enqueue_in(&tx, &job, limits, &mut active).await?.map(|()| job));
+        let mut ids: Vec<Uuid> = jobs.iter().map(|(j, _)| j.user_id).collect();
+        ids.sort();
+        ids.dedup();
+        // Locked in id order: two replicas' batches never wait for each other in a cycle.
+        let sql = "SELECT id, active_jobs FROM users WHERE id = ANY($1) ORDER BY id
+                   FOR NO KEY UPDATE";
+        let mut users = HashMap::new();
+        for row in rows(&tx, sql, &[&ids]).await? {
+            let n: i32 = col(&row, "users", "active_jobs")?;
+            users.insert(col::<Uuid>(&row, "users", "id")?, n as i64);
         }
-        if active > before {
-            count_active(&tx, (active - before) as i64).await?;
+        let row = one(&tx, "SELECT sum(active)::bigint FROM job_totals", &[]).await?;
+        let total = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0).max(0) as u64;
+        let out = admit(jobs, &mut users, total);
+        let stored: Vec<Job> = out.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
+        if !stored.is_empty() {
+            insert_jobs(&tx, &stored).await?;
+            let mut added: HashMap<Uuid, i32> = HashMap::new();
+            stored.iter().for_each(|j| *added.entry(j.user_id).or_default() += 1);
+            let (ids, ns): (Vec<Uuid>, Vec<i32>) = added.into_iter().unzip();
+            exec(
+                &tx,
+                "UPDATE users u SET active_jobs = u.active_jobs + d.n
+                 FROM unnest($1::uuid[], $2::int[]) AS d(id, n) WHERE u.id = d.id",
+                &[&ids, &ns],
+            )
+            .await?;
+            count_active(&tx, stored.len() as i64).await?;
             exec(&tx, "SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
         }
         tx.commit().await?;
