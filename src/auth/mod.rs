@@ -124,6 +124,15 @@ pub struct IssuedKey {
     pub key: Secret,
 }
 
+/// The user a credential names, if they may still act: not deleted, not disabled.
+fn live(user: Option<User>) -> Result<User, AuthError> {
+    match user {
+        Some(u) if !u.disabled => Ok(u),
+        Some(_) => Err(AuthError::Unauthenticated("user disabled")),
+        None => Err(AuthError::Unauthenticated("user gone")),
+    }
+}
+
 /// Settings for `Auth::new`.
 pub struct AuthSettings {
     pub jwt: Jwt,
@@ -251,12 +260,12 @@ impl Auth {
     /// The caller behind a bearer value: an API key (`ec_…`) or an access JWT.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
         if bearer.starts_with(API_KEY_PREFIX) {
-            let key = self
+            let (key, user) = self
                 .store
-                .api_key_by_hash(&sha256(bearer))
+                .api_key_owner(&sha256(bearer))
                 .await?
                 .ok_or(AuthError::Unauthenticated("unknown api key"))?;
-            let user = self.live_user(key.user_id).await?;
+            let user = live(Some(user))?;
             let now = now_ms();
             if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
                 // Bookkeeping: a failed write must not fail a valid request.
@@ -302,11 +311,7 @@ impl Auth {
     }
 
     async fn live_user(&self, id: Uuid) -> Result<User, AuthError> {
-        match self.store.user(id).await? {
-            Some(u) if !u.disabled => Ok(u),
-            Some(_) => Err(AuthError::Unauthenticated("user disabled")),
-            None => Err(AuthError::Unauthenticated("user gone")),
-        }
+        live(self.store.user(id).await?)
     }
 
     fn pair(&self, user: Uuid, refresh_token: Secret) -> TokenPair {

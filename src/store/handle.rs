@@ -275,12 +275,19 @@ impl Store {
         both!(self.create_api_key(key))
     }
 
-    /// The live key with this hash, if any.
-    pub async fn api_key_by_hash(
+    /// The live key with this hash and its owner, in one read (every request made with an
+    /// API key asks this).
+    pub async fn api_key_owner(
         &self,
         hash: &[u8; 32],
-    ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        both!(read self.api_key_by_hash(hash))
+    ) -> Result<Option<(ApiKeyRecord, User)>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => {
+                let Some(key) = r.api_key_by_hash(hash)? else { return Ok(None) };
+                Ok(r.user(key.user_id)?.map(|user| (key, user)))
+            }
+            Backend::Postgres(p) => p.api_key_owner(hash).await,
+        }
     }
 
     /// A user's live keys, oldest first.

@@ -143,13 +143,26 @@ impl Pg {
         insert_key(&self.client().await?, &key).await
     }
 
-    pub(in crate::store) async fn api_key_by_hash(
+    pub(in crate::store) async fn api_key_owner(
         &self,
         hash: &[u8; 32],
-    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+    ) -> Result<Option<(ApiKeyRecord, User)>, StoreError> {
         let client = self.client().await?;
-        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1");
-        one(&client, &sql, &[&hash.as_slice()]).await?.as_ref().map(key_of).transpose()
+        let sql = "SELECT k.id AS key_id, k.name, k.hash, k.created_at AS key_created_at,
+                          k.last_used_at, u.id, u.username, u.email, u.password_hash, u.is_admin,
+                          u.disabled, u.created_at
+                   FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1";
+        let Some(row) = one(&client, sql, &[&hash.as_slice()]).await? else { return Ok(None) };
+        let user = user_of(&row)?;
+        let key = ApiKeyRecord {
+            id: col(&row, "api_keys", "key_id")?,
+            user_id: user.id,
+            name: col(&row, "api_keys", "name")?,
+            hash: *hash,
+            created_at: col(&row, "api_keys", "key_created_at")?,
+            last_used_at: col(&row, "api_keys", "last_used_at")?,
+        };
+        Ok(Some((key, user)))
     }
 
     pub(in crate::store) async fn api_keys(

@@ -8,6 +8,7 @@ use crate::store::{
     Conversation, ConversationPage, Cursor, Message, NewMessage, Role, StoreError, TurnTarget,
 };
 use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -153,8 +154,69 @@ async fn header<C: GenericClient>(
     one(c, &sql, &[&id, &user_id]).await?.as_ref().map(conversation_of).transpose()
 }
 
-/// Stores a turn inside the caller's transaction (a background job settles its turn and its
-/// final state together). `NotFound` when the user or the conversation is gone.
+/// Messages as the rows `t` of a statement — `t(id, role, content, tool_calls, tool_call_id,
+/// model, provider, created_at, usage, ord)`, from parameters `$1`–`$9` (`message_arrays`) — and
+/// the insert they feed, whose sequence numbers are `ord - 1` on from a base the statement
+/// gives.
+const MESSAGE_ROWS: &str = "unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
+        $6::text[], $7::text[], $8::int8[], $9::jsonb[])
+    WITH ORDINALITY AS t(id, role, content, tool_calls, tool_call_id, model, provider,
+                         created_at, usage, ord)";
+const MESSAGE_INSERT: &str = "INSERT INTO messages (conversation_id, seq, id, role, content,
+        tool_calls, tool_call_id, model, provider, created_at, usage)";
+
+/// The columns of `messages` as the arrays `MESSAGE_ROWS` reads.
+struct MessageArrays {
+    ids: Vec<Uuid>,
+    roles: Vec<&'static str>,
+    contents: Vec<String>,
+    tool_calls: Vec<Option<serde_json::Value>>,
+    tool_call_ids: Vec<Option<String>>,
+    models: Vec<Option<String>>,
+    providers: Vec<Option<String>>,
+    created: Vec<i64>,
+    usages: Vec<Option<serde_json::Value>>,
+}
+
+impl MessageArrays {
+    fn of(messages: &[Message]) -> MessageArrays {
+        let calls =
+            |m: &Message| (!m.tool_calls.is_empty()).then(|| serde_json::json!(m.tool_calls));
+        MessageArrays {
+            ids: messages.iter().map(|m| m.id).collect(),
+            roles: messages.iter().map(|m| m.role.as_str()).collect(),
+            contents: messages.iter().map(|m| m.content.clone()).collect(),
+            tool_calls: messages.iter().map(calls).collect(),
+            tool_call_ids: messages.iter().map(|m| m.tool_call_id.clone()).collect(),
+            models: messages.iter().map(|m| m.model.clone()).collect(),
+            providers: messages.iter().map(|m| m.provider.clone()).collect(),
+            created: messages.iter().map(|m| m.created_at).collect(),
+            usages: messages.iter().map(|m| m.usage.map(|u| serde_json::json!(u))).collect(),
+        }
+    }
+
+    /// `$1`–`$9`, then `more`.
+    fn params<'a>(&'a self, more: &[&'a (dyn ToSql + Sync)]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.ids,
+            &self.roles,
+            &self.contents,
+            &self.tool_calls,
+            &self.tool_call_ids,
+            &self.models,
+            &self.providers,
+            &self.created,
+            &self.usages,
+        ];
+        p.extend_from_slice(more);
+        p
+    }
+}
+
+/// Stores a turn in one statement (one round trip): the conversation created, or updated
+/// under its row lock, and the messages appended after its last. Inside a caller's
+/// transaction too (a background job settles its turn and its final state together).
+/// `NotFound` when the user (the foreign key) or the conversation is gone.
 pub(super) async fn record_turn_in<C: GenericClient>(
     tx: &C,
     user_id: Uuid,
@@ -162,66 +224,60 @@ pub(super) async fn record_turn_in<C: GenericClient>(
     messages: Vec<NewMessage>,
     now: Millis,
 ) -> Result<(Conversation, Vec<Message>), StoreError> {
-    // The user's row is share-locked until the commit: a deletion waits for this turn (then
-    // deletes it too), or came first and leaves nothing for it to write to.
-    if one(tx, "SELECT 1 FROM users WHERE id = $1 FOR KEY SHARE", &[&user_id]).await?.is_none() {
-        return Err(StoreError::NotFound);
-    }
-    let (mut conv, new) = match target {
-        TurnTarget::New { title, model } => (Conversation::start(user_id, title, model, now), true),
+    let stored: Vec<Message> = messages.into_iter().map(|m| Message::stored(m, now)).collect();
+    let arrays = MessageArrays::of(&stored);
+    let n = stored.len() as i32;
+    let conv = match target {
+        TurnTarget::New { title, model } => {
+            let mut conv = Conversation::start(user_id, title, model, now);
+            conv.message_count = stored.len() as u32;
+            conv.touched(&stored, now);
+            let sql = format!(
+                "WITH c AS (INSERT INTO conversations (id, user_id, title, model, created_at,
+                                                      updated_at, message_count)
+                            VALUES ($10, $11, $12, $13, $14, $14, $15) RETURNING id)
+                 {MESSAGE_INSERT} SELECT c.id, (t.ord - 1)::int, t.id, t.role, t.content,
+                     t.tool_calls, t.tool_call_id, t.model, t.provider, t.created_at, t.usage
+                 FROM c, {MESSAGE_ROWS}"
+            );
+            let more: [&(dyn ToSql + Sync); 6] =
+                [&conv.id, &user_id, &conv.title, &conv.model, &now, &n];
+            exec(tx, &sql, &arrays.params(&more)).await?;
+            conv
+        }
         TurnTarget::Existing(id) => {
-            (header(tx, user_id, id, "FOR UPDATE").await?.ok_or(StoreError::NotFound)?, false)
+            let model = stored.last().and_then(|m| m.model.clone());
+            let sql = format!(
+                "WITH c AS (UPDATE conversations SET message_count = message_count + $12,
+                                updated_at = greatest(updated_at, $13), model = coalesce($14, model)
+                            WHERE id = $10 AND user_id = $11 RETURNING {CONVERSATION_COLUMNS}),
+                      m AS ({MESSAGE_INSERT} SELECT c.id, (c.message_count - $12 + t.ord - 1)::int,
+                                t.id, t.role, t.content, t.tool_calls, t.tool_call_id, t.model,
+                                t.provider, t.created_at, t.usage
+                            FROM c, {MESSAGE_ROWS})
+                 SELECT * FROM c"
+            );
+            let more: [&(dyn ToSql + Sync); 5] = [&id, &user_id, &n, &now, &model];
+            let row = one(tx, &sql, &arrays.params(&more)).await?.ok_or(StoreError::NotFound)?;
+            conversation_of(&row)?
         }
     };
-    if new {
-        insert_conversation(tx, &conv).await?;
-    }
-    let mut stored = Vec::with_capacity(messages.len());
-    for m in messages {
-        let message = Message::stored(m, now);
-        insert_message(tx, conv.id, conv.message_count, &message).await?;
-        conv.message_count += 1;
-        stored.push(message);
-    }
-    conv.touched(&stored, now);
-    exec(
-        tx,
-        "UPDATE conversations SET model = $2, updated_at = $3, message_count = $4 WHERE id = $1",
-        &[&conv.id, &conv.model, &conv.updated_at, &(conv.message_count as i32)],
-    )
-    .await?;
     Ok((conv, stored))
 }
 
-/// One message row; `store copy` writes them too.
-pub(in crate::store) async fn insert_message<C: GenericClient>(
+/// A conversation's messages as they are, in one statement (`store copy`); their sequence
+/// numbers run from 0 in order, as the redb file keeps them.
+pub(in crate::store) async fn insert_messages<C: GenericClient>(
     c: &C,
     conversation: Uuid,
-    seq: u32,
-    m: &Message,
+    messages: &[Message],
 ) -> Result<(), StoreError> {
-    let tool_calls = (!m.tool_calls.is_empty()).then(|| serde_json::json!(m.tool_calls));
-    let usage = m.usage.map(|u| serde_json::json!(u));
-    exec(
-        c,
-        "INSERT INTO messages (conversation_id, seq, id, role, content, tool_calls, tool_call_id,
-                               model, provider, created_at, usage)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        &[
-            &conversation,
-            &(seq as i32),
-            &m.id,
-            &m.role.as_str(),
-            &m.content,
-            &tool_calls,
-            &m.tool_call_id,
-            &m.model,
-            &m.provider,
-            &m.created_at,
-            &usage,
-        ],
-    )
-    .await?;
+    let sql = format!(
+        "{MESSAGE_INSERT} SELECT $10, (t.ord - 1)::int, t.id, t.role, t.content, t.tool_calls,
+             t.tool_call_id, t.model, t.provider, t.created_at, t.usage FROM {MESSAGE_ROWS}"
+    );
+    let arrays = MessageArrays::of(messages);
+    exec(c, &sql, &arrays.params(&[&conversation])).await?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! table, in one transaction that commits only when the rows counted on both sides agree.
 
 use super::accounts::{insert_key, insert_user};
-use super::conversations::{insert_conversation, insert_message};
+use super::conversations::{insert_conversation, insert_messages};
 use super::jobs::{insert_jobs, recount};
 use super::{exec, one, Pg};
 use crate::clock::Millis;
@@ -72,9 +72,7 @@ impl Pg {
         for c in &conversations {
             insert_conversation(&tx, c).await?;
             // One conversation's messages at a time: memory stays flat however long the file.
-            for (seq, m) in messages(source, c.id)? {
-                insert_message(&tx, c.id, seq, &m).await?;
-            }
+            insert_messages(&tx, c.id, &messages(source, c.id)?).await?;
         }
         for chunk in all::<Job>(source, tables::JOBS, "jobs")?.chunks(500) {
             insert_jobs(&tx, chunk).await?;
@@ -150,13 +148,14 @@ fn revoked_families(source: &Redb) -> Result<Vec<(Uuid, Millis)>, StoreError> {
     })
 }
 
-fn messages(source: &Redb, conversation: Uuid) -> Result<Vec<(u32, Message)>, StoreError> {
+/// A conversation's messages in order (their sequence numbers run from 0: messages are only
+/// ever appended, and deleted with their conversation).
+fn messages(source: &Redb, conversation: Uuid) -> Result<Vec<Message>, StoreError> {
     let id = conversation.as_u128();
     source.read(|tx| {
         let mut out = Vec::new();
         for row in tx.open_table(tables::MESSAGES)?.range((id, 0)..=(id, u32::MAX))? {
-            let (key, message) = row?;
-            out.push((key.value().1, decode("messages", message.value())?));
+            out.push(decode("messages", row?.1.value())?);
         }
         Ok(out)
     })
