@@ -102,7 +102,7 @@ impl Pg {
         id: Uuid,
     ) -> Result<Option<Conversation>, StoreError> {
         let client = self.client().await?;
-        header(&client, user_id, id, "").await
+        header(&client, user_id, id).await
     }
 
     pub(in crate::store) async fn conversation(
@@ -113,7 +113,7 @@ impl Pg {
         let mut client = self.client().await?;
         // One snapshot for the header and its messages, as redb's read transaction gives.
         let tx = snapshot(&mut client).await?;
-        let Some(conv) = header(&tx, user_id, id, "").await? else { return Ok(None) };
+        let Some(conv) = header(&tx, user_id, id).await? else { return Ok(None) };
         let found = rows(
             &tx,
             "SELECT id, role, content, tool_calls, tool_call_id, model, provider, created_at, usage
@@ -141,16 +141,14 @@ impl Pg {
     }
 }
 
-/// The user's conversation header, `lock` appended to the query (`FOR UPDATE` or nothing).
+/// The user's conversation header, or `None` (also for another user's).
 async fn header<C: GenericClient>(
     c: &C,
     user_id: Uuid,
     id: Uuid,
-    lock: &str,
 ) -> Result<Option<Conversation>, StoreError> {
-    let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2 {lock}"
-    );
+    let sql =
+        format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2");
     one(c, &sql, &[&id, &user_id]).await?.as_ref().map(conversation_of).transpose()
 }
 
