@@ -16,8 +16,8 @@ use uuid::Uuid;
 /// The tables copied, in the order foreign keys need, and how many rows each received.
 pub type CopyReport = Vec<(&'static str, u64)>;
 
-/// Copied tables, by their PostgreSQL names.
-const TABLES: [&str; 7] = [
+/// The tables of records (not of counts or the schema version), by their PostgreSQL names.
+pub(super) const TABLES: [&str; 7] = [
     "users",
     "api_keys",
     "refresh_tokens",

@@ -170,15 +170,7 @@ impl Pg {
     pub(super) async fn table_sizes(&self) -> Vec<(String, u64)> {
         let client = self.client().await.unwrap();
         let mut out = Vec::new();
-        for table in [
-            "users",
-            "api_keys",
-            "refresh_tokens",
-            "revoked_families",
-            "conversations",
-            "messages",
-            "jobs",
-        ] {
+        for table in copy::TABLES {
             let row = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await;
             out.push((table.to_string(), row.unwrap().get::<_, i64>(0) as u64));
         }
