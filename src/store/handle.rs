@@ -1,6 +1,6 @@
 //! `Store`, the handle everything above this module holds: one of the two backends, chosen at
-//! start, behind the same operations. Each method's doc is the contract both keep; the tests
-//! at the bottom run one suite against each.
+//! start, behind the same operations. Each method's doc is the contract both keep;
+//! `suite.rs` runs one test suite against each.
 
 use super::postgres::{CopyReport, Pg};
 use super::{
@@ -125,14 +125,6 @@ impl Store {
     pub async fn copy(from: &Path, to: &PostgresOptions) -> Result<CopyReport, StoreError> {
         let source = Redb::open_file_at(from)?;
         Pg::connect(to).await?.copy_from(&source).await
-    }
-
-    /// Where the data lives, for messages: the file's path or the database's URL (no password).
-    pub fn describe(&self) -> String {
-        match &self.backend {
-            Backend::Redb(r) => r.path().display().to_string(),
-            Backend::Postgres(p) => p.shown().to_string(),
-        }
     }
 
     /// The redb file, when that is the backend (backups and restores work on it).
