@@ -340,18 +340,7 @@ pub(super) fn record_turn_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(role: Role, text: &str) -> NewMessage {
-        NewMessage {
-            role,
-            content: text.into(),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-            model: Some("m".into()),
-            provider: None,
-            usage: None,
-        }
-    }
+    use crate::store::suite::msg;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_turns_share_commits_and_one_refusal_spares_the_rest() {

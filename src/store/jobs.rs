@@ -389,25 +389,16 @@ impl Redb {
             }
             let mut job = Job { lease_until: None, ..old.clone() };
             match how {
-                Settlement::Succeeded { turn, result } => {
-                    let stored = match turn {
-                        Some((target, messages)) => {
-                            match record_turn_in(tx, job.user_id, target, messages, now) {
-                                Ok(stored) => Some(stored),
-                                // Its conversation (or its user) was deleted while it ran: a
-                                // retry would fail the same way, so it fails now, once.
-                                Err(StoreError::NotFound) => {
-                                    job.fail(CONVERSATION_GONE.into(), now);
-                                    save(tx, Some(&old), &job)?;
-                                    return Ok(Some(job));
-                                }
-                                Err(e) => return Err(e),
-                            }
-                        }
-                        None => None,
-                    };
-                    job.succeed(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))), now);
+                Settlement::Succeeded { turn: Some((target, messages)), result } => {
+                    match record_turn_in(tx, job.user_id, target, messages, now) {
+                        Ok((c, m)) => job.succeed(result(Some((&c, &m))), now),
+                        // Its conversation (or its user) was deleted while it ran: a retry
+                        // would fail the same way, so it fails now, once.
+                        Err(StoreError::NotFound) => job.fail(CONVERSATION_GONE.into(), now),
+                        Err(e) => return Err(e),
+                    }
                 }
+                Settlement::Succeeded { turn: None, result } => job.succeed(result(None), now),
                 Settlement::Retry { error, run_at } => job.retry(error, run_at),
                 Settlement::Failed { error } => job.fail(error, now),
             }

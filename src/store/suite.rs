@@ -62,7 +62,8 @@ async fn user(store: &Store, name: &str) -> Uuid {
     store.create_user(new_user(name, &format!("{name}@x.io")), 0).await.unwrap().id
 }
 
-fn msg(role: Role, text: &str) -> NewMessage {
+/// A plain message of `role` (model `m`).
+pub(super) fn msg(role: Role, text: &str) -> NewMessage {
     NewMessage {
         role,
         content: text.into(),

@@ -302,32 +302,23 @@ impl Pg {
         }
         let mut job = Job { lease_until: None, ..old };
         match how {
-            Settlement::Succeeded { turn, result } => {
-                let stored = match turn {
-                    Some((target, messages)) => {
-                        // A savepoint: a turn refused for a conversation deleted meanwhile
-                        // must not abort the job's own update.
-                        let sp = tx.savepoint("turn").await?;
-                        match record_turn_in(&sp, job.user_id, target, messages, now).await {
-                            Ok(stored) => {
-                                sp.commit().await?;
-                                Some(stored)
-                            }
-                            Err(StoreError::NotFound) => {
-                                sp.rollback().await?;
-                                job.fail(CONVERSATION_GONE.into(), now);
-                                save(&tx, &job).await?;
-                                count_finished(&tx, &job).await?;
-                                tx.commit().await?;
-                                return Ok(Some(job));
-                            }
-                            Err(e) => return Err(e),
-                        }
+            Settlement::Succeeded { turn: Some((target, messages)), result } => {
+                // A savepoint: a turn refused for a conversation deleted meanwhile must not
+                // abort the job's own update.
+                let sp = tx.savepoint("turn").await?;
+                match record_turn_in(&sp, job.user_id, target, messages, now).await {
+                    Ok((c, m)) => {
+                        sp.commit().await?;
+                        job.succeed(result(Some((&c, &m))), now);
                     }
-                    None => None,
-                };
-                job.succeed(result(stored.as_ref().map(|(c, m)| (c, m.as_slice()))), now);
+                    Err(StoreError::NotFound) => {
+                        sp.rollback().await?;
+                        job.fail(CONVERSATION_GONE.into(), now);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+            Settlement::Succeeded { turn: None, result } => job.succeed(result(None), now),
             Settlement::Retry { error, run_at } => job.retry(error, run_at),
             Settlement::Failed { error } => job.fail(error, now),
         }
